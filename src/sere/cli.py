@@ -1,0 +1,171 @@
+"""The `sere` command: thin wrappers around the library.
+
+    sere pretrain --config configs/demo.yaml optim.epochs=5 [--resume auto]
+    sere knn --checkpoint runs/demo/last.pt
+    sere demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sere.errors import SereError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config file path, or the name of a preset in `configs/` (with or without `.yaml`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if preset.is_file():
+        return preset
+    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise SereError(f"config {name} is neither a file nor a preset; presets: {presets}")
+
+
+def _pretrain_config(args: argparse.Namespace):
+    """The run's configuration: the files and overrides given, or, when resuming from a named
+    checkpoint without --config, the configuration saved in it plus the overrides."""
+    from sere.config import apply_overrides, config_from_dict, load_config
+    from sere.train.checkpoint import load_checkpoint
+
+    if args.resume and args.resume != "auto" and not args.config:
+        cfg = config_from_dict(load_checkpoint(args.resume)["config"])
+        return apply_overrides(cfg, args.overrides)
+    return load_config([resolve_config_path(c) for c in args.config], args.overrides)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Run pretraining."""
+    from sere.train.loop import Pretrainer
+
+    cfg = _pretrain_config(args)
+    result = Pretrainer(cfg, resume=args.resume).run()
+    print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    """k-NN top-1 of a checkpoint's backbone, and of random initialisation."""
+    from sere.config import apply_overrides
+    from sere.data.datasets import FashionMNISTSource, ImageFolderSource
+    from sere.eval.knn_eval import knn_top1
+    from sere.eval.weights import load_backbone, random_backbone
+    from sere.train.loop import resolve_device
+
+    loaded = load_backbone(args.checkpoint, which=args.backbone)
+    cfg = apply_overrides(loaded.config, args.overrides)
+    chans = cfg.model.in_chans
+    if args.train_dir or args.test_dir:
+        if not (args.train_dir and args.test_dir):
+            raise SereError("give both --train-dir and --test-dir (labelled image folders)")
+        train, test = ImageFolderSource(args.train_dir, chans), ImageFolderSource(args.test_dir,
+                                                                                  chans)
+    else:
+        path = args.fashion_mnist_dir
+        train = FashionMNISTSource(path, train=True, in_chans=chans)
+        test = FashionMNISTSource(path, train=False, in_chans=chans)
+    device = resolve_device(args.device)
+    result = knn_top1(loaded.backbone, cfg, train, test, device, args.max_train, args.max_test,
+                      args.workers)
+    line = f"k-NN top-1: {args.backbone} {result.top1:.1f} %"
+    if not args.no_random:
+        floor = knn_top1(random_backbone(cfg), cfg, train, test, device, args.max_train,
+                         args.max_test, args.workers)
+        line = f"k-NN top-1: pretrained {result.top1:.1f} %, random init {floor.top1:.1f} %"
+    print(f"({result.train_images} train / {result.test_images} test images, k={cfg.eval.k}, "
+          f"features={cfg.eval.features})")
+    print(line)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Pretrain the demo preset on Fashion-MNIST, then k-NN against random initialisation."""
+    from sere.config import load_config
+    from sere.data.datasets import FashionMNISTSource
+    from sere.eval.knn_eval import knn_top1
+    from sere.eval.weights import load_backbone, random_backbone
+    from sere.train.loop import Pretrainer, resolve_device
+
+    start = time.perf_counter()
+    overrides = [f"train.output_dir={args.output_dir}", *args.overrides]
+    cfg = load_config([resolve_config_path("demo")], overrides)
+    result = Pretrainer(cfg, resume="auto").run()
+    pretrain_minutes = (time.perf_counter() - start) / 60
+    loaded = load_backbone(result.checkpoint)
+    chans = cfg.model.in_chans
+    train = FashionMNISTSource(cfg.data.path, train=True, in_chans=chans)
+    test = FashionMNISTSource(cfg.data.path, train=False, in_chans=chans)
+    device = resolve_device(cfg.train.device)
+    ours = knn_top1(loaded.backbone, loaded.config, train, test, device, args.max_train,
+                    args.max_test, cfg.data.num_workers)
+    floor = knn_top1(random_backbone(loaded.config), loaded.config, train, test, device,
+                     args.max_train, args.max_test, cfg.data.num_workers)
+    print(f"run folder: {result.output_dir} (losses.png, metrics.jsonl, tensorboard/, last.pt)")
+    print(f"pretraining took {pretrain_minutes:.1f} min; k-NN on {ours.train_images} train / "
+          f"{ours.test_images} test images (k={cfg.eval.k}, features={cfg.eval.features})")
+    print(f"k-NN top-1: pretrained {ours.top1:.1f} %, random init {floor.top1:.1f} %")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `sere`."""
+    parser = argparse.ArgumentParser(prog="sere", description="SERE self-supervised pretraining "
+                                     "of Vision Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain a ViT with SERE (on iBOT or DINO)")
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML file or preset name (demo, vit_small_ibot_sere, "
+                        "vit_base_ibot_sere); repeat to layer")
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to continue from, or 'auto' for the newest valid one in "
+                        "train.output_dir")
+    p.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. optim.lr=1e-3")
+    p.set_defaults(func=cmd_pretrain)
+
+    k = sub.add_parser("knn", help="k-NN top-1 of a checkpoint's backbone (DINO protocol)")
+    k.add_argument("--checkpoint", required=True)
+    k.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    k.add_argument("--train-dir", help="labelled image folder (one sub-folder per class)")
+    k.add_argument("--test-dir", help="labelled image folder with the same classes")
+    k.add_argument("--fashion-mnist-dir", default=None,
+                   help="folder of Fashion-MNIST IDX files (default: the system package)")
+    k.add_argument("--max-train", type=int, default=None)
+    k.add_argument("--max-test", type=int, default=None)
+    k.add_argument("--workers", type=int, default=0)
+    k.add_argument("--device", default="auto")
+    k.add_argument("--no-random", action="store_true", help="skip the random-init floor")
+    k.add_argument("overrides", nargs="*", help="eval.* settings, e.g. eval.k=10")
+    k.set_defaults(func=cmd_knn)
+
+    d = sub.add_parser("demo", help="the CPU demo: pretrain on Fashion-MNIST, then k-NN")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--max-train", type=int, default=None)
+    d.add_argument("--max-test", type=int, default=None)
+    d.add_argument("overrides", nargs="*", help="key.sub=value settings for the demo config")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sere` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SereError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

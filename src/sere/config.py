@@ -1,0 +1,390 @@
+"""Typed configuration: dataclasses with defaults, YAML files and `a.b=c` overrides on top.
+
+The defaults are the SERE authors' code defaults where SERE-SPEC.md names them (section 9), and
+the ViT-S/16 recipe elsewhere. `load_config` builds a `Config` from presets and overrides, and
+`validate` refuses bad values before any work starts, naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sere.errors import SereError
+
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and the heads (SERE-SPEC.md section 2)."""
+
+    arch: str = "vit_small"  # one of ARCHITECTURES; embed_dim/depth/num_heads below override it
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path: float = 0.1  # student only; the teacher never drops paths
+    out_dim: int = 8192  # K, the base head's output size
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    shared_head: bool = True  # [CLS] and patch tokens share the head's last layer
+    norm_last_layer: bool = False  # fix the weight-norm gain of the last layer at 1
+
+    def resolved(self) -> dict[str, int]:
+        """Width, depth and head count after applying the overrides to `arch`."""
+        base = dict(ARCHITECTURES[self.arch])
+        for key in ("embed_dim", "depth", "num_heads"):
+            if getattr(self, key) is not None:
+                base[key] = getattr(self, key)
+        return base
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are cropped (section 8)."""
+
+    dataset: Literal["folder", "fashion_mnist", "synthetic"] = "folder"
+    path: str | None = None  # image folder, or a folder of Fashion-MNIST IDX files
+    download: bool = False  # Fashion-MNIST only: let torchvision download it when missing
+    max_images: int | None = None  # use the first N images (a fixed random subset), None for all
+    synthetic_images: int = 64  # size of the synthetic set
+    synthetic_size: int = 64  # side of the synthetic images
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    local_crops_number: int = 10
+    global_crops_scale: tuple[float, float] = (0.14, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    color_jitter: bool = True  # colour jitter, grayscale, blur and solarisation
+    normalize_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    normalize_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    num_workers: int = 4
+    strict: bool = False  # fail on the first unreadable image instead of skipping it
+
+
+@dataclass
+class MaskConfig:
+    """iBOT block-wise masking of the student's global crops (section 6)."""
+
+    ratio: tuple[float, ...] = (0.0, 0.3)
+    ratio_jitter: tuple[float, ...] = (0.0, 0.2)
+    min_aspect: float = 0.3
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and temperatures (sections 5 and 6)."""
+
+    lambda1: float = 1.0  # [CLS] term
+    lambda2: float = 1.0  # iBOT patch term; 0 gives DINO
+    alpha: float = 1.0  # SERE spatial term
+    beta: float = 1.0  # SERE channel term
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_patch_temp: float = 0.04
+    tau_spatial: float = 0.5
+    tau_channel: float = 0.1
+    center_momentum: float = 0.9
+    global_grid: int | None = None  # S for global pairs; None: patch grid - 1 (13 at 224/16)
+    local_grid: int | None = None  # S for local-global pairs; None: local patch grid (6 at 96/16)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the schedules (section 7)."""
+
+    epochs: int = 100
+    batch_size: int = 64  # per process; the schedules scale by batch_size * processes * accum
+    accum_steps: int = 1
+    lr: float = 5e-4  # per 256 images of total batch
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per-parameter gradient norm bound; 0 turns clipping off
+    freeze_last_layer: int = 1
+    momentum_teacher: float = 0.996
+
+
+@dataclass
+class TrainConfig:
+    """How the run is executed and what it writes."""
+
+    output_dir: str = "runs/sere"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: fp16 with a gradient scaler on GPUs (the recipes), bf16 on the CPU
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    save_every: int = 1000  # steps between checkpoints; one is always written at the end
+    keep_last: int = 3  # step checkpoints kept besides `last.pt`
+    log_every: int = 10  # steps between metric lines
+    max_steps: int | None = None  # stop early (the schedules still span all epochs)
+    compile: bool = False  # torch.compile the backbone
+    grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
+    threads: int | None = None  # torch CPU threads; None leaves PyTorch's default
+
+
+@dataclass
+class EvalConfig:
+    """k-NN evaluation (the DINO protocol)."""
+
+    k: int = 20
+    temperature: float = 0.07
+    features: Literal["cls", "cls_avgpool"] = "cls"  # [CLS], or [CLS] and mean patch token
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    """Everything a pretraining run depends on; saved as `config.yaml` in every run folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples become lists) for YAML and checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from dicts, files and overrides.
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise SereError naming `key`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise SereError(f"{key} = {value!r} is not allowed; choose one of {allowed}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SereError(f"{key} = {value!r} must be a list, e.g. [{', '.join(['...'] * 2)}]")
+        item_type = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, item_type, key) for v in value)
+        if len(value) != len(args):
+            raise SereError(f"{key} = {value!r} must have exactly {len(args)} entries")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise SereError(f"{key} = {value!r} must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SereError(f"{key} = {value!r} must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SereError(f"{key} = {value!r} must be a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise SereError(f"{key} = {value!r} must be a string")
+        return str(value)
+    raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _merge_into(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set the dataclass fields of `obj` from a nested dict, refusing unknown keys."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            allowed = ", ".join(sorted(names))
+            raise SereError(f"unknown configuration key '{full}'; known keys here: {allowed}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise SereError(f"'{full}' is a section; give it as a mapping of its keys")
+            _merge_into(current, value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn `optim.lr=1e-3` into `{"optim": {"lr": 0.001}}` (the value is read as YAML)."""
+    if "=" not in text:
+        raise SereError(f"override '{text}' must look like key.sub=value, e.g. optim.lr=0.001")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise SereError(f"override '{text}': the value is not valid YAML ({err})") from None
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    nested: dict[str, Any] = {}
+    parts = dotted.strip().split(".")
+    cursor = nested
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `a.b=c` overrides to `cfg` in place and validate it again."""
+    for text in overrides:
+        _merge_into(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """A validated Config from a nested dict (as saved in `config.yaml` or a checkpoint)."""
+    cfg = Config()
+    _merge_into(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults, then each YAML file in order, then each `a.b=c` override; validated."""
+    cfg = Config()
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise SereError(f"configuration file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SereError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise SereError(f"{path} must hold a mapping of sections (model:, data:, ...)")
+        _merge_into(cfg, values)
+    return apply_overrides(cfg, list(overrides))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved configuration as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SereError(message)
+
+
+def _check_scale(name: str, scale: tuple[float, float]) -> None:
+    lo, hi = scale
+    _require(0 < lo <= hi <= 1, f"{name} = {list(scale)} must satisfy 0 < low <= high <= 1")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse values that would fail or silently compute nonsense later."""
+    m, d, k, lo, o, t, e = cfg.model, cfg.data, cfg.mask, cfg.loss, cfg.optim, cfg.train, cfg.eval
+    _require(m.arch in ARCHITECTURES,
+             f"model.arch = {m.arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
+    dims = m.resolved()
+    for key in ("embed_dim", "depth", "num_heads"):
+        _require(dims[key] > 0, f"model.{key} = {dims[key]} must be positive")
+    _require(dims["embed_dim"] % dims["num_heads"] == 0,
+             f"model.embed_dim {dims['embed_dim']} must be divisible by model.num_heads "
+             f"{dims['num_heads']}")
+    _require(m.patch_size > 0, "model.patch_size must be positive")
+    _require(m.in_chans in (1, 3), f"model.in_chans = {m.in_chans} must be 1 or 3")
+    _require(0 <= m.drop_path < 1, f"model.drop_path = {m.drop_path} must be in [0, 1)")
+    for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
+        _require(getattr(m, key) > 0, f"model.{key} must be positive")
+
+    for key in ("global_crop_size", "local_crop_size"):
+        size = getattr(d, key)
+        _require(size > 0 and size % m.patch_size == 0,
+                 f"data.{key} {size} is not a positive multiple of model.patch_size {m.patch_size}")
+    _require(d.local_crops_number >= 0, "data.local_crops_number must be >= 0")
+    _check_scale("data.global_crops_scale", d.global_crops_scale)
+    _check_scale("data.local_crops_scale", d.local_crops_scale)
+    _require(len(d.normalize_mean) == m.in_chans and len(d.normalize_std) == m.in_chans,
+             f"data.normalize_mean and data.normalize_std need {m.in_chans} entries "
+             f"(one per model.in_chans)")
+    _require(all(s > 0 for s in d.normalize_std), "data.normalize_std entries must be positive")
+    _require(d.num_workers >= 0, "data.num_workers must be >= 0")
+    _require(d.max_images is None or d.max_images > 0, "data.max_images must be positive or null")
+    _require(d.synthetic_images > 0 and d.synthetic_size > 0,
+             "data.synthetic_images and data.synthetic_size must be positive")
+    if d.dataset == "folder":
+        _require(d.path is not None, "data.path is required for data.dataset=folder; "
+                 "set it to a folder of images, e.g. data.path=/data/imagenet/train")
+
+    _require(len(k.ratio) == len(k.ratio_jitter) and len(k.ratio) > 0,
+             "mask.ratio and mask.ratio_jitter must be lists of the same, non-zero length")
+    for r, v in zip(k.ratio, k.ratio_jitter):
+        _require(0 <= r < 1 and v >= 0 and r + v < 1,
+                 f"mask.ratio {r} +- mask.ratio_jitter {v} must stay within [0, 1): "
+                 "more patches masked than there are")
+    _require(0 < k.min_aspect <= 1, "mask.min_aspect must be in (0, 1]")
+
+    for key in ("lambda1", "lambda2", "alpha", "beta"):
+        _require(getattr(lo, key) >= 0, f"loss.{key} = {getattr(lo, key)} must be >= 0")
+    _require(lo.lambda1 + lo.lambda2 + lo.alpha + lo.beta > 0,
+             "all loss weights are 0: set loss.lambda1, lambda2, alpha or beta")
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp", "teacher_patch_temp",
+                "warmup_teacher_patch_temp", "tau_spatial", "tau_channel"):
+        _require(getattr(lo, key) > 0, f"loss.{key} = {getattr(lo, key)} must be positive")
+    _require(lo.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs must be >= 0")
+    _require(0 <= lo.center_momentum < 1, "loss.center_momentum must be in [0, 1)")
+    for key, crop in (("global_grid", d.global_crop_size), ("local_grid", d.local_crop_size)):
+        grid = getattr(lo, key)
+        _require(grid is None or grid >= 2, f"loss.{key} = {grid} must be >= 2 or null")
+    _require(d.global_crop_size // m.patch_size >= 2 or lo.global_grid is not None,
+             "the global patch grid is smaller than 2 x 2: raise data.global_crop_size")
+
+    _require(o.epochs > 0, "optim.epochs must be positive")
+    _require(o.batch_size > 0, "optim.batch_size must be positive")
+    _require(o.accum_steps > 0, "optim.accum_steps must be positive")
+    for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+        _require(getattr(o, key) >= 0 and math.isfinite(getattr(o, key)),
+                 f"optim.{key} = {getattr(o, key)} must be a finite number >= 0")
+    _require(0 <= o.warmup_epochs <= o.epochs,
+             f"optim.warmup_epochs = {o.warmup_epochs} must be in [0, optim.epochs]")
+    _require(o.freeze_last_layer >= 0, "optim.freeze_last_layer must be >= 0")
+    _require(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher must be in [0, 1]")
+
+    _require(t.save_every > 0, "train.save_every must be positive")
+    _require(t.keep_last >= 0, "train.keep_last must be >= 0")
+    _require(t.log_every > 0, "train.log_every must be positive")
+    _require(t.max_steps is None or t.max_steps > 0, "train.max_steps must be positive or null")
+    _require(t.threads is None or t.threads > 0, "train.threads must be positive or null")
+    _require(e.k > 0 and e.temperature > 0 and e.batch_size > 0,
+             "eval.k, eval.temperature and eval.batch_size must be positive")

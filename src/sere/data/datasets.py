@@ -1,0 +1,258 @@
+"""Image sources: any image folder, Fashion-MNIST from its IDX files, and synthetic images.
+
+Each source yields `(image, label)` with `image` a uint8 tensor (C, H, W) in the model's channel
+count and `label` an int (-1 when the source has no labels). Unreadable images raise
+`UnreadableImage`; the multi-crop wrapper in `sere.data.loader` decides whether to skip them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from sere.config import DataConfig
+from sere.errors import SereError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm")
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+
+
+class UnreadableImage(Exception):
+    """An image file that could not be decoded."""
+
+
+class ImageSource(torch.utils.data.Dataset):
+    """A data set of `(uint8 image (C, H, W), label)` pairs."""
+
+    classes: tuple[str, ...] = ()
+
+    def describe(self, index: int) -> str:
+        """A human-readable name of item `index` (its path for files)."""
+        return f"item {index}"
+
+
+def pil_to_tensor(image: Image.Image, in_chans: int) -> Tensor:
+    """Convert any PIL image (grayscale, RGBA, palette, CMYK, 16-bit) to uint8 (C, H, W).
+
+    EXIF orientation is applied; transparency is composited on black.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" or image.mode == "LA" or "transparency" in image.info:
+        image = image.convert("RGBA")
+    image = image.convert("L" if in_chans == 1 else "RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFolderSource(ImageSource):
+    """Every image under a folder, recursively.
+
+    When every image sits in a first-level sub-folder, the sub-folders are the classes (sorted
+    names, as torchvision's ImageFolder); otherwise the labels are -1.
+
+    Args:
+        root: the folder.
+        in_chans: 1 to read grayscale, 3 to read RGB.
+    """
+
+    def __init__(self, root: str | Path, in_chans: int):
+        self.root = Path(root)
+        self.in_chans = in_chans
+        if not self.root.exists():
+            raise SereError(f"data folder {self.root} does not exist; check data.path")
+        if not self.root.is_dir():
+            raise SereError(f"data.path {self.root} is a file, not a folder of images")
+        self.paths = sorted(
+            p for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not self.paths:
+            raise SereError(f"no images found under {self.root} (looked for "
+                            f"{', '.join(IMAGE_EXTENSIONS)}); point data.path at a folder of images")
+        tops = {p.relative_to(self.root).parts[0] for p in self.paths}
+        nested = all(len(p.relative_to(self.root).parts) >= 2 for p in self.paths)
+        self.classes = tuple(sorted(tops)) if nested else ()
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.labels = [index[p.relative_to(self.root).parts[0]] if nested else -1
+                       for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image.load()
+                tensor = pil_to_tensor(image, self.in_chans)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            raise UnreadableImage(f"{path}: {err}") from None
+        return tensor, self.labels[index]
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise SereError(f"{path} is not an IDX file of unsigned bytes")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise SereError(f"{path} is truncated: expected {int(np.prod(shape))} values, "
+                        f"found {array.size}")
+    return array.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        for candidate in (folder / name, folder / "FashionMNIST" / "raw" / name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+class FashionMNISTSource(ImageSource):
+    """Fashion-MNIST (28 x 28 grayscale, 10 classes) read from its IDX files.
+
+    Looks in `path` (also `path/FashionMNIST/raw`, torchvision's layout), else in the Debian
+    package's folder. With `download=True` and no files found, torchvision downloads them into
+    `path` (this needs the internet).
+
+    Args:
+        path: a folder holding the IDX files, or None for the system package's folder.
+        train: the 60,000 training images, or the 10,000 test images.
+        in_chans: 1, or 3 to repeat the gray channel.
+        download: allow torchvision to download the files.
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, path: str | None, train: bool, in_chans: int, download: bool = False):
+        split = "train" if train else "t10k"
+        folders = [Path(path)] if path else [Path(FASHION_MNIST_SYSTEM_DIR)]
+        images_path = labels_path = None
+        for folder in folders:
+            images_path = _find_idx(folder, f"{split}-images-idx3-ubyte")
+            labels_path = _find_idx(folder, f"{split}-labels-idx1-ubyte")
+            if images_path and labels_path:
+                break
+        if not (images_path and labels_path) and download:
+            import torchvision
+
+            root = Path(path or "data")
+            try:
+                torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+            except Exception as err:  # network errors come in many types
+                raise SereError(f"could not download Fashion-MNIST into {root}: {err}") from None
+            images_path = _find_idx(root, f"{split}-images-idx3-ubyte")
+            labels_path = _find_idx(root, f"{split}-labels-idx1-ubyte")
+        if not (images_path and labels_path):
+            where = ", ".join(str(f) for f in folders)
+            raise SereError(
+                f"Fashion-MNIST files ({split}-images-idx3-ubyte[.gz]) not found in {where}. "
+                "Install them with `apt-get install dataset-fashion-mnist`, point data.path at a "
+                "folder that holds them, or set data.download=true (needs the internet).")
+        self.images = torch.from_numpy(_read_idx(images_path).copy())  # (N, 28, 28) uint8
+        self.labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))  # (N,)
+        if len(self.images) != len(self.labels):
+            raise SereError(f"{images_path} and {labels_path} disagree on the number of images")
+        self.in_chans = in_chans
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index][None]  # (1, 28, 28)
+        if self.in_chans == 3:
+            image = image.expand(3, -1, -1).contiguous()
+        return image, int(self.labels[index])
+
+
+class SyntheticSource(ImageSource):
+    """Deterministic images of four classes of pattern, for tests and dry runs.
+
+    Class 0: horizontal stripes, 1: vertical stripes, 2: a bright square, 3: a checkerboard; each
+    with a random phase, colour and noise drawn from a generator seeded by the index.
+
+    Args:
+        count: number of images.
+        size: image side in pixels.
+        in_chans: 1 or 3.
+        seed: changes every image.
+    """
+
+    classes = ("horizontal", "vertical", "square", "checker")
+
+    def __init__(self, count: int, size: int, in_chans: int, seed: int = 0):
+        self.count, self.size, self.in_chans, self.seed = count, size, in_chans, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        label = index % len(self.classes)
+        s = self.size
+        yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+        period = int(torch.randint(4, max(5, s // 4), (1,), generator=g))
+        phase = int(torch.randint(period, (1,), generator=g))
+        if label == 0:
+            pattern = ((yy + phase) // (period // 2 or 1)) % 2
+        elif label == 1:
+            pattern = ((xx + phase) // (period // 2 or 1)) % 2
+        elif label == 2:
+            side = s // 2
+            top, left = torch.randint(s - side + 1, (2,), generator=g).tolist()
+            pattern = ((yy >= top) & (yy < top + side) & (xx >= left) & (xx < left + side))
+        else:
+            pattern = (((yy + phase) // period) + ((xx + phase) // period)) % 2
+        colour = 0.5 + 0.5 * torch.rand(self.in_chans, 1, 1, generator=g)
+        noise = 0.1 * torch.rand(self.in_chans, s, s, generator=g)
+        image = (pattern.float()[None] * colour + noise).clamp(0, 1)
+        return (image * 255).to(torch.uint8), label
+
+
+def build_source(cfg: DataConfig, in_chans: int, train: bool = True) -> ImageSource:
+    """The image source that `cfg.dataset` names (the training split for pretraining)."""
+    if cfg.dataset == "folder":
+        return ImageFolderSource(cfg.path, in_chans)
+    if cfg.dataset == "fashion_mnist":
+        return FashionMNISTSource(cfg.path, train=train, in_chans=in_chans, download=cfg.download)
+    return SyntheticSource(cfg.synthetic_images, cfg.synthetic_size, in_chans,
+                           seed=0 if train else 1)
+
+
+def subset_indices(length: int, max_images: int | None, seed: int = 0) -> list[int]:
+    """A fixed random subset of `max_images` indices (sorted), or all of them."""
+    if max_images is None or max_images >= length:
+        return list(range(length))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(length, generator=g)[:max_images].tolist())
+
+
+def cpu_count() -> int:
+    """Cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -1,0 +1,175 @@
+"""From an image source to batches of multi-crop views with boxes and masks.
+
+The sampler yields `(epoch, index)` pairs; the data set seeds each sample's augmentation from
+`(seed, epoch, index)`. A run can therefore resume in the middle of an epoch by starting the
+sampler at the right batch, and get exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sere.config import Config
+from sere.data.augment import MultiCropAugmentation
+from sere.data.datasets import ImageSource, UnreadableImage, build_source, subset_indices
+from sere.data.masking import block_mask, draw_mask_ratio
+from sere.errors import SereError
+
+MAX_CONSECUTIVE_BAD = 50  # unreadable images in a row before the folder is judged mostly bad
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that mixes the run seed, the epoch and the sample index."""
+    value = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
+    return value % (2**63 - 1)
+
+
+@dataclass
+class MultiCropBatch:
+    """One batch of views. B images, 2 global crops and L local crops each."""
+
+    global_crops: list[Tensor]  # 2 x (B, C, Hg, Wg)
+    local_crops: list[Tensor]  # L x (B, C, Hl, Wl)
+    boxes: Tensor  # (B, 2 + L, 5) rows (x, y, w, h, flipped): globals first
+    masks: list[Tensor]  # 2 x (B, hg, wg) bool, True where the student sees the mask token
+    labels: Tensor  # (B,) int64, -1 when unknown
+    skipped: list[str] = field(default_factory=list)  # unreadable files replaced in this batch
+
+    def to(self, device: torch.device) -> "MultiCropBatch":
+        """The same batch on `device`."""
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return MultiCropBatch([move(t) for t in self.global_crops],
+                              [move(t) for t in self.local_crops], move(self.boxes),
+                              [move(m) for m in self.masks], move(self.labels), self.skipped)
+
+    @property
+    def size(self) -> int:
+        """Number of images B."""
+        return self.global_crops[0].shape[0]
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Multi-crop views of an image source, with iBOT masks for the global crops.
+
+    Args:
+        source: the images.
+        indices: which items of `source` to use.
+        augment: makes the crops.
+        mask_grid: (h, w) patch grid of a global crop.
+        cfg: the run configuration (mask ratios, strictness, seed).
+        use_masks: draw masks (iBOT); False gives all-False masks (DINO).
+    """
+
+    def __init__(self, source: ImageSource, indices: list[int], augment: MultiCropAugmentation,
+                 mask_grid: tuple[int, int], cfg: Config, use_masks: bool):
+        self.source, self.indices, self.augment = source, indices, augment
+        self.mask_grid, self.mask_cfg, self.use_masks = mask_grid, cfg.mask, use_masks
+        self.strict, self.seed = cfg.data.strict, cfg.train.seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, position = key
+        skipped = []
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            index = self.indices[(position + attempt) % len(self.indices)]
+            try:
+                image, label = self.source[index]
+                break
+            except UnreadableImage as err:
+                if self.strict:
+                    raise SereError(f"unreadable image {err} (data.strict=true); remove or fix "
+                                    "it, or set data.strict=false to skip such files") from None
+                skipped.append(str(err))
+        else:
+            raise SereError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row (last: "
+                            f"{skipped[-1]}); the data folder looks mostly bad")
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
+        crops, boxes = self.augment(image, generator)
+        masks = [self._mask(generator) for _ in range(2)]
+        return dict(crops=crops, boxes=boxes, masks=masks, label=label, skipped=skipped)
+
+    def _mask(self, generator: torch.Generator) -> Tensor:
+        h, w = self.mask_grid
+        if not self.use_masks:
+            return torch.zeros(h, w, dtype=torch.bool)
+        ratio = draw_mask_ratio(self.mask_cfg.ratio, self.mask_cfg.ratio_jitter, generator)
+        return block_mask(h, w, ratio, self.mask_cfg.min_aspect, generator)
+
+
+def collate(samples: list[dict]) -> MultiCropBatch:
+    """Stack samples into a MultiCropBatch."""
+    n_crops = len(samples[0]["crops"])
+    crops = [torch.stack([s["crops"][c] for s in samples]) for c in range(n_crops)]
+    return MultiCropBatch(
+        global_crops=crops[:2],
+        local_crops=crops[2:],
+        boxes=torch.stack([s["boxes"] for s in samples]),
+        masks=[torch.stack([s["masks"][v] for s in samples]) for v in range(2)],
+        labels=torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+        skipped=[path for s in samples for path in s["skipped"]],
+    )
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of `(epoch, position)` keys: a fresh permutation each epoch, sharded by rank.
+
+    The permutation depends only on (seed, epoch); rank r takes every world-th position of each
+    global batch, so the union over ranks of one step is the same global batch at any world size.
+    Incomplete last batches are dropped.
+
+    Args:
+        length: number of items.
+        batch_size: per-process batch size.
+        rank, world_size: this process and the number of processes.
+        seed: run seed.
+        start_epoch, start_batch: where to begin (for resume).
+    """
+
+    def __init__(self, length: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 start_epoch: int = 0, start_batch: int = 0):
+        self.length, self.batch_size = length, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch, self.start_batch = start_epoch, start_batch
+        if self.batches_per_epoch == 0:
+            raise SereError(f"{length} images are fewer than one global batch of "
+                            f"{batch_size * world_size}; lower optim.batch_size or add images")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Steps in one epoch (before gradient accumulation)."""
+        return self.length // (self.batch_size * self.world_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist()
+        global_batch = self.batch_size * self.world_size
+        for b in range(self.start_batch, self.batches_per_epoch):
+            chunk = order[b * global_batch:(b + 1) * global_batch]
+            yield [(self.epoch, p) for p in chunk[self.rank::self.world_size]]
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Move to `epoch`, beginning at batch `start_batch`."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+
+def build_dataset(cfg: Config) -> MultiCropDataset:
+    """The pretraining data set that the configuration describes."""
+    source = build_source(cfg.data, cfg.model.in_chans, train=True)
+    indices = subset_indices(len(source), cfg.data.max_images, seed=cfg.train.seed)
+    augment = MultiCropAugmentation(cfg.data, cfg.model.in_chans)
+    grid = cfg.data.global_crop_size // cfg.model.patch_size
+    return MultiCropDataset(source, indices, augment, (grid, grid), cfg,
+                            use_masks=cfg.loss.lambda2 > 0)
+
+
+def worker_init(_: int) -> None:
+    """DataLoader workers use one thread each; the main process keeps the cores for compute."""
+    torch.set_num_threads(1)

@@ -1,0 +1,97 @@
+"""DINO's [CLS] term and iBOT's patch term, with their centers (SERE-SPEC.md section 6)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def soft_cross_entropy(target_probs: Tensor, student_logits: Tensor) -> Tensor:
+    """`-sum_j target_j * log_softmax(student)_j` over the last axis, in float32."""
+    return -(target_probs * F.log_softmax(student_logits.float(), dim=-1)).sum(dim=-1)
+
+
+def _global_mean(x: Tensor) -> Tensor:
+    """Mean over dim 0 across all processes (each process holds the same number of rows)."""
+    total = x.sum(dim=0, keepdim=True)
+    count = torch.tensor(float(x.shape[0]), device=x.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        count = count * dist.get_world_size()
+    return total / count
+
+
+class DistillationLoss(nn.Module):
+    """Teacher-student cross-entropy on [CLS] outputs and on masked patch outputs.
+
+    The centers are buffers, so they live in the state dict and in checkpoints.
+
+    Args:
+        out_dim: K.
+        student_temp: the student's temperature (0.1).
+        center_momentum: 0.9.
+    """
+
+    center: Tensor
+    patch_center: Tensor
+
+    def __init__(self, out_dim: int, student_temp: float, center_momentum: float):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("patch_center", torch.zeros(1, 1, out_dim))
+
+    def cls_loss(self, student_cls: Tensor, teacher_cls: Tensor, teacher_temp: float) -> Tensor:
+        """Every teacher global view against every other student view, averaged over pairs.
+
+        Args:
+            student_cls: (V*B, K) logits, the 2 global views first, then the local ones.
+            teacher_cls: (2*B, K) logits of the 2 global views.
+            teacher_temp: the teacher's temperature at this step.
+        """
+        n_teacher = 2
+        batch = teacher_cls.shape[0] // n_teacher
+        n_student = student_cls.shape[0] // batch
+        targets = F.softmax((teacher_cls.float() - self.center) / teacher_temp, dim=-1)
+        targets = targets.view(n_teacher, batch, -1).detach()  # (2, B, K)
+        log_probs = F.log_softmax(student_cls.float() / self.student_temp, dim=-1)
+        log_probs = log_probs.view(n_student, batch, -1)  # (V, B, K)
+        ce = -torch.einsum("tbk,vbk->tvb", targets, log_probs).mean(dim=-1)  # (2, V)
+        same_view = torch.eye(n_teacher, n_student, dtype=torch.bool, device=ce.device)
+        return ce[~same_view].mean()
+
+    def patch_loss(self, student_masked: Tensor, teacher_patch: Tensor, mask: Tensor,
+                   teacher_temp: float) -> Tensor:
+        """Masked patch prediction: per image, the mean cross-entropy over its masked patches.
+
+        Images without masked patches count as 0 in the average over images and views.
+
+        Args:
+            student_masked: (M, K) student logits at the masked patches, in `mask`'s order.
+            teacher_patch: (2*B, N, K) teacher logits of the unmasked views.
+            mask: (2*B, h, w) bool.
+            teacher_temp: the teacher's patch temperature at this step.
+        """
+        flat = mask.flatten(1)  # (2B, N)
+        teacher_masked = teacher_patch[flat]  # (M, K)
+        targets = F.softmax((teacher_masked.float() - self.patch_center[0]) / teacher_temp,
+                            dim=-1).detach()
+        ce = soft_cross_entropy(targets, student_masked.float() / self.student_temp)  # (M,)
+        image_of = torch.arange(flat.shape[0], device=flat.device)[:, None].expand_as(flat)[flat]
+        per_image = torch.zeros(flat.shape[0], device=ce.device).index_add(0, image_of, ce)
+        per_image = per_image / flat.sum(dim=1).clamp(min=1)  # (2B,)
+        return per_image.mean()
+
+    @torch.no_grad()
+    def update_centers(self, teacher_cls: Tensor | None, teacher_patch: Tensor | None) -> None:
+        """EMA of the teacher's mean outputs over the global batch, across processes."""
+        m = self.center_momentum
+        if teacher_cls is not None:
+            batch_center = _global_mean(teacher_cls.float())  # (1, K)
+            self.center.mul_(m).add_(batch_center, alpha=1 - m)
+        if teacher_patch is not None:
+            batch_center = _global_mean(teacher_patch.float().mean(dim=1))  # (1, K)
+            self.patch_center.mul_(m).add_(batch_center[None], alpha=1 - m)

@@ -1,0 +1,113 @@
+"""The whole SERE objective: the weighted sum of the four terms (SERE-SPEC.md section 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sere.config import Config
+from sere.losses.distillation import DistillationLoss
+from sere.losses.relation import channel_loss, spatial_loss
+from sere.models.network import NetworkOutputs, Switches
+
+
+@dataclass
+class LossTerms:
+    """The total loss and each term (0 for a term that is switched off)."""
+
+    total: Tensor
+    cls: Tensor
+    patch: Tensor
+    spatial: Tensor
+    channel: Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        """Every term as a Python float, keyed `loss`, `loss_cls`, ... for logging."""
+        return {"loss": float(self.total.detach()), "loss_cls": float(self.cls.detach()),
+                "loss_patch": float(self.patch.detach()),
+                "loss_spatial": float(self.spatial.detach()),
+                "loss_channel": float(self.channel.detach())}
+
+
+@dataclass(frozen=True)
+class GridSizes:
+    """Overlap grid sizes S for global pairs and for local-global pairs."""
+
+    global_grid: int
+    local_grid: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "GridSizes":
+        """Configured sizes, else the spec's rule: global patch grid - 1, local patch grid."""
+        patch = cfg.model.patch_size
+        g = cfg.loss.global_grid or cfg.data.global_crop_size // patch - 1
+        l = cfg.loss.local_grid or cfg.data.local_crop_size // patch  # noqa: E741
+        return cls(global_grid=g, local_grid=l)
+
+
+class SERELoss(nn.Module):
+    """`(lambda1 L_cls + lambda2 L_patch) (4 - alpha - beta) / 2 + alpha L_spatial + beta L_channel`.
+
+    Holds the [CLS] and patch centers. Call `forward` for the loss, then `update_centers` once
+    the step's loss has been computed.
+
+    Args:
+        cfg: the run configuration.
+        num_heads: the ViT's head count H, which splits channels for the spatial relation.
+    """
+
+    def __init__(self, cfg: Config, num_heads: int):
+        super().__init__()
+        self.weights = cfg.loss
+        self.switches = Switches.from_config(cfg)
+        self.num_heads = num_heads
+        self.grids = GridSizes.from_config(cfg)
+        self.distillation = DistillationLoss(cfg.model.out_dim, cfg.loss.student_temp,
+                                             cfg.loss.center_momentum)
+
+    def forward(self, student: NetworkOutputs, teacher: NetworkOutputs, boxes: Tensor,
+                masks: list[Tensor], teacher_temp: float, teacher_patch_temp: float) -> LossTerms:
+        """All switched-on terms and their weighted total.
+
+        Args:
+            student: student outputs (globals masked, locals).
+            teacher: teacher outputs (unmasked globals).
+            boxes: (B, 2 + L, 5) crop boxes and flips.
+            masks: 2 x (B, h, w) bool masks of the student's global views.
+            teacher_temp: teacher temperature for [CLS] at this step.
+            teacher_patch_temp: teacher temperature for patches at this step.
+        """
+        w, on = self.weights, self.switches
+        zero = boxes.new_zeros((), dtype=torch.float32)
+        cls = patch = spatial = channel = zero
+        s_glob, s_loc, t_glob = student.globals, student.locals, teacher.globals
+        if on.cls:
+            student_cls = s_glob.cls_logits
+            if s_loc is not None:
+                student_cls = torch.cat([student_cls, s_loc.cls_logits])  # (V*B, K)
+            cls = self.distillation.cls_loss(student_cls, t_glob.cls_logits, teacher_temp)
+        if on.patch:
+            patch = self.distillation.patch_loss(s_glob.patch_logits, t_glob.patch_logits,
+                                                 torch.cat(masks), teacher_patch_temp)
+        if on.spatial:
+            spatial = spatial_loss(t_glob.spatial_map, s_glob.spatial_map,
+                                   s_loc.spatial_map if s_loc is not None else None, boxes,
+                                   self.num_heads, self.grids.global_grid, self.grids.local_grid,
+                                   w.tau_spatial)
+        if on.channel:
+            channel = channel_loss(t_glob.channel_map, s_glob.channel_map,
+                                   s_loc.channel_map if s_loc is not None else None,
+                                   w.tau_channel)
+        base = (w.lambda1 * cls + w.lambda2 * patch) * (4 - w.alpha - w.beta) / 2
+        total = base + w.alpha * spatial + w.beta * channel
+        return LossTerms(total=total, cls=cls, patch=patch, spatial=spatial, channel=channel)
+
+    @torch.no_grad()
+    def update_centers(self, teacher: NetworkOutputs) -> None:
+        """Move the centers towards this step's teacher outputs (all processes)."""
+        on = self.switches
+        self.distillation.update_centers(
+            teacher.globals.cls_logits if on.cls else None,
+            teacher.globals.patch_logits if on.patch else None)

@@ -1,0 +1,143 @@
+"""SERE self-relations and their losses (SERE-SPEC.md sections 3, 4 and 5).
+
+Alignment samples the feature map on the overlap grid first and forms the relation of the sampled
+features: `W (Z Z^T) W^T = (W Z)(W Z)^T`, so this equals resampling the N x N relation, at a
+fraction of the cost. All local-global pairs are sampled and related in one batched call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sere.data.geometry import overlap_grids
+from sere.losses.distillation import soft_cross_entropy
+
+
+def spatial_relation(features: Tensor, num_heads: int) -> Tensor:
+    """Per-head patch-to-patch relation logits.
+
+    Args:
+        features: (B, C, n) features of n positions.
+        num_heads: H; C must divide by it.
+
+    Returns:
+        (B, H, n, n) `Z_k Z_k^T / sqrt(d)` with d = C / H.
+    """
+    b, c, n = features.shape
+    d = c // num_heads
+    z = features.reshape(b, num_heads, d, n).transpose(2, 3)  # (B, H, n, d)
+    return z @ z.transpose(2, 3) / math.sqrt(d)  # (B, H, n, n)
+
+
+def channel_relation(features: Tensor) -> Tensor:
+    """Channel-to-channel relation logits `Z Z^T / N` of (B, C, N) features: (B, C, C)."""
+    return features @ features.transpose(1, 2) / features.shape[-1]  # (B, C, C)
+
+
+def sample_features(feature_map: Tensor, grid: Tensor) -> Tensor:
+    """Bilinear samples of a (B, C, h, w) map at a (B, P, Q, 2) grid: (B, C, P, Q).
+
+    `grid_sample` semantics: align_corners=False, zeros outside the map.
+    """
+    return F.grid_sample(feature_map, grid.to(feature_map.dtype), mode="bilinear",
+                         padding_mode="zeros", align_corners=False)
+
+
+def relation_cross_entropy(teacher_logits: Tensor, student_logits: Tensor, tau: float) -> Tensor:
+    """Mean over all rows of `CE(softmax(teacher / tau), softmax(student))`; teacher detached."""
+    targets = F.softmax(teacher_logits.detach().float() / tau, dim=-1)
+    return soft_cross_entropy(targets, student_logits).mean()
+
+
+def _spatial_ce(teacher_samples: Tensor, student_samples: Tensor, num_heads: int,
+                tau: float) -> Tensor:
+    """Cross-entropy of spatial relations of (P, C, n) sampled features, averaged over rows."""
+    return relation_cross_entropy(spatial_relation(teacher_samples, num_heads),
+                                  spatial_relation(student_samples, num_heads), tau)
+
+
+def _sample_pairs(feature_map: Tensor, grids: list[Tensor]) -> Tensor:
+    """Sample one (B, C, h, w) map at several (B, S, S, 2) grids in one call: (G, B, C, S*S).
+
+    The grids are laid side by side along the width, so the map is read once and not copied.
+    """
+    size = grids[0].shape[1]
+    wide = torch.cat(grids, dim=2).to(feature_map.device)  # (B, S, G*S, 2)
+    samples = sample_features(feature_map, wide)  # (B, C, S, G*S)
+    b, c = samples.shape[:2]
+    samples = samples.view(b, c, size, len(grids), size).permute(3, 0, 1, 2, 4)  # (G,B,C,S,S)
+    return samples.flatten(3)  # (G, B, C, S*S)
+
+
+def spatial_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps: Tensor | None,
+                 boxes: Tensor, num_heads: int, global_grid: int, local_grid: int,
+                 tau: float) -> Tensor:
+    """SERE spatial term: mean over the 2 global pairs and the 2L local-global pairs.
+
+    Args:
+        teacher_maps: (2B, C, h, w) teacher `z` of the 2 global views (view-major).
+        student_maps: (2B, C, h, w) student `p` of the 2 global views.
+        student_local_maps: (L*B, C, hl, wl) student `p` of the local views (local heads), or None.
+        boxes: (B, 2 + L, 5) crop boxes and flips, globals first.
+        num_heads: H.
+        global_grid: S for global pairs.
+        local_grid: S for local-global pairs.
+        tau: teacher temperature tau_s.
+    """
+    teacher = teacher_maps.chunk(2)  # 2 x (B, C, h, w)
+    student = student_maps.chunk(2)
+    total = teacher_maps.new_zeros((), dtype=torch.float32)
+    for t, s in ((0, 1), (1, 0)):
+        grid_t, grid_s = overlap_grids(boxes[:, t], boxes[:, s], global_grid)  # (B, S, S, 2)
+        total = total + _spatial_ce(_sample_pairs(teacher[t], [grid_t])[0],
+                                    _sample_pairs(student[s], [grid_s])[0], num_heads, tau)
+    n_global = 2
+    if student_local_maps is None:
+        return total / n_global
+    batch = boxes.shape[0]
+    n_local = student_local_maps.shape[0] // batch
+    # Pairs (local l, teacher view t), each on its own grid of the (l, t) overlap.
+    grids = [[overlap_grids(boxes[:, 2 + l], boxes[:, t], local_grid) for t in range(2)]
+             for l in range(n_local)]  # grids[l][t] = (grid on l, grid on t)
+    teacher_samples = torch.stack(
+        [_sample_pairs(teacher[t], [grids[l][t][1] for l in range(n_local)]) for t in range(2)],
+        dim=1)  # (L, 2, B, C, S*S)
+    student_samples = torch.stack(
+        [_sample_pairs(student_local_maps[l * batch:(l + 1) * batch],
+                       [grids[l][t][0] for t in range(2)]) for l in range(n_local)]
+    )  # (L, 2, B, C, S*S)
+    local_mean = _spatial_ce(teacher_samples.flatten(0, 2), student_samples.flatten(0, 2),
+                             num_heads, tau)
+    n_pairs = 2 * n_local
+    return (total + n_pairs * local_mean) / (n_global + n_pairs)
+
+
+def channel_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps: Tensor | None,
+                 tau: float) -> Tensor:
+    """SERE channel term: each teacher global view against the other student global view and
+    every student local view; mean over the 2 + 2L pairs.
+
+    Args:
+        teacher_maps: (2B, C, h, w) teacher `z` of the global views.
+        student_maps: (2B, C, h, w) student `p` of the global views.
+        student_local_maps: (L*B, C, hl, wl) student `p` of the local views, or None.
+        tau: teacher temperature tau_c.
+    """
+    teacher = channel_relation(teacher_maps.flatten(2)).chunk(2)  # 2 x (B, C, C)
+    student = channel_relation(student_maps.flatten(2)).chunk(2)
+    total = (relation_cross_entropy(teacher[0], student[1], tau)
+             + relation_cross_entropy(teacher[1], student[0], tau))
+    n_terms = 2
+    if student_local_maps is None:
+        return total / n_terms
+    batch = teacher[0].shape[0]
+    local = channel_relation(student_local_maps.flatten(2))  # (L*B, C, C)
+    n_local = local.shape[0] // batch
+    local = local.view(n_local, batch, *local.shape[1:])  # (L, B, C, C)
+    for t in range(2):
+        total = total + n_local * relation_cross_entropy(teacher[t][None], local, tau)
+    return total / (n_terms + 2 * n_local)

@@ -1,0 +1,89 @@
+"""A timm VisionTransformer, wrapped: iBOT mask token, pre-norm patch tokens, named outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from sere.config import ModelConfig
+
+
+@dataclass
+class BackboneOutput:
+    """What one forward pass of the backbone gives."""
+
+    cls: Tensor  # (B, C) [CLS] after the final LayerNorm
+    patch: Tensor  # (B, N, C) patch tokens after the final LayerNorm
+    patch_prenorm: Tensor  # (B, N, C) patch tokens of the last block, before the final LayerNorm
+    grid: tuple[int, int]  # (h, w) patch grid, N = h * w
+
+    def feature_map(self) -> Tensor:
+        """The pre-norm patch tokens laid out as (B, C, h, w), the relation heads' input."""
+        b, n, c = self.patch_prenorm.shape
+        h, w = self.grid
+        return self.patch_prenorm.transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w)
+
+
+class ViTBackbone(nn.Module):
+    """A ViT that runs at any multiple of its patch size and can mask patches.
+
+    Position embeddings are stored for `img_size` and resampled (bicubic, by timm) for other
+    sizes. The mask token replaces a patch's embedding before the position embedding is added.
+
+    Args:
+        cfg: the model section of the configuration.
+        img_size: the resolution the position embedding is stored at (the global crop size).
+        drop_path: stochastic depth rate (0 for the teacher).
+        with_mask_token: learn a mask token (iBOT student and its teacher copy).
+    """
+
+    def __init__(self, cfg: ModelConfig, img_size: int, drop_path: float,
+                 with_mask_token: bool = True):
+        super().__init__()
+        dims = cfg.resolved()
+        self.vit = VisionTransformer(
+            img_size=img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=0,
+            embed_dim=dims["embed_dim"], depth=dims["depth"], num_heads=dims["num_heads"],
+            drop_path_rate=drop_path, dynamic_img_size=True,
+        )
+        self.embed_dim = dims["embed_dim"]
+        self.num_heads = dims["num_heads"]
+        self.patch_size = cfg.patch_size
+        self.mask_token = (nn.Parameter(torch.zeros(1, dims["embed_dim"]))
+                           if with_mask_token else None)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward to save memory."""
+        self.vit.set_grad_checkpointing(enable)
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> BackboneOutput:
+        """Run the ViT on (B, C, H, W) images; `mask` (B, h, w) bool marks patches to mask."""
+        vit = self.vit
+        x = vit.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
+        b, h, w, c = x.shape
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this backbone was built without a mask token")
+            token = self.mask_token.to(x.dtype).view(1, 1, 1, c)
+            x = torch.where(mask[..., None], token, x)
+        x = vit._pos_embed(x)  # (B, 1 + N, C)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            from timm.models._manipulate import checkpoint_seq
+
+            x = checkpoint_seq(vit.blocks, x)
+        else:
+            x = vit.blocks(x)  # (B, 1 + N, C) pre-norm
+        normed = vit.norm(x)
+        prefix = vit.num_prefix_tokens
+        return BackboneOutput(cls=normed[:, 0], patch=normed[:, prefix:],
+                              patch_prenorm=x[:, prefix:], grid=(h, w))
+
+    def forward_tokens(self, images: Tensor) -> Tensor:
+        """All normed tokens (B, 1 + N, C) without masking: for evaluation and export."""
+        out = self(images)
+        return torch.cat([out.cls[:, None], out.patch], dim=1)

@@ -1,0 +1,143 @@
+"""Student and teacher: backbone, projection head and relation heads in one module each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sere.config import Config
+from sere.models.backbone import BackboneOutput, ViTBackbone
+from sere.models.heads import ProjectionHead, RelationHeads
+
+
+@dataclass
+class ViewOutputs:
+    """Head outputs for a group of views that went through the network together.
+
+    V views of B images each, stacked view-major: rows v*B .. (v+1)*B - 1 are view v.
+    """
+
+    cls_logits: Tensor  # (V*B, K)
+    patch_logits: Tensor | None  # teacher: (V*B, N, K); student: (M, K) at the M masked patches
+    spatial_map: Tensor | None  # (V*B, C, h, w) z (teacher) or p (student) for spatial relations
+    channel_map: Tensor | None  # (V*B, C, h, w) the same for channel relations
+    backbone: BackboneOutput
+
+
+@dataclass
+class NetworkOutputs:
+    """Everything the losses read from one network."""
+
+    globals: ViewOutputs  # the 2 global views
+    locals: ViewOutputs | None  # the L local views (student only, when L > 0)
+
+
+@dataclass(frozen=True)
+class Switches:
+    """Which parts of the objective run; a term with weight 0 is not computed."""
+
+    cls: bool
+    patch: bool
+    spatial: bool
+    channel: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Switches":
+        """Switches that follow from the loss weights."""
+        w = cfg.loss
+        return cls(cls=w.lambda1 > 0, patch=w.lambda2 > 0, spatial=w.alpha > 0,
+                   channel=w.beta > 0)
+
+
+class SERENetwork(nn.Module):
+    """Backbone + projection head + relation heads.
+
+    The student (is_student=True) masks its global crops, evaluates its patch head only at masked
+    positions (nothing else is read), forms relations from the predictor output `p`, and has a
+    separate relation-head pair for local crops. The teacher sees unmasked global crops only, and
+    forms relations from the projection `z`.
+
+    Args:
+        cfg: the run configuration.
+        is_student: build the student (drop path, local relation heads) or the teacher.
+    """
+
+    def __init__(self, cfg: Config, is_student: bool):
+        super().__init__()
+        m = cfg.model
+        self.is_student = is_student
+        self.switches = Switches.from_config(cfg)
+        s = self.switches
+        self.backbone = ViTBackbone(m, img_size=cfg.data.global_crop_size,
+                                    drop_path=m.drop_path if is_student else 0.0,
+                                    with_mask_token=s.patch)
+        dim = self.backbone.embed_dim
+        self.head = ProjectionHead(dim, m.out_dim, m.hidden_dim, m.bottleneck_dim,
+                                   norm_last_layer=m.norm_last_layer, shared_head=m.shared_head,
+                                   with_patch_head=s.patch)
+        with_local = is_student and cfg.data.local_crops_number > 0
+        self.relation = RelationHeads(dim, spatial=s.spatial, channel=s.channel,
+                                      with_local=with_local)
+
+    def forward(self, global_crops: list[Tensor], local_crops: list[Tensor] | None = None,
+                masks: list[Tensor] | None = None) -> NetworkOutputs:
+        """Run the network on a batch of views.
+
+        Args:
+            global_crops: 2 x (B, C, Hg, Wg).
+            local_crops: L x (B, C, Hl, Wl), student only.
+            masks: 2 x (B, hg, wg) bool, student only (used when the patch term is on).
+        """
+        images = torch.cat(global_crops)  # (2B, C, Hg, Wg)
+        mask = torch.cat(masks) if (self.is_student and self.switches.patch and masks) else None
+        glob = self._views(images, mask, local=False)
+        loc = None
+        if self.is_student and local_crops:
+            loc = self._views(torch.cat(local_crops), None, local=True)  # (L*B, ...)
+        return NetworkOutputs(globals=glob, locals=loc)
+
+    def _views(self, images: Tensor, mask: Tensor | None, local: bool) -> ViewOutputs:
+        out = self.backbone(images, mask)
+        s = self.switches
+        cls_logits = self.head.forward_cls(out.cls)  # (V*B, K)
+        patch_logits = None
+        if s.patch and not local:
+            if self.is_student:
+                patch_logits = self.head.forward_patch(out.patch[mask.flatten(1)])  # (M, K)
+            else:
+                patch_logits = self.head.forward_patch(out.patch)  # (V*B, N, K)
+        spatial_map = channel_map = None
+        if s.spatial or s.channel:
+            fmap = out.feature_map()  # (V*B, C, h, w)
+            heads = self.relation
+            spatial_head = heads.spatial_local if local else heads.spatial
+            channel_head = heads.channel_local if local else heads.channel
+            if spatial_head is not None:
+                spatial_map = spatial_head(fmap, predict=self.is_student)
+            if channel_head is not None:
+                channel_map = channel_head(fmap, predict=self.is_student)
+        return ViewOutputs(cls_logits, patch_logits, spatial_map, channel_map, out)
+
+
+@dataclass
+class Networks:
+    """A student and its teacher."""
+
+    student: SERENetwork
+    teacher: SERENetwork
+
+
+def build_networks(cfg: Config) -> Networks:
+    """Student and teacher for `cfg`; the teacher starts as a copy of the student, frozen."""
+    student = SERENetwork(cfg, is_student=True)
+    teacher = SERENetwork(cfg, is_student=False)
+    missing = teacher.load_state_dict(student.state_dict(), strict=False).missing_keys
+    if missing:
+        raise RuntimeError(f"teacher parameters absent from the student: {missing}")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if cfg.train.grad_checkpointing:
+        student.backbone.set_grad_checkpointing(True)
+    return Networks(student, teacher)

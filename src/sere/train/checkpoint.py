@@ -1,0 +1,108 @@
+"""Checkpoints that cannot be half-written, and that say clearly when they are bad.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed
+over its final name: a reader sees the old file or the new one, never a mix. Its payload carries a
+SHA-256 of the serialised state, checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sere.errors import SereError
+
+FORMAT = "sere-checkpoint-v1"
+STEP_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a flushed temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Save `state` (tensors, dicts, numbers) atomically with a checksum."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    wrapper = io.BytesIO()
+    torch.save({"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": payload}, wrapper)
+    atomic_write_bytes(Path(path), wrapper.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and verify a checkpoint written by `save_checkpoint`.
+
+    Raises SereError when the file is missing, truncated, corrupted or not a sere checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SereError(f"checkpoint {path} does not exist")
+    try:
+        wrapper = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged zip
+        raise SereError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: "
+                        f"{type(err).__name__}); use an earlier one") from None
+    if not isinstance(wrapper, dict) or wrapper.get("format") != FORMAT:
+        raise SereError(f"{path} is not a sere training checkpoint")
+    payload = wrapper["payload"]
+    if hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
+        raise SereError(f"checkpoint {path} is corrupted (checksum mismatch); use an earlier one")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+
+
+def step_checkpoints(folder: str | Path) -> list[Path]:
+    """`checkpoint-<step>.pt` files in `folder`, oldest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := STEP_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints."""
+    old = step_checkpoints(folder)
+    for path in old[:max(0, len(old) - keep_last)]:
+        path.unlink()
+
+
+def latest_valid_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in `folder` that loads and verifies, with its state.
+
+    Tries `last.pt` and every step checkpoint, newest step first; damaged ones are skipped with a
+    warning.
+    """
+    candidates = []
+    for path in [Path(folder) / "last.pt", *step_checkpoints(folder)]:
+        if not path.is_file():
+            continue
+        try:
+            state = load_checkpoint(path)
+        except SereError as err:
+            print(f"warning: skipping {err}")
+            continue
+        candidates.append((int(state.get("step", -1)), path, state))
+    if not candidates:
+        return None
+    _, path, state = max(candidates, key=lambda c: c[0])
+    return path, state

@@ -1,0 +1,344 @@
+"""The pretraining loop: student, teacher, losses, schedules, checkpoints, logs."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from sere.config import Config, save_config
+from sere.data.loader import EpochBatchSampler, build_dataset, collate, worker_init
+from sere.errors import SereError
+from sere.losses.objective import LossTerms, SERELoss
+from sere.models.network import build_networks
+from sere.train import distributed as dist_utils
+from sere.train.checkpoint import (
+    latest_valid_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from sere.train.metrics import MetricsWriter, plot_losses
+from sere.train.optim import (
+    TeacherEMA,
+    build_optimizer,
+    cancel_last_layer_gradients,
+    clip_per_parameter,
+    set_rates,
+)
+from sere.train.schedules import Schedules
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one; asking for `cuda` without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SereError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` is fp16 on a GPU (as the recipes) and bf16 on the CPU."""
+    if name == "auto":
+        return "fp16" if device.type == "cuda" else "bf16"
+    return name
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast context for `precision` (fp32 is a no-op)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and prove that a file can be written there, before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise SereError(f"cannot write to the output folder {folder} ({err.strerror}); "
+                        "choose another with train.output_dir=...") from None
+
+
+def rng_state() -> dict:
+    """Every RNG the step depends on (drop path uses torch's)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run leaves behind."""
+
+    output_dir: Path
+    step: int  # optimisation steps done
+    checkpoint: Path  # the final checkpoint
+    last_losses: dict[str, float]
+
+
+class Pretrainer:
+    """Runs SERE pretraining as the configuration says.
+
+    Args:
+        cfg: a validated configuration.
+        resume: None for a fresh run, a checkpoint path, or "auto" for the newest valid
+            checkpoint in `cfg.train.output_dir` (a fresh run when there is none).
+    """
+
+    def __init__(self, cfg: Config, resume: str | None = None):
+        self.cfg = cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise SereError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        self.dist = dist_utils.init_distributed(self.device.type)
+        if self.dist.world_size > 1:
+            self._check_same_config()
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.output_dir = Path(cfg.train.output_dir)
+        if self.dist.is_main:
+            check_writable(self.output_dir)
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
+        random.seed(cfg.train.seed + self.dist.rank)
+        np.random.seed((cfg.train.seed + self.dist.rank) % 2**32)
+
+        self.dataset = build_dataset(cfg)
+        self.sampler = EpochBatchSampler(len(self.dataset), cfg.optim.batch_size, self.dist.rank,
+                                         self.dist.world_size, cfg.train.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.optim.accum_steps
+        if self.steps_per_epoch == 0:
+            raise SereError("fewer batches per epoch than optim.accum_steps; lower accum_steps")
+        self.schedules = Schedules(cfg, self.steps_per_epoch, self.dist.world_size)
+        self.total_steps = self.schedules.total_steps
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+        nets = build_networks(cfg)
+        self.student = nets.student.to(self.device)
+        self.teacher = nets.teacher.to(self.device)
+        self.loss_fn = SERELoss(cfg, self.student.backbone.num_heads).to(self.device)
+        self.optimizer = build_optimizer(self.student)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.ema = TeacherEMA(self.student, self.teacher)
+        self.trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.step = 0
+        self.skipped_images: list[str] = []
+        resumed_from = self._resume(resume) if resume else None
+
+        if cfg.train.compile:
+            self.student.compile()
+            self.teacher.compile()
+        self.model = (DistributedDataParallel(self.student, device_ids=[self.dist.local_rank]
+                                              if self.device.type == "cuda" else None)
+                      if self.dist.world_size > 1 else self.student)
+        self.metrics = None
+        if self.dist.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+            self.metrics = MetricsWriter(self.output_dir,
+                                         resume_step=self.step if resumed_from else None)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _check_same_config(self) -> None:
+        configs = dist_utils.all_gather_objects(self.cfg.to_dict())
+        if any(c != configs[0] for c in configs):
+            raise SereError("processes were started with different configurations; start every "
+                            "rank with the same files and overrides")
+
+    def _resume(self, resume: str) -> Path | None:
+        if resume == "auto":
+            found = latest_valid_checkpoint(self.output_dir)
+            if found is None:
+                if self.dist.is_main:
+                    print(f"no valid checkpoint in {self.output_dir}; starting a fresh run")
+                return None
+            path, state = found
+        else:
+            path, state = Path(resume), load_checkpoint(resume)
+        if state["config"]["model"] != self.cfg.to_dict()["model"]:
+            raise SereError(f"{path} was made with a different model configuration; resume "
+                            "with the configuration it was made with (saved in the checkpoint)")
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.skipped_images = list(state.get("skipped_images", []))
+        rng = state["rng"]
+        set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+        if self.dist.is_main:
+            print(f"resuming from {path} at step {self.step}")
+        return path
+
+    def checkpoint_state(self) -> dict:
+        """Everything the run depends on (RNG states of every rank included)."""
+        rngs = dist_utils.all_gather_objects(rng_state())
+        return {
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "config": self.cfg.to_dict(),
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rngs,
+            "skipped_images": self.skipped_images,
+        }
+
+    def save(self) -> Path:
+        """Write `checkpoint-<step>.pt` and `last.pt` (rank 0), prune old ones."""
+        state = self.checkpoint_state()
+        last = self.output_dir / "last.pt"
+        if self.dist.is_main:
+            step_path = self.output_dir / f"checkpoint-{self.step:08d}.pt"
+            save_checkpoint(step_path, state)
+            save_checkpoint(last, state)
+            prune_checkpoints(self.output_dir, self.cfg.train.keep_last)
+        dist_utils.barrier()
+        return last
+
+    # -----------------------------------------------------------------------------------------
+
+    def _loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
+        self.sampler.set_epoch(epoch, start_batch)
+        workers = self.cfg.data.num_workers
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+            worker_init_fn=worker_init if workers else None,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def _batches(self):
+        """Micro-batches from the current step on, across epochs, forever."""
+        accum = self.cfg.optim.accum_steps
+        epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+        start_batch = in_epoch * accum
+        while True:
+            yield from self._loader(epoch, start_batch)
+            epoch, start_batch = epoch + 1, 0
+
+    def train_step(self, micro_batches: list) -> LossTerms:
+        """One optimisation step over `accum_steps` micro-batches; returns the last terms."""
+        cfg = self.cfg
+        values = self.schedules.at(self.step)
+        set_rates(self.optimizer, values.lr, values.weight_decay)
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.device)
+            sync = (i == len(micro_batches) - 1 or self.dist.world_size == 1)
+            no_sync = contextlib.nullcontext() if sync else self.model.no_sync()
+            with no_sync, autocast_context(self.precision, self.device):
+                with torch.no_grad():
+                    teacher_out = self.teacher(batch.global_crops)
+                student_out = self.model(batch.global_crops, batch.local_crops, batch.masks)
+                terms = self.loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
+                                     values.teacher_temp, values.teacher_patch_temp)
+                self._check_finite(terms)
+                loss = terms.total / len(micro_batches)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.loss_fn.update_centers(teacher_out)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.optim.clip_grad > 0:
+            clip_per_parameter(self.trainable, cfg.optim.clip_grad)
+        if self.step // self.steps_per_epoch < cfg.optim.freeze_last_layer:
+            cancel_last_layer_gradients(self.student)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(values.momentum)
+        self.step += 1
+        return terms
+
+    def _check_finite(self, terms: LossTerms) -> None:
+        if math.isfinite(float(terms.total.detach())):
+            return
+        bad = {k: v for k, v in terms.as_floats().items() if not math.isfinite(v)}
+        raise SereError(f"non-finite loss at step {self.step}: {bad}. The last checkpoint is "
+                        "untouched; lower optim.lr, raise optim.warmup_epochs, or use fp32/bf16, "
+                        "then resume with --resume auto")
+
+    def run(self) -> RunResult:
+        """Train to the end (or `train.max_steps`), checkpointing and logging on the way."""
+        cfg = self.cfg
+        accum = cfg.optim.accum_steps
+        images_per_step = cfg.optim.batch_size * self.dist.world_size * accum
+        batches = self._batches()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
+                   unit="step", dynamic_ncols=True, desc="pretrain")
+        last_losses: dict[str, float] = {}
+        last_checkpoint = None
+        tick, tick_step = time.perf_counter(), self.step
+        while self.step < self.total_steps:
+            micro = [next(batches) for _ in range(accum)]
+            for b in micro:
+                self.skipped_images.extend(b.skipped)
+            terms = self.train_step(micro)
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - tick
+                rate = images_per_step * (self.step - tick_step) / max(elapsed, 1e-9)
+                tick, tick_step = time.perf_counter(), self.step
+                last_losses = terms.as_floats()
+                self._log(last_losses, rate)
+                bar.set_postfix(loss=f"{last_losses['loss']:.3f}", img_s=f"{rate:.0f}")
+            if self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
+                last_checkpoint = self.save()
+        bar.close()
+        last_checkpoint = self.save()
+        self._finish()
+        return RunResult(self.output_dir, self.step, last_checkpoint, last_losses)
+
+    def _log(self, losses: dict[str, float], rate: float) -> None:
+        if self.metrics is None:
+            return
+        values = self.schedules.at(self.step - 1)
+        self.metrics.write({
+            "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **losses,
+            "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
+            "teacher_temp": values.teacher_temp, "teacher_patch_temp": values.teacher_patch_temp,
+            "images_per_second": rate, "skipped_images": len(self.skipped_images),
+        })
+
+    def _finish(self) -> None:
+        skipped = [p for rank in dist_utils.all_gather_objects(self.skipped_images) for p in rank]
+        if self.metrics is not None:
+            self.metrics.close()
+            plot_losses(self.output_dir / "metrics.jsonl", self.output_dir / "losses.png")
+            if skipped:
+                unique = sorted(set(skipped))
+                (self.output_dir / "skipped_images.txt").write_text("\n".join(unique) + "\n")
+                print(f"skipped {len(unique)} unreadable images; listed in "
+                      f"{self.output_dir / 'skipped_images.txt'}")

@@ -1,0 +1,85 @@
+"""Schedules as pure functions of the step (SERE-SPEC.md section 7): resume needs no state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sere.config import Config
+
+
+def cosine_schedule(step: int, total_steps: int, base: float, final: float,
+                    warmup_steps: int = 0, warmup_start: float = 0.0) -> float:
+    """Linear warm-up from `warmup_start` to `base` over `warmup_steps`, then cosine to `final`.
+
+    The warm-up hits both ends (step 0 gives `warmup_start`, step `warmup_steps - 1` gives
+    `base`), like `numpy.linspace`; the cosine then starts at `base` and approaches `final` at
+    step `total_steps`.
+    """
+    if step < warmup_steps:
+        if warmup_steps == 1:
+            return base
+        return warmup_start + (base - warmup_start) * step / (warmup_steps - 1)
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(step - warmup_steps, decay_steps) / decay_steps
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
+
+
+def warmup_then_constant(epoch: int, warmup_epochs: int, start: float, final: float) -> float:
+    """Per-epoch linear warm-up from `start` to `final` (both hit), then `final`."""
+    if epoch >= warmup_epochs:
+        return final
+    if warmup_epochs == 1:
+        return start
+    return start + (final - start) * epoch / (warmup_epochs - 1)
+
+
+@dataclass
+class StepValues:
+    """Every scheduled value at one optimisation step."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+    teacher_patch_temp: float
+
+
+class Schedules:
+    """All schedules of a run, evaluated at a step.
+
+    Learning rate: `optim.lr * total_batch / 256`, linear warm-up from 0 over `warmup_epochs`,
+    cosine to `min_lr`. Weight decay: cosine from `weight_decay` to `weight_decay_end`. Teacher
+    momentum: cosine from `momentum_teacher` to 1. Teacher temperatures: per-epoch linear warm-up
+    from the warm-up value to the final one, as the authors index them by epoch.
+
+    Args:
+        cfg: the run configuration.
+        steps_per_epoch: optimisation steps per epoch.
+        world_size: number of processes (the total batch scales the learning rate).
+    """
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, world_size: int):
+        o, lo = cfg.optim, cfg.loss
+        self.cfg = cfg
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = o.epochs * steps_per_epoch
+        self.total_batch = o.batch_size * world_size * o.accum_steps
+        self.peak_lr = o.lr * self.total_batch / 256
+        self.warmup_steps = o.warmup_epochs * steps_per_epoch
+
+    def at(self, step: int) -> StepValues:
+        """The values at optimisation step `step` (0-based)."""
+        o, lo = self.cfg.optim, self.cfg.loss
+        epoch = step // self.steps_per_epoch
+        return StepValues(
+            lr=cosine_schedule(step, self.total_steps, self.peak_lr, o.min_lr, self.warmup_steps),
+            weight_decay=cosine_schedule(step, self.total_steps, o.weight_decay,
+                                         o.weight_decay_end),
+            momentum=cosine_schedule(step, self.total_steps, o.momentum_teacher, 1.0),
+            teacher_temp=warmup_then_constant(epoch, lo.warmup_teacher_temp_epochs,
+                                              lo.warmup_teacher_temp, lo.teacher_temp),
+            teacher_patch_temp=warmup_then_constant(epoch, lo.warmup_teacher_temp_epochs,
+                                                    lo.warmup_teacher_patch_temp,
+                                                    lo.teacher_patch_temp),
+        )
