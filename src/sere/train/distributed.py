@@ -60,6 +60,17 @@ def all_gather_objects(value) -> list:
     return gathered
 
 
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over all processes (the values themselves in one process)."""
+    if not is_distributed():
+        return values
+    keys = sorted(values)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    totals = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, totals)}
+
+
 def barrier() -> None:
     """Wait for every process (no-op in one process)."""
     if is_distributed():

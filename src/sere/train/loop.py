@@ -126,10 +126,6 @@ class Pretrainer:
         self.output_dir = Path(cfg.train.output_dir)
         if self.dist.is_main:
             check_writable(self.output_dir)
-        torch.manual_seed(cfg.train.seed + self.dist.rank)
-        random.seed(cfg.train.seed + self.dist.rank)
-        np.random.seed((cfg.train.seed + self.dist.rank) % 2**32)
-
         self.dataset = build_dataset(cfg)
         self.sampler = EpochBatchSampler(len(self.dataset), cfg.optim.batch_size, self.dist.rank,
                                          self.dist.world_size, cfg.train.seed)
@@ -141,7 +137,12 @@ class Pretrainer:
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         nets = build_networks(cfg)
+        seed = cfg.train.seed + self.dist.rank  # then per-rank randomness (drop path)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         self.student = nets.student.to(self.device)
         self.teacher = nets.teacher.to(self.device)
         self.loss_fn = SERELoss(cfg, self.student.backbone.num_heads).to(self.device)
@@ -311,7 +312,7 @@ class Pretrainer:
                 elapsed = time.perf_counter() - tick
                 rate = images_per_step * (self.step - tick_step) / max(elapsed, 1e-9)
                 tick, tick_step = time.perf_counter(), self.step
-                last_losses = terms.as_floats()
+                last_losses = dist_utils.mean_over_processes(terms.as_floats())
                 self._log(last_losses, rate)
                 bar.set_postfix(loss=f"{last_losses['loss']:.3f}", img_s=f"{rate:.0f}")
             if self.step % cfg.train.save_every == 0 and self.step < self.total_steps:

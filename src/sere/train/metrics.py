@@ -28,10 +28,10 @@ class MetricsWriter:
             self.path.write_text("")
         elif self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) < resume_step]
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(f"{line}\n" for line in keep))
         self.tensorboard = SummaryWriter(log_dir=str(folder / "tensorboard"),
-                                         purge_step=resume_step)
+                                         purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, record: dict) -> None:
         """Log `record`, which must hold a `step`."""

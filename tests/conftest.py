@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny configurations that run in seconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+import sere
+
+TINY = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
+    "model.in_chans=3", "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
+    "model.drop_path=0.0",
+    "data.dataset=synthetic", "data.synthetic_images=32", "data.synthetic_size=32",
+    "data.global_crop_size=16", "data.local_crop_size=8", "data.local_crops_number=2",
+    "data.num_workers=0",
+    "loss.alpha=0.2", "loss.beta=0.5", "loss.warmup_teacher_temp_epochs=1",
+    "optim.epochs=2", "optim.batch_size=8", "optim.warmup_epochs=1",
+    "train.log_every=1", "train.save_every=2",
+]
+
+
+def tiny_config(tmp_path, *overrides: str) -> sere.Config:
+    """A tiny iBOT+SERE configuration writing into `tmp_path`."""
+    return sere.load_config([], [*TINY, f"train.output_dir={tmp_path / 'run'}", *overrides])
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Factory: `tiny(*overrides)` gives a tiny configuration."""
+    return lambda *overrides: tiny_config(tmp_path, *overrides)
