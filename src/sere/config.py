@@ -65,7 +65,7 @@ class DataConfig:
     synthetic_size: int = 64  # side of the synthetic images
     global_crop_size: int = 224
     local_crop_size: int = 96
-    local_crops_number: int = 10
+    local_crops_number: int = 0
     global_crops_scale: tuple[float, float] = (0.14, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     color_jitter: bool = True  # colour jitter, grayscale, blur and solarisation
@@ -211,6 +211,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise SereError(f"{key} = {value!r} must be an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise SereError(f"{key} = {value!r} must be a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SereError(f"{key} = {value!r} must be a number")
         return float(value)
@@ -367,8 +372,15 @@ def validate(cfg: Config) -> None:
     for key, crop in (("global_grid", d.global_crop_size), ("local_grid", d.local_crop_size)):
         grid = getattr(lo, key)
         _require(grid is None or grid >= 2, f"loss.{key} = {grid} must be >= 2 or null")
-    _require(d.global_crop_size // m.patch_size >= 2 or lo.global_grid is not None,
-             "the global patch grid is smaller than 2 x 2: raise data.global_crop_size")
+    if lo.alpha > 0:  # the overlap grids S must be at least 2 x 2
+        _require(d.global_crop_size // m.patch_size >= 3 or lo.global_grid is not None,
+                 "the global patch grid is smaller than 3 x 3, so the default overlap grid "
+                 "(patch grid - 1) is below 2: raise data.global_crop_size or set "
+                 "loss.global_grid")
+        _require(d.local_crops_number == 0 or d.local_crop_size // m.patch_size >= 2
+                 or lo.local_grid is not None,
+                 "the local patch grid is 1 x 1, too small for an overlap grid: raise "
+                 "data.local_crop_size or set loss.local_grid")
 
     _require(o.epochs > 0, "optim.epochs must be positive")
     _require(o.batch_size > 0, "optim.batch_size must be positive")

@@ -8,7 +8,6 @@ count and `label` an int (-1 when the source has no labels). Unreadable images r
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 from pathlib import Path
 
@@ -49,12 +48,16 @@ def pil_to_tensor(image: Image.Image, in_chans: int) -> Tensor:
     EXIF orientation is applied; transparency is composited on black.
     """
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float64) / 65535.0 * 255.0  # full 16-bit range
+        image = Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), "L")
+    elif image.mode in ("I", "F"):  # no fixed range: stretch this image's own maximum
         array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.max() > 255 else 255.0
+        peak = max(float(array.max()), 255.0)
         image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" or image.mode == "LA" or "transparency" in image.info:
-        image = image.convert("RGBA")
+    if image.mode in ("P", "LA", "RGBA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     image = image.convert("L" if in_chans == 1 else "RGB")
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
@@ -251,8 +254,3 @@ def subset_indices(length: int, max_images: int | None, seed: int = 0) -> list[i
         return list(range(length))
     g = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(length, generator=g)[:max_images].tolist())
-
-
-def cpu_count() -> int:
-    """Cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -148,7 +148,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch - self.start_batch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
         order = torch.randperm(self.length, generator=g).tolist()
         global_batch = self.batch_size * self.world_size
         for b in range(self.start_batch, self.batches_per_epoch):

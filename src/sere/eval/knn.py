@@ -39,7 +39,7 @@ def knn_classify(train_features: Tensor, train_labels: Tensor, test_features: Te
         sims = test_features[start:start + chunk] @ train_features.T  # (m, N)
         top_sims, top_idx = sims.topk(k, dim=1)  # (m, k)
         weights = (top_sims / temperature).exp()  # (m, k)
-        votes = torch.zeros(len(top_idx), num_classes)
+        votes = weights.new_zeros(len(top_idx), num_classes)
         votes.scatter_add_(1, train_labels[top_idx], weights)  # (m, C)
         scores.append(votes)
     return torch.cat(scores)
