@@ -69,6 +69,7 @@ class DataConfig:
     global_crops_scale: tuple[float, float] = (0.14, 1.0)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     color_jitter: bool = True  # colour jitter, grayscale, blur and solarisation
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range, in crop pixels
     normalize_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     normalize_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     num_workers: int = 4
@@ -344,6 +345,8 @@ def validate(cfg: Config) -> None:
              f"data.normalize_mean and data.normalize_std need {m.in_chans} entries "
              f"(one per model.in_chans)")
     _require(all(s > 0 for s in d.normalize_std), "data.normalize_std entries must be positive")
+    _require(0 < d.blur_sigma[0] <= d.blur_sigma[1],
+             f"data.blur_sigma = {list(d.blur_sigma)} must satisfy 0 < low <= high")
     _require(d.num_workers >= 0, "data.num_workers must be >= 0")
     _require(d.max_images is None or d.max_images > 0, "data.max_images must be positive or null")
     _require(d.synthetic_images > 0 and d.synthetic_size > 0,

@@ -71,7 +71,7 @@ class MultiCropAugmentation:
     """2 global and L local crops of one image, each with its box and flip.
 
     Global crop 1 is always blurred, global crop 2 is blurred with p=0.1 and solarised with p=0.2,
-    local crops are blurred with p=0.5; all get a flip (p=0.5), colour jitter (0.4, 0.4, 0.2, 0.1)
+    local crops are blurred with p=0.5 (sigma uniform in `blur_sigma`); all get a flip (p=0.5), colour jitter (0.4, 0.4, 0.2, 0.1)
     with p=0.8 and grayscale with p=0.2. For 1-channel images, saturation, hue and grayscale have
     no meaning and are left out. `color_jitter=False` leaves out every photometric change.
 
@@ -83,6 +83,7 @@ class MultiCropAugmentation:
     def __init__(self, cfg: DataConfig, in_chans: int):
         self.in_chans = in_chans
         self.photometric = cfg.color_jitter
+        self.blur_sigma = cfg.blur_sigma
         self.mean = torch.tensor(cfg.normalize_mean).view(-1, 1, 1)
         self.std = torch.tensor(cfg.normalize_std).view(-1, 1, 1)
         self.recipes = [
@@ -126,7 +127,7 @@ class MultiCropAugmentation:
         if self.in_chans == 3 and _chance(generator, 0.2):
             crop = F.rgb_to_grayscale(crop, num_output_channels=3)
         if _chance(generator, recipe.blur_p):
-            sigma = _uniform(generator, 0.1, 2.0)
+            sigma = _uniform(generator, *self.blur_sigma)
             kernel = min(2 * math.ceil(3 * sigma) + 1, _largest_odd(crop.shape[-1]))
             crop = F.gaussian_blur(crop, [kernel, kernel], [sigma, sigma])
         if _chance(generator, recipe.solarize_p):

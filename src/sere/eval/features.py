@@ -33,8 +33,10 @@ class EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         image, label = self.source[self.indices[i]]  # (C, H, W) uint8
-        image = F.interpolate(image[None].float(), size=(self.size, self.size), mode="bicubic",
-                              align_corners=False)[0].clamp(0, 255)
+        image = image.float()
+        if image.shape[-2:] != (self.size, self.size):
+            image = F.interpolate(image[None], size=(self.size, self.size), mode="bicubic",
+                                  align_corners=False)[0].clamp(0, 255)
         return (image / 255.0 - self.mean) / self.std, label
 
 
