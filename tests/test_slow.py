@@ -71,3 +71,46 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     center = load_checkpoint(two / "last.pt")["loss"]["distillation.center"]
     torch.testing.assert_close(center, single.loss_fn.distillation.center, rtol=1e-4, atol=1e-6)
     assert len(list(Path(two).glob("checkpoint-*.pt"))) == 1
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sere.cli", "pretrain", *args]
+
+
+def test_sigterm_checkpoints_mid_epoch_and_resume_matches(tmp_path):
+    """SIGTERM mid-run: exit 0 with a checkpoint; --resume auto then ends bitwise where an
+    uninterrupted run ends."""
+    import os
+    import signal
+    import time
+
+    common = [*TINY, "optim.epochs=4", "train.save_every=1000", "data.synthetic_images=64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(*common, f"train.output_dir={straight}"), check=True, env=env,
+                   capture_output=True, timeout=300)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cli(*common, f"train.output_dir={cut}"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and
+                                          len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "--resume auto" in out
+    stopped = load_checkpoint(cut / "last.pt")["step"]
+    total = 4 * (64 // 8)
+    assert 3 <= stopped < total
+    subprocess.run(_cli(*common, f"train.output_dir={cut}", "--resume", "auto"), check=True,
+                   env=env, capture_output=True, timeout=300)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(cut / "last.pt")
+    assert a["step"] == b["step"] == total
+    for part in ("student", "teacher"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), (part, name)
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").open()]
+              for d in (straight, cut)]
+    assert losses[0] == losses[1]

@@ -7,6 +7,7 @@ sampler at the right batch, and get exactly the batches an uninterrupted run wou
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from sere.data.augment import MultiCropAugmentation
 from sere.data.datasets import ImageSource, UnreadableImage, build_source, subset_indices
 from sere.data.masking import block_mask, draw_mask_ratio
 from sere.errors import SereError
+from sere.train.preemption import SIGNALS as STOP_SIGNALS
 
 MAX_CONSECUTIVE_BAD = 50  # unreadable images in a row before the folder is judged mostly bad
 
@@ -171,5 +173,8 @@ def build_dataset(cfg: Config) -> MultiCropDataset:
 
 
 def worker_init(_: int) -> None:
-    """DataLoader workers use one thread each; the main process keeps the cores for compute."""
+    """DataLoader workers use one thread each (the main process keeps the cores for compute)
+    and ignore the stop signals, which the main process handles (`sere.train.preemption`)."""
     torch.set_num_threads(1)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

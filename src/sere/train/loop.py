@@ -27,6 +27,7 @@ from sere.train.checkpoint import (
     save_checkpoint,
 )
 from sere.train.metrics import MetricsWriter, plot_losses
+from sere.train.preemption import StopRequest
 from sere.train.optim import (
     TeacherEMA,
     build_optimizer,
@@ -99,6 +100,7 @@ class RunResult:
     step: int  # optimisation steps done
     checkpoint: Path  # the final checkpoint
     last_losses: dict[str, float]
+    preempted: bool = False  # stopped early by SIGTERM / SIGUSR1
 
 
 class Pretrainer:
@@ -292,16 +294,41 @@ class Pretrainer:
                         "then resume with --resume auto")
 
     def run(self) -> RunResult:
-        """Train to the end (or `train.max_steps`), checkpointing and logging on the way."""
+        """Train to the end (or `train.max_steps`), checkpointing and logging on the way.
+
+        SIGTERM or SIGUSR1 end the run early, after the current step, with a checkpoint.
+        """
         cfg = self.cfg
-        accum = cfg.optim.accum_steps
-        images_per_step = cfg.optim.batch_size * self.dist.world_size * accum
+        images_per_step = cfg.optim.batch_size * self.dist.world_size * cfg.optim.accum_steps
         batches = self._batches()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
                    unit="step", dynamic_ncols=True, desc="pretrain")
         last_losses: dict[str, float] = {}
-        last_checkpoint = None
+        stop = StopRequest().install()
         tick, tick_step = time.perf_counter(), self.step
+        try:
+            preempted = self._loop(batches, bar, stop, images_per_step, tick, tick_step,
+                                   last_losses)
+        finally:
+            stop.uninstall()
+            bar.close()
+        last_checkpoint = self.save()
+        if preempted:
+            if self.dist.is_main:
+                print(f"stopped by {stop.signal_name or 'a signal'} at step {self.step}; "
+                      f"checkpoint {last_checkpoint}. Continue with the same command and "
+                      "--resume auto")
+            if self.metrics is not None:
+                self.metrics.close()
+        else:
+            self._finish()
+        return RunResult(self.output_dir, self.step, last_checkpoint, last_losses, preempted)
+
+    def _loop(self, batches, bar, stop: StopRequest, images_per_step: int, tick: float,
+              tick_step: int, last_losses: dict[str, float]) -> bool:
+        """Steps until the end or a stop signal; returns True when stopped by a signal."""
+        cfg = self.cfg
+        accum = cfg.optim.accum_steps
         while self.step < self.total_steps:
             micro = [next(batches) for _ in range(accum)]
             for b in micro:
@@ -312,15 +339,14 @@ class Pretrainer:
                 elapsed = time.perf_counter() - tick
                 rate = images_per_step * (self.step - tick_step) / max(elapsed, 1e-9)
                 tick, tick_step = time.perf_counter(), self.step
-                last_losses = dist_utils.mean_over_processes(terms.as_floats())
+                last_losses.update(dist_utils.mean_over_processes(terms.as_floats()))
                 self._log(last_losses, rate)
                 bar.set_postfix(loss=f"{last_losses['loss']:.3f}", img_s=f"{rate:.0f}")
+            if stop.agreed(self.device):
+                return self.step < self.total_steps
             if self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
-                last_checkpoint = self.save()
-        bar.close()
-        last_checkpoint = self.save()
-        self._finish()
-        return RunResult(self.output_dir, self.step, last_checkpoint, last_losses)
+                self.save()
+        return False
 
     def _log(self, losses: dict[str, float], rate: float) -> None:
         if self.metrics is None:
