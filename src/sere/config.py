@@ -139,6 +139,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the backbone
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     threads: int | None = None  # torch CPU threads; None leaves PyTorch's default
+    # A non-finite loss: stop (exit non-zero, last checkpoint untouched) or skip the step
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite: int = 10  # with skip: stop after this many non-finite steps in a row
 
 
 @dataclass
@@ -401,5 +404,6 @@ def validate(cfg: Config) -> None:
     _require(t.log_every > 0, "train.log_every must be positive")
     _require(t.max_steps is None or t.max_steps > 0, "train.max_steps must be positive or null")
     _require(t.threads is None or t.threads > 0, "train.threads must be positive or null")
+    _require(t.max_nonfinite > 0, "train.max_nonfinite must be positive")
     _require(e.k > 0 and e.temperature > 0 and e.batch_size > 0,
              "eval.k, eval.temperature and eval.batch_size must be positive")

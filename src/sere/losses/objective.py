@@ -105,9 +105,13 @@ class SERELoss(nn.Module):
         return LossTerms(total=total, cls=cls, patch=patch, spatial=spatial, channel=channel)
 
     @torch.no_grad()
-    def update_centers(self, teacher: NetworkOutputs) -> None:
-        """Move the centers towards this step's teacher outputs (all processes)."""
+    def update_centers(self, *teachers: NetworkOutputs) -> None:
+        """Move the centers towards this step's teacher outputs (all processes).
+
+        With gradient accumulation, pass the teacher outputs of every micro-batch: the centers
+        move once, by the mean over all of them, as for one large batch.
+        """
         on = self.switches
-        self.distillation.update_centers(
-            teacher.globals.cls_logits if on.cls else None,
-            teacher.globals.patch_logits if on.patch else None)
+        cls = torch.cat([t.globals.cls_logits for t in teachers]) if on.cls else None
+        patch = torch.cat([t.globals.patch_logits for t in teachers]) if on.patch else None
+        self.distillation.update_centers(cls, patch)

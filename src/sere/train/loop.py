@@ -154,6 +154,8 @@ class Pretrainer:
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.step = 0
         self.skipped_images: list[str] = []
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_steps = 0
         resumed_from = self._resume(resume) if resume else None
 
         if cfg.train.compile:
@@ -251,10 +253,15 @@ class Pretrainer:
             epoch, start_batch = epoch + 1, 0
 
     def train_step(self, micro_batches: list) -> LossTerms:
-        """One optimisation step over `accum_steps` micro-batches; returns the last terms."""
+        """One optimisation step over `accum_steps` micro-batches; returns the last terms.
+
+        A non-finite loss on any rank stops the run (`train.on_nonfinite=stop`) or skips the
+        whole step on every rank (`skip`): no update, no EMA, no center change.
+        """
         cfg = self.cfg
         values = self.schedules.at(self.step)
         set_rates(self.optimizer, values.lr, values.weight_decay)
+        teacher_outs = []
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
             sync = (i == len(micro_batches) - 1 or self.dist.world_size == 1)
@@ -265,10 +272,13 @@ class Pretrainer:
                 student_out = self.model(batch.global_crops, batch.local_crops, batch.masks)
                 terms = self.loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
                                      values.teacher_temp, values.teacher_patch_temp)
-                self._check_finite(terms)
+                if not self._all_finite(terms):
+                    return self._nonfinite(terms)
                 loss = terms.total / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            self.loss_fn.update_centers(teacher_out)
+            teacher_outs.append(teacher_out)
+        self.loss_fn.update_centers(*teacher_outs)
+        self.nonfinite_in_a_row = 0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.optim.clip_grad > 0:
@@ -285,13 +295,32 @@ class Pretrainer:
         self.step += 1
         return terms
 
-    def _check_finite(self, terms: LossTerms) -> None:
-        if math.isfinite(float(terms.total.detach())):
-            return
+    def _all_finite(self, terms: LossTerms) -> bool:
+        """Whether the loss is finite on every rank (all ranks must take the same branch)."""
+        finite = torch.isfinite(terms.total.detach()).float().reshape(1)
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item() > 0)
+
+    def _nonfinite(self, terms: LossTerms) -> LossTerms:
+        """Skip this step, or stop the run with a note, as `train.on_nonfinite` says."""
+        self.optimizer.zero_grad(set_to_none=True)
         bad = {k: v for k, v in terms.as_floats().items() if not math.isfinite(v)}
-        raise SereError(f"non-finite loss at step {self.step}: {bad}. The last checkpoint is "
-                        "untouched; lower optim.lr, raise optim.warmup_epochs, or use fp32/bf16, "
-                        "then resume with --resume auto")
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_steps += 1
+        limit = self.cfg.train.max_nonfinite
+        if self.cfg.train.on_nonfinite == "skip" and self.nonfinite_in_a_row < limit:
+            print(f"warning: non-finite loss at step {self.step} {bad}; step skipped")
+            self.step += 1
+            return terms
+        why = ("" if self.cfg.train.on_nonfinite == "stop"
+               else f" ({self.nonfinite_in_a_row} steps in a row, train.max_nonfinite={limit})")
+        message = (f"non-finite loss at step {self.step}{why}: {bad}. The last checkpoint is "
+                   "untouched; lower optim.lr, raise optim.warmup_epochs, or use fp32/bf16, "
+                   "then resume with --resume auto")
+        if self.dist.is_main:
+            (self.output_dir / "STOPPED_NONFINITE.txt").write_text(message + "\n")
+        raise SereError(message)
 
     def run(self) -> RunResult:
         """Train to the end (or `train.max_steps`), checkpointing and logging on the way.
@@ -357,6 +386,7 @@ class Pretrainer:
             "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
             "teacher_temp": values.teacher_temp, "teacher_patch_temp": values.teacher_patch_temp,
             "images_per_second": rate, "skipped_images": len(self.skipped_images),
+            "nonfinite_steps": self.nonfinite_steps,
         })
 
     def _finish(self) -> None:
