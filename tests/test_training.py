@@ -110,3 +110,11 @@ def test_gradient_accumulation_matches_a_big_batch(tiny, tmp_path):
     small.run()
     for name, x in big.student.state_dict().items():
         torch.testing.assert_close(x, small.student.state_dict()[name], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_with_other_heads_is_refused_clearly(tiny, tmp_path):
+    from sere.errors import SereError
+
+    Pretrainer(tiny("train.max_steps=1")).run()
+    with pytest.raises(SereError, match="does not fit this configuration"):
+        Pretrainer(tiny("train.max_steps=2", "loss.alpha=0"), resume="auto")

@@ -191,10 +191,16 @@ class Pretrainer:
         if state["config"]["model"] != self.cfg.to_dict()["model"]:
             raise SereError(f"{path} was made with a different model configuration; resume "
                             "with the configuration it was made with (saved in the checkpoint)")
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.loss_fn.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.student.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.loss_fn.load_state_dict(state["loss"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise SereError(f"{path} does not fit this configuration ({first}); the loss weights "
+                            "decide which heads exist, so resume with the configuration saved "
+                            "in the checkpoint") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
