@@ -114,3 +114,42 @@ def test_sigterm_checkpoints_mid_epoch_and_resume_matches(tmp_path):
     losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").open()]
               for d in (straight, cut)]
     assert losses[0] == losses[1]
+
+
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Under torchrun, SIGUSR1 to rank 1 alone: both ranks stop after the same step, rank 0
+    writes the checkpoint, and everything exits 0."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "sere.cli", "pretrain", *TINY, "optim.epochs=50", "optim.batch_size=4",
+           "train.save_every=1000", f"train.output_dir={run}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and
+                                          len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                             text=True).stdout.split()
+    ranks = {}
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [e for e in environ if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0].split(b"=")[1])] = int(pid)
+    assert set(ranks) == {0, 1}
+    os.kill(ranks[1], signal.SIGUSR1)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert "--resume auto" in out
+    state = load_checkpoint(run / "last.pt")
+    total = 50 * (32 // 8)
+    assert 2 <= state["step"] < total
+    assert len(state["rng"]) == 2  # both ranks took part in the final checkpoint

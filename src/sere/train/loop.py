@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from sere.config import Config, save_config
 from sere.data.loader import EpochBatchSampler, build_dataset, collate, worker_init
 from sere.errors import SereError
 from sere.losses.objective import LossTerms, SERELoss
-from sere.models.network import build_networks
+from sere.models.network import NetworkOutputs, build_networks
 from sere.train import distributed as dist_utils
 from sere.train.checkpoint import (
     latest_valid_checkpoint,
@@ -27,6 +28,7 @@ from sere.train.checkpoint import (
     save_checkpoint,
 )
 from sere.train.metrics import MetricsWriter, plot_losses
+from sere.train.monitor import CollapseStats, collapse_stats
 from sere.train.preemption import StopRequest
 from sere.train.optim import (
     TeacherEMA,
@@ -36,6 +38,8 @@ from sere.train.optim import (
     set_rates,
 )
 from sere.train.schedules import Schedules
+
+MOSTLY_BAD_MIN_READS = 64  # files read before judging whether a folder is mostly bad
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,8 +66,9 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def check_writable(folder: Path) -> None:
-    """Create `folder` and prove that a file can be written there, before any work."""
+def check_writable(folder: Path, checkpoint_bytes: int) -> None:
+    """Before any work: `folder` can be created and written, and has room for two checkpoints
+    (one being written beside the last one)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
@@ -72,6 +77,18 @@ def check_writable(folder: Path) -> None:
     except OSError as err:
         raise SereError(f"cannot write to the output folder {folder} ({err.strerror}); "
                         "choose another with train.output_dir=...") from None
+    free = shutil.disk_usage(folder).free
+    if free < 2 * checkpoint_bytes:
+        raise SereError(f"the output folder {folder} has {free / 2**20:.0f} MiB free, less than "
+                        f"two checkpoints ({2 * checkpoint_bytes / 2**20:.0f} MiB); free some "
+                        "space or choose another train.output_dir")
+
+
+def checkpoint_size(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
+    """Rough bytes of a checkpoint: student, teacher and AdamW's two moments."""
+    student_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    return 3 * student_bytes + teacher_bytes
 
 
 def rng_state() -> dict:
@@ -90,6 +107,14 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class StepOutput:
+    """What one optimisation step gives back."""
+
+    terms: LossTerms  # the loss terms of the last micro-batch
+    teacher: NetworkOutputs  # the teacher's outputs of the last micro-batch
 
 
 @dataclass
@@ -126,8 +151,6 @@ class Pretrainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.output_dir = Path(cfg.train.output_dir)
-        if self.dist.is_main:
-            check_writable(self.output_dir)
         self.dataset = build_dataset(cfg)
         self.sampler = EpochBatchSampler(len(self.dataset), cfg.optim.batch_size, self.dist.rank,
                                          self.dist.world_size, cfg.train.seed)
@@ -145,6 +168,8 @@ class Pretrainer:
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
+        if self.dist.is_main:
+            check_writable(self.output_dir, checkpoint_size(nets.student, nets.teacher))
         self.student = nets.student.to(self.device)
         self.teacher = nets.teacher.to(self.device)
         self.loss_fn = SERELoss(cfg, self.student.backbone.num_heads).to(self.device)
@@ -156,6 +181,7 @@ class Pretrainer:
         self.skipped_images: list[str] = []
         self.nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
+        self.images_read = 0  # files read by this process, decodable or not
         resumed_from = self._resume(resume) if resume else None
 
         if cfg.train.compile:
@@ -258,8 +284,8 @@ class Pretrainer:
             yield from self._loader(epoch, start_batch)
             epoch, start_batch = epoch + 1, 0
 
-    def train_step(self, micro_batches: list) -> LossTerms:
-        """One optimisation step over `accum_steps` micro-batches; returns the last terms.
+    def train_step(self, micro_batches: list) -> StepOutput:
+        """One optimisation step over `accum_steps` micro-batches.
 
         A non-finite loss on any rank stops the run (`train.on_nonfinite=stop`) or skips the
         whole step on every rank (`skip`): no update, no EMA, no center change.
@@ -279,7 +305,7 @@ class Pretrainer:
                 terms = self.loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
                                      values.teacher_temp, values.teacher_patch_temp)
                 if not self._all_finite(terms):
-                    return self._nonfinite(terms)
+                    return StepOutput(self._nonfinite(terms), teacher_out)
                 loss = terms.total / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             teacher_outs.append(teacher_out)
@@ -299,7 +325,7 @@ class Pretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(values.momentum)
         self.step += 1
-        return terms
+        return StepOutput(terms, teacher_outs[-1])
 
     def _all_finite(self, terms: LossTerms) -> bool:
         """Whether the loss is finite on every rank (all ranks must take the same branch)."""
@@ -368,20 +394,47 @@ class Pretrainer:
             micro = [next(batches) for _ in range(accum)]
             for b in micro:
                 self.skipped_images.extend(b.skipped)
-            terms = self.train_step(micro)
+                self.images_read += b.size + len(b.skipped)
+            self._check_mostly_bad()
+            out = self.train_step(micro)
             bar.update(1)
             if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - tick
                 rate = images_per_step * (self.step - tick_step) / max(elapsed, 1e-9)
                 tick, tick_step = time.perf_counter(), self.step
-                last_losses.update(dist_utils.mean_over_processes(terms.as_floats()))
-                self._log(last_losses, rate)
-                bar.set_postfix(loss=f"{last_losses['loss']:.3f}", img_s=f"{rate:.0f}")
+                last_losses.update(dist_utils.mean_over_processes(out.terms.as_floats()))
+                stats = self._collapse_stats(out.teacher)
+                self._log({**last_losses, **stats.as_metrics()}, rate)
+                postfix = dict(loss=f"{last_losses['loss']:.3f}", img_s=f"{rate:.0f}")
+                warnings = stats.warnings()
+                if warnings:
+                    postfix["warn"] = "collapse?"
+                    if self.dist.is_main:
+                        tqdm.write(f"warning at step {self.step}: {'; '.join(warnings)}")
+                bar.set_postfix(**postfix)
             if stop.agreed(self.device):
                 return self.step < self.total_steps
             if self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
                 self.save()
         return False
+
+    def _check_mostly_bad(self) -> None:
+        """Stop when more than half of the files read so far could not be decoded."""
+        bad = len(self.skipped_images)
+        if self.images_read >= MOSTLY_BAD_MIN_READS and bad > 0.5 * self.images_read:
+            listing = self.output_dir / "skipped_images.txt"
+            if self.dist.is_main:
+                listing.write_text("\n".join(sorted(set(self.skipped_images))) + "\n")
+            raise SereError(f"{bad} of the first {self.images_read} image files could not be "
+                            f"decoded (listed in {listing}); the data folder looks mostly bad. "
+                            "Fix or remove them and start again")
+
+    def _collapse_stats(self, teacher: NetworkOutputs) -> CollapseStats:
+        glob = teacher.globals
+        return collapse_stats(glob.cls_logits, self.loss_fn.distillation.center,
+                              self.schedules.at(self.step - 1).teacher_temp, glob.backbone.cls,
+                              glob.spatial_map, self.student.backbone.num_heads,
+                              self.cfg.loss.tau_spatial)
 
     def _log(self, losses: dict[str, float], rate: float) -> None:
         if self.metrics is None:
