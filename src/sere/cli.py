@@ -47,7 +47,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = _pretrain_config(args)
     result = Pretrainer(cfg, resume=args.resume).run()
-    print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
+    if not result.preempted:
+        print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 
 
@@ -97,6 +98,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = [f"train.output_dir={args.output_dir}", *args.overrides]
     cfg = load_config([resolve_config_path("demo")], overrides)
     result = Pretrainer(cfg, resume="auto").run()
+    if result.preempted:
+        return 0  # the loop said how to continue: run `sere demo` again
     pretrain_minutes = (time.perf_counter() - start) / 60
     loaded = load_backbone(result.checkpoint)
     chans = cfg.model.in_chans
