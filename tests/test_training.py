@@ -60,12 +60,16 @@ def test_checkpoint_holds_the_whole_state(tiny):
     assert (result.output_dir / "checkpoint-00000002.pt").is_file()
 
 
-def test_resume_is_bitwise_identical(tiny, tmp_path):
-    straight = Pretrainer(tiny("train.max_steps=4", f"train.output_dir={tmp_path / 'a'}"))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bitwise_identical(tiny, tmp_path, workers):
+    """4 steps straight, or 2 + 2 with a resume in the middle of the first epoch (4 steps per
+    epoch), with and without DataLoader workers."""
+    w = f"data.num_workers={workers}"
+    straight = Pretrainer(tiny("train.max_steps=4", w, f"train.output_dir={tmp_path / 'a'}"))
     straight.run()
-    first = Pretrainer(tiny("train.max_steps=2", f"train.output_dir={tmp_path / 'b'}"))
+    first = Pretrainer(tiny("train.max_steps=2", w, f"train.output_dir={tmp_path / 'b'}"))
     first.run()
-    resumed = Pretrainer(tiny("train.max_steps=4", f"train.output_dir={tmp_path / 'b'}"),
+    resumed = Pretrainer(tiny("train.max_steps=4", w, f"train.output_dir={tmp_path / 'b'}"),
                          resume="auto")
     assert resumed.step == 2
     resumed.run()
@@ -118,3 +122,24 @@ def test_resume_with_other_heads_is_refused_clearly(tiny, tmp_path):
     Pretrainer(tiny("train.max_steps=1")).run()
     with pytest.raises(SereError, match="does not fit this configuration"):
         Pretrainer(tiny("train.max_steps=2", "loss.alpha=0"), resume="auto")
+
+
+def test_tagged_checkpoints_survive_pruning(tiny):
+    result = Pretrainer(tiny("train.max_steps=8", "train.save_every=1", "train.keep_last=2",
+                             "train.keep_every=3", "data.synthetic_images=64")).run()
+    kept = sorted(p.name for p in result.output_dir.glob("checkpoint-*.pt"))
+    assert kept == ["checkpoint-00000003.pt", "checkpoint-00000006.pt",
+                    "checkpoint-00000007.pt", "checkpoint-00000008.pt"]
+
+
+def test_ranks_with_different_configurations_refuse_to_start(tiny, monkeypatch):
+    from sere.errors import SereError
+    from sere.train import distributed
+
+    cfg = tiny("train.max_steps=1")
+    other = {**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "lr": 1.0}}
+    monkeypatch.setattr(distributed, "init_distributed",
+                        lambda _: distributed.DistInfo(rank=0, world_size=2, local_rank=0))
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda value: [value, other])
+    with pytest.raises(SereError, match="different configurations"):
+        Pretrainer(cfg)

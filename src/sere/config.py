@@ -134,6 +134,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     save_every: int = 1000  # steps between checkpoints; one is always written at the end
     keep_last: int = 3  # step checkpoints kept besides `last.pt`
+    keep_every: int | None = None  # also keep (tag) every checkpoint whose step is a multiple
     log_every: int = 10  # steps between metric lines
     max_steps: int | None = None  # stop early (the schedules still span all epochs)
     compile: bool = False  # torch.compile the backbone
@@ -401,6 +402,9 @@ def validate(cfg: Config) -> None:
 
     _require(t.save_every > 0, "train.save_every must be positive")
     _require(t.keep_last >= 0, "train.keep_last must be >= 0")
+    _require(t.keep_every is None or (t.keep_every > 0 and t.keep_every % t.save_every == 0),
+             f"train.keep_every = {t.keep_every} must be a positive multiple of train.save_every "
+             f"({t.save_every}) or null")
     _require(t.log_every > 0, "train.log_every must be positive")
     _require(t.max_steps is None or t.max_steps > 0, "train.max_steps must be positive or null")
     _require(t.threads is None or t.threads > 0, "train.threads must be positive or null")

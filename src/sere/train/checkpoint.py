@@ -79,10 +79,18 @@ def step_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step checkpoints."""
+def checkpoint_step(path: Path) -> int:
+    """The step in a `checkpoint-<step>.pt` name."""
+    return int(STEP_PATTERN.match(path.name).group(1))
+
+
+def prune_checkpoints(folder: str | Path, keep_last: int, keep_every: int | None = None) -> None:
+    """Delete all but the newest `keep_last` step checkpoints, and those whose step is a multiple
+    of `keep_every` (tagged ones)."""
     old = step_checkpoints(folder)
     for path in old[:max(0, len(old) - keep_last)]:
+        if keep_every and checkpoint_step(path) % keep_every == 0:
+            continue
         path.unlink()
 
 

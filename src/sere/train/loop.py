@@ -261,7 +261,7 @@ class Pretrainer:
             step_path = self.output_dir / f"checkpoint-{self.step:08d}.pt"
             save_checkpoint(step_path, state)
             save_checkpoint(last, state)
-            prune_checkpoints(self.output_dir, self.cfg.train.keep_last)
+            prune_checkpoints(self.output_dir, self.cfg.train.keep_last, self.cfg.train.keep_every)
         dist_utils.barrier()
         return last
 
