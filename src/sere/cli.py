@@ -2,6 +2,7 @@
 
     sere pretrain --config configs/demo.yaml optim.epochs=5 [--resume auto]
     sere knn --checkpoint runs/demo/last.pt
+    sere visualize --checkpoint runs/demo/last.pt --output pictures
     sere demo
 """
 
@@ -110,10 +111,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     args.max_test, cfg.data.num_workers)
     floor = knn_top1(random_backbone(loaded.config), loaded.config, train, test, device,
                      args.max_train, args.max_test, cfg.data.num_workers)
-    print(f"run folder: {result.output_dir} (losses.png, metrics.jsonl, tensorboard/, last.pt)")
+    pictures = _draw(str(result.checkpoint), "teacher", test, 6, result.output_dir / "pictures")
+    print(f"run folder: {result.output_dir} (losses.png, pictures/, metrics.jsonl, "
+          "tensorboard/, last.pt)")
+    print(f"pictures: {pictures.overview}, {pictures.channel_relation}")
     print(f"pretraining took {pretrain_minutes:.1f} min; k-NN on {ours.train_images} train / "
           f"{ours.test_images} test images (k={cfg.eval.k}, features={cfg.eval.features})")
     print(f"k-NN top-1: pretrained {ours.top1:.1f} %, random init {floor.top1:.1f} %")
+    return 0
+
+
+def _draw(checkpoint: str, which: str, source, count: int, out_dir: str):
+    """Draw the pictures of `count` images of `source` with a checkpoint's network."""
+    import torch
+
+    from sere.api import load_run
+    from sere.eval.features import EvalImages
+    from sere.eval.visualize import draw_pictures
+
+    run = load_run(checkpoint)
+    cfg = run.config
+    network = run.networks.teacher if which == "teacher" else run.networks.student
+    d = cfg.data
+    images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
+                        list(range(min(count, len(source)))))
+    batch = torch.stack([images[i][0] for i in range(len(images))])
+    return draw_pictures(network, batch, d.normalize_mean, d.normalize_std, out_dir,
+                         cfg.loss.tau_spatial, cfg.loss.tau_channel)
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    """Attention, relation and PCA pictures of a checkpoint's network."""
+    from sere.data.datasets import FashionMNISTSource, ImageFolderSource
+    from sere.eval.weights import load_backbone
+
+    chans = load_backbone(args.checkpoint).config.model.in_chans
+    if args.images:
+        source = ImageFolderSource(args.images, chans)
+    else:
+        source = FashionMNISTSource(args.fashion_mnist_dir, train=False, in_chans=chans)
+    pictures = _draw(args.checkpoint, args.backbone, source, args.count, args.output)
+    print(f"wrote {pictures.overview}" + (f" and {pictures.channel_relation}"
+                                          if pictures.channel_relation else ""))
     return 0
 
 
@@ -147,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-random", action="store_true", help="skip the random-init floor")
     k.add_argument("overrides", nargs="*", help="eval.* settings, e.g. eval.k=10")
     k.set_defaults(func=cmd_knn)
+
+    v = sub.add_parser("visualize", help="attention, self-relation and PCA pictures (PNG)")
+    v.add_argument("--checkpoint", required=True)
+    v.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    v.add_argument("--images", help="image folder (default: the Fashion-MNIST test set)")
+    v.add_argument("--fashion-mnist-dir", default=None)
+    v.add_argument("--count", type=int, default=6, help="images to draw")
+    v.add_argument("--output", default="pictures", help="folder for the PNG files")
+    v.set_defaults(func=cmd_visualize)
 
     d = sub.add_parser("demo", help="the CPU demo: pretrain on Fashion-MNIST, then k-NN")
     d.add_argument("--output-dir", default="runs/demo")

@@ -1,0 +1,170 @@
+"""Pictures of what a pretrained network attends to and how its features relate.
+
+- the last block's [CLS] attention, one map per head;
+- the SERE spatial self-relation of a query patch (teacher `z`, softmax with tau_s, mean over
+  heads), as a heat map over the image;
+- a PCA of the patch features shown as colours (first three components);
+- the channel self-relation matrix (softmax with tau_c) of one image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sere.losses.relation import channel_relation, spatial_relation
+from sere.models.backbone import ViTBackbone
+from sere.models.network import SERENetwork
+
+
+@torch.no_grad()
+def cls_attention(backbone: ViTBackbone, images: Tensor) -> Tensor:
+    """The last block's attention from [CLS] to every patch: (B, H, h, w), rows sum to <= 1."""
+    vit = backbone.vit
+    x = vit.patch_embed(images)  # (B, h, w, C)
+    b, h, w, c = x.shape
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+    for block in vit.blocks[:-1]:
+        x = block(x)
+    last = vit.blocks[-1]
+    attn = last.attn
+    qkv = attn.qkv(last.norm1(x)).reshape(b, x.shape[1], 3, attn.num_heads, -1)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, 1 + N, d)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)  # (B, H, 1 + N, 1 + N)
+    prefix = vit.num_prefix_tokens
+    return weights[:, :, 0, prefix:].reshape(b, attn.num_heads, h, w)
+
+
+@torch.no_grad()
+def patch_pca_colours(backbone: ViTBackbone, images: Tensor) -> Tensor:
+    """First three principal components of the normed patch tokens, over all given images,
+    scaled to [0, 1]: (B, h, w, 3)."""
+    out = backbone(images)
+    b, n, c = out.patch.shape
+    feats = out.patch.reshape(b * n, c).float()
+    feats = feats - feats.mean(dim=0, keepdim=True)
+    _, _, v = torch.linalg.svd(feats, full_matrices=False)
+    comps = feats @ v[:3].T  # (B*N, 3)
+    lo, hi = comps.min(dim=0).values, comps.max(dim=0).values
+    comps = (comps - lo) / (hi - lo).clamp_min(1e-8)
+    return comps.reshape(b, *out.grid, 3)
+
+
+@torch.no_grad()
+def spatial_relation_heatmap(network: SERENetwork, images: Tensor, query: tuple[int, int],
+                             tau: float) -> Tensor:
+    """Softmax(relation / tau) row of the patch at grid position `query`, mean over heads:
+    (B, h, w). Uses the network's spatial relation head in eval mode (running statistics)."""
+    out = network.backbone(images)
+    head = network.relation.spatial
+    fmap = head(out.feature_map(), predict=False)  # (B, C, h, w)
+    h, w = out.grid
+    rel = spatial_relation(fmap.flatten(2), network.backbone.num_heads)  # (B, H, N, N)
+    row = F.softmax(rel[:, :, query[0] * w + query[1]] / tau, dim=-1)  # (B, H, N)
+    return row.mean(dim=1).reshape(-1, h, w)
+
+
+@torch.no_grad()
+def channel_relation_matrix(network: SERENetwork, image: Tensor, tau: float) -> Tensor:
+    """Softmax(channel relation / tau) of one image: (C, C)."""
+    out = network.backbone(image[None])
+    fmap = network.relation.channel(out.feature_map(), predict=False)
+    return F.softmax(channel_relation(fmap.flatten(2))[0] / tau, dim=-1)
+
+
+@dataclass
+class Pictures:
+    """Files written by `draw_pictures`."""
+
+    overview: Path  # per image: input, attention per head, relation of a query, PCA colours
+    channel_relation: Path | None
+
+
+def _show_image(ax, image: Tensor, mean: Tensor, std: Tensor) -> None:
+    img = (image * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(img.permute(1, 2, 0).numpy())
+
+
+def draw_pictures(network: SERENetwork, images: Tensor, mean: tuple[float, ...],
+                  std: tuple[float, ...], out_dir: str | Path, tau_spatial: float,
+                  tau_channel: float) -> Pictures:
+    """Draw the overview grid and the channel relation of the first image into `out_dir`.
+
+    Args:
+        network: a teacher (or student) network; put in eval mode here.
+        images: (B, C, H, W) normalised images at a multiple of the patch size.
+        mean, std: the normalisation, to show the inputs.
+        out_dir: folder for the PNG files (created).
+        tau_spatial, tau_channel: relation temperatures.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    network = network.eval()
+    size = images.shape[-2:]
+    attention = cls_attention(network.backbone, images)  # (B, H, h, w)
+    colours = patch_pca_colours(network.backbone, images)  # (B, h, w, 3)
+    h, w = attention.shape[-2:]
+    query = (h // 2, w // 2)
+    relation = (spatial_relation_heatmap(network, images, query, tau_spatial)
+                if network.relation.spatial is not None else None)
+    heads = attention.shape[1]
+    cols = 1 + heads + (relation is not None) + 1
+    rows = images.shape[0]
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    mean_t, std_t = torch.tensor(mean), torch.tensor(std)
+    def up(m: Tensor):  # (h, w) to the image size, as numpy for matplotlib
+        return F.interpolate(m[None, None], size=size, mode="nearest")[0, 0].numpy()
+
+    for r in range(rows):
+        _show_image(axes[r, 0], images[r], mean_t, std_t)
+        for k in range(heads):
+            axes[r, 1 + k].imshow(up(attention[r, k]), cmap="inferno")
+        col = 1 + heads
+        if relation is not None:
+            axes[r, col].imshow(up(relation[r]), cmap="viridis")
+            cy = (query[0] + 0.5) * size[0] / h
+            cx = (query[1] + 0.5) * size[1] / w
+            axes[r, col].plot([cx - 0.5], [cy - 0.5], "r+", ms=8, mew=2)
+            col += 1
+        axes[r, col].imshow(F.interpolate(colours[r].permute(2, 0, 1)[None], size=size,
+                                          mode="nearest")[0].permute(1, 2, 0).numpy())
+    titles = (["image"] + [f"[CLS] attn, head {k}" for k in range(heads)]
+              + (["spatial relation\nof the + patch"] if relation is not None else [])
+              + ["patch PCA"])
+    for c, title in enumerate(titles):
+        axes[0, c].set_title(title, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    overview = out_dir / "overview.png"
+    fig.savefig(overview, dpi=120)
+    plt.close(fig)
+
+    channel_path = None
+    if network.relation.channel is not None:
+        matrix = channel_relation_matrix(network, images[0], tau_channel)
+        fig, ax = plt.subplots(figsize=(4, 3.6))
+        shown = ax.imshow(matrix.numpy(), cmap="magma")
+        ax.set_title("channel self-relation (softmax, tau_c)", fontsize=8)
+        ax.set_xlabel("channel")
+        ax.set_ylabel("channel")
+        fig.colorbar(shown, ax=ax)
+        fig.tight_layout()
+        channel_path = out_dir / "channel_relation.png"
+        fig.savefig(channel_path, dpi=120)
+        plt.close(fig)
+    return Pictures(overview=overview, channel_relation=channel_path)
