@@ -231,8 +231,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {annotation} for {key}")
 
 
-def _merge_into(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
-    """Set the dataclass fields of `obj` from a nested dict, refusing unknown keys."""
+def merge_into(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set the dataclass fields of `obj` from a nested dict, refusing unknown keys.
+
+    Works for any (nested) dataclass of the types used here, so other commands' settings
+    (fine-tuning, say) get the same YAML files, overrides and error messages.
+    """
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
@@ -244,7 +248,7 @@ def _merge_into(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise SereError(f"'{full}' is a section; give it as a mapping of its keys")
-            _merge_into(current, value, prefix=f"{full}.")
+            merge_into(current, value, prefix=f"{full}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
 
@@ -272,7 +276,7 @@ def parse_override(text: str) -> dict[str, Any]:
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `a.b=c` overrides to `cfg` in place and validate it again."""
     for text in overrides:
-        _merge_into(cfg, parse_override(text))
+        merge_into(cfg, parse_override(text))
     validate(cfg)
     return cfg
 
@@ -280,7 +284,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """A validated Config from a nested dict (as saved in `config.yaml` or a checkpoint)."""
     cfg = Config()
-    _merge_into(cfg, values)
+    merge_into(cfg, values)
     validate(cfg)
     return cfg
 
@@ -298,7 +302,7 @@ def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Conf
             raise SereError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise SereError(f"{path} must hold a mapping of sections (model:, data:, ...)")
-        _merge_into(cfg, values)
+        merge_into(cfg, values)
     return apply_overrides(cfg, list(overrides))
 
 
