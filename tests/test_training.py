@@ -143,3 +143,14 @@ def test_ranks_with_different_configurations_refuse_to_start(tiny, monkeypatch):
     monkeypatch.setattr(distributed, "all_gather_objects", lambda value: [value, other])
     with pytest.raises(SereError, match="different configurations"):
         Pretrainer(cfg)
+
+
+def test_periodic_knn_is_logged_and_plotted(tiny):
+    result = Pretrainer(tiny("train.max_steps=4", "eval.knn_every=2", "eval.knn_max_train=32",
+                             "eval.knn_max_test=16")).run()
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").open()]
+    knn = [r for r in records if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [2, 4]
+    assert all(0 <= r["knn_top1"] <= 100 for r in knn)
+    # 16 test images: every accuracy is a multiple of 1/16.
+    assert all(abs(r["knn_top1"] / 6.25 - round(r["knn_top1"] / 6.25)) < 1e-6 for r in knn)

@@ -63,3 +63,20 @@ def test_pictures_are_written_with_the_right_sizes(tiny, tmp_path):
     assert (width, height) == (round(5 * 1.6 * 120), round(4 * 1.6 * 120))
     with Image.open(pictures.channel_relation) as channel:
         assert channel.size == (480, 432)
+
+
+def test_tsne_keeps_separated_clusters_apart(tmp_path):
+    from sere.eval.visualize import draw_embedding, tsne_embedding
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 5
+    labels = torch.arange(3).repeat_interleave(40)
+    feats = centres[labels] + 0.1 * torch.randn(120, 16, generator=g)
+    points = tsne_embedding(feats)
+    assert points.shape == (120, 2)
+    dist = torch.cdist(points, points)
+    same = labels[:, None] == labels[None, :]
+    assert dist[same].mean() * 3 < dist[~same].mean()
+    path = draw_embedding(feats, labels, ("a", "b", "c"), tmp_path / "t.png", "title")
+    with Image.open(path) as image:
+        assert image.size == (660, 540)

@@ -74,16 +74,22 @@ def cmd_knn(args: argparse.Namespace) -> int:
         train = FashionMNISTSource(path, train=True, in_chans=chans)
         test = FashionMNISTSource(path, train=False, in_chans=chans)
     device = resolve_device(args.device)
+    ks = tuple(args.k or ())
     result = knn_top1(loaded.backbone, cfg, train, test, device, args.max_train, args.max_test,
-                      args.workers)
-    line = f"k-NN top-1: {args.backbone} {result.top1:.1f} %"
+                      args.workers, ks)
+    floor = None
     if not args.no_random:
         floor = knn_top1(random_backbone(cfg), cfg, train, test, device, args.max_train,
-                         args.max_test, args.workers)
-        line = f"k-NN top-1: pretrained {result.top1:.1f} %, random init {floor.top1:.1f} %"
-    print(f"({result.train_images} train / {result.test_images} test images, k={cfg.eval.k}, "
-          f"features={cfg.eval.features})")
-    print(line)
+                         args.max_test, args.workers, ks)
+    print(f"{result.train_images} train / {result.test_images} test images, "
+          f"features={cfg.eval.features}, {args.backbone} backbone")
+    print(f"{'k':>5}  {'pretrained':>10}" + ("  random init" if floor else ""))
+    for k, top1 in result.by_k.items():
+        print(f"{k:>5}  {top1:>9.1f}%" + (f"  {floor.by_k[k]:>10.1f}%" if floor else ""))
+    if floor:
+        print(f"k-NN top-1: pretrained {result.top1:.1f} %, random init {floor.top1:.1f} %")
+    else:
+        print(f"k-NN top-1: {args.backbone} {result.top1:.1f} %")
     return 0
 
 
@@ -114,20 +120,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pictures = _draw(str(result.checkpoint), "teacher", test, 6, result.output_dir / "pictures")
     print(f"run folder: {result.output_dir} (losses.png, pictures/, metrics.jsonl, "
           "tensorboard/, last.pt)")
-    print(f"pictures: {pictures.overview}, {pictures.channel_relation}")
+    print(f"pictures: {pictures.overview}, {pictures.channel_relation}, {pictures.embedding}")
     print(f"pretraining took {pretrain_minutes:.1f} min; k-NN on {ours.train_images} train / "
           f"{ours.test_images} test images (k={cfg.eval.k}, features={cfg.eval.features})")
     print(f"k-NN top-1: pretrained {ours.top1:.1f} %, random init {floor.top1:.1f} %")
     return 0
 
 
-def _draw(checkpoint: str, which: str, source, count: int, out_dir: str):
-    """Draw the pictures of `count` images of `source` with a checkpoint's network."""
+def _draw(checkpoint: str, which: str, source, count: int, out_dir: str,
+          embedding_images: int = 2000):
+    """Draw the pictures of `count` images of `source` with a checkpoint's network, and a t-SNE
+    map of the [CLS] features of up to `embedding_images` images when `source` has labels."""
+    import dataclasses
+
     import torch
 
     from sere.api import load_run
-    from sere.eval.features import EvalImages
-    from sere.eval.visualize import draw_pictures
+    from sere.data.datasets import subset_indices
+    from sere.eval.features import EvalImages, extract_features
+    from sere.eval.visualize import draw_embedding, draw_pictures
 
     run = load_run(checkpoint)
     cfg = run.config
@@ -136,8 +147,17 @@ def _draw(checkpoint: str, which: str, source, count: int, out_dir: str):
     images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
                         list(range(min(count, len(source)))))
     batch = torch.stack([images[i][0] for i in range(len(images))])
-    return draw_pictures(network, batch, d.normalize_mean, d.normalize_std, out_dir,
-                         cfg.loss.tau_spatial, cfg.loss.tau_channel)
+    pictures = draw_pictures(network, batch, d.normalize_mean, d.normalize_std, out_dir,
+                             cfg.loss.tau_spatial, cfg.loss.tau_channel)
+    if not source.classes or embedding_images <= 0:
+        return pictures
+    chosen = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
+                        subset_indices(len(source), embedding_images, seed=2))
+    feats, labels = extract_features(network.backbone, chosen, "cls", cfg.eval.batch_size,
+                                     torch.device("cpu"), desc="t-SNE features")
+    path = draw_embedding(feats, labels, source.classes, Path(out_dir) / "tsne_cls.png",
+                          f"t-SNE of {which} [CLS] features, {len(feats)} images")
+    return dataclasses.replace(pictures, embedding=path)
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -151,8 +171,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     else:
         source = FashionMNISTSource(args.fashion_mnist_dir, train=False, in_chans=chans)
     pictures = _draw(args.checkpoint, args.backbone, source, args.count, args.output)
-    print(f"wrote {pictures.overview}" + (f" and {pictures.channel_relation}"
-                                          if pictures.channel_relation else ""))
+    written = [p for p in (pictures.overview, pictures.channel_relation, pictures.embedding) if p]
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -179,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--test-dir", help="labelled image folder with the same classes")
     k.add_argument("--fashion-mnist-dir", default=None,
                    help="folder of Fashion-MNIST IDX files (default: the system package)")
+    k.add_argument("--k", type=int, nargs="+", help="neighbour counts to report besides "
+                   "eval.k, e.g. --k 10 20 100")
     k.add_argument("--max-train", type=int, default=None)
     k.add_argument("--max-test", type=int, default=None)
     k.add_argument("--workers", type=int, default=0)

@@ -153,6 +153,11 @@ class EvalConfig:
     temperature: float = 0.07
     features: Literal["cls", "cls_avgpool"] = "cls"  # [CLS], or [CLS] and mean patch token
     batch_size: int = 256
+    knn_every: int | None = None  # steps between k-NN evaluations of the teacher in pretraining
+    knn_max_train: int | None = 10000  # labelled images that vote (a fixed subset)
+    knn_max_test: int | None = 2000  # held-out images classified
+    knn_train_path: str | None = None  # labelled folders for image-folder runs
+    knn_test_path: str | None = None
 
 
 @dataclass
@@ -415,3 +420,10 @@ def validate(cfg: Config) -> None:
     _require(t.max_nonfinite > 0, "train.max_nonfinite must be positive")
     _require(e.k > 0 and e.temperature > 0 and e.batch_size > 0,
              "eval.k, eval.temperature and eval.batch_size must be positive")
+    for key in ("knn_every", "knn_max_train", "knn_max_test"):
+        value = getattr(e, key)
+        _require(value is None or value > 0, f"eval.{key} must be positive or null")
+    if e.knn_every is not None and d.dataset == "folder":
+        _require(e.knn_train_path is not None and e.knn_test_path is not None,
+                 "eval.knn_every on an image folder needs eval.knn_train_path and "
+                 "eval.knn_test_path (labelled folders, one sub-folder per class)")

@@ -47,7 +47,7 @@ def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch
     """L2-normalised features and labels of every image.
 
     Args:
-        backbone: the frozen ViT (put in eval mode here).
+        backbone: the frozen ViT (in eval mode while extracting; its mode is restored).
         images: the labelled images.
         kind: "cls" for the [CLS] token, "cls_avgpool" for [CLS] and the mean patch token.
         batch_size: images per forward pass.
@@ -58,6 +58,7 @@ def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch
     Returns:
         features (N, D) float32 on the CPU, unit norm; labels (N,) int64.
     """
+    was_training = backbone.training
     backbone.eval()
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
@@ -69,4 +70,5 @@ def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch
             f = torch.cat([out.cls, out.patch.mean(dim=1)], dim=-1)
         feats.append(F.normalize(f.float(), dim=-1).cpu())
         labels.append(y)
+    backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -7,10 +7,16 @@ from dataclasses import dataclass
 import torch
 
 from sere.config import Config
-from sere.data.datasets import ImageSource, subset_indices
+from sere.data.datasets import (
+    FashionMNISTSource,
+    ImageFolderSource,
+    ImageSource,
+    SyntheticSource,
+    subset_indices,
+)
 from sere.errors import SereError
 from sere.eval.features import EvalImages, extract_features
-from sere.eval.knn import knn_classify, top1_accuracy
+from sere.eval.knn import knn_classify_many, top1_accuracy
 from sere.models.backbone import ViTBackbone
 
 
@@ -18,18 +24,43 @@ from sere.models.backbone import ViTBackbone
 class KnnResult:
     """k-NN top-1 accuracies in percent."""
 
-    top1: float
+    top1: float  # at cfg.eval.k
+    by_k: dict[int, float]  # at every k asked for
     train_images: int
     test_images: int
 
 
+def eval_sources(cfg: Config) -> tuple[ImageSource, ImageSource]:
+    """The labelled (train, test) pair for k-NN during pretraining.
+
+    Fashion-MNIST and synthetic data use their own train and test splits; an image folder run
+    needs `eval.knn_train_path` and `eval.knn_test_path` (folders with one sub-folder per class).
+    """
+    chans = cfg.model.in_chans
+    e = cfg.eval
+    if e.knn_train_path or e.knn_test_path:
+        if not (e.knn_train_path and e.knn_test_path):
+            raise SereError("set both eval.knn_train_path and eval.knn_test_path")
+        return ImageFolderSource(e.knn_train_path, chans), ImageFolderSource(e.knn_test_path,
+                                                                             chans)
+    d = cfg.data
+    if d.dataset == "fashion_mnist":
+        return (FashionMNISTSource(d.path, train=True, in_chans=chans),
+                FashionMNISTSource(d.path, train=False, in_chans=chans))
+    if d.dataset == "synthetic":
+        return (SyntheticSource(d.synthetic_images, d.synthetic_size, chans, seed=0),
+                SyntheticSource(d.synthetic_images, d.synthetic_size, chans, seed=1))
+    raise SereError("k-NN during pretraining on an image folder needs labelled sets: set "
+                    "eval.knn_train_path and eval.knn_test_path")
+
+
 def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: ImageSource,
              device: torch.device, max_train: int | None = None, max_test: int | None = None,
-             num_workers: int = 0) -> KnnResult:
+             num_workers: int = 0, ks: tuple[int, ...] = ()) -> KnnResult:
     """Extract features of both sets with `backbone` and classify the test set by k-NN.
 
     Images are resized to `cfg.data.global_crop_size`; `cfg.eval` gives k, the temperature and
-    which features to use.
+    which features to use; `ks` adds more neighbour counts to report.
     """
     if len(train.classes) == 0:
         raise SereError("the k-NN training set has no labels (put images in one sub-folder per "
@@ -47,6 +78,8 @@ def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: Image
     if unseen:
         raise SereError(f"test classes {sorted(unseen)} never occur in the training set; "
                         "k-NN cannot predict them")
-    scores = knn_classify(train_f, train_y, test_f, k=e.k, temperature=e.temperature,
-                          num_classes=len(train.classes))
-    return KnnResult(top1_accuracy(scores, test_y), len(train_f), len(test_f))
+    all_ks = tuple(sorted({e.k, *ks}))
+    scores = knn_classify_many(train_f, train_y, test_f, all_ks, temperature=e.temperature,
+                               num_classes=len(train.classes))
+    by_k = {k: top1_accuracy(scores[k], test_y) for k in all_ks}
+    return KnnResult(by_k[e.k], by_k, len(train_f), len(test_f))

@@ -4,7 +4,8 @@
 - the SERE spatial self-relation of a query patch (teacher `z`, softmax with tau_s, mean over
   heads), as a heat map over the image;
 - a PCA of the patch features shown as colours (first three components);
-- the channel self-relation matrix (softmax with tau_c) of one image.
+- the channel self-relation matrix (softmax with tau_c) of one image;
+- a t-SNE map of [CLS] features coloured by label, when labels exist.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Pictures:
 
     overview: Path  # per image: input, attention per head, relation of a query, PCA colours
     channel_relation: Path | None
+    embedding: Path | None = None  # t-SNE of [CLS] features by label
 
 
 def _show_image(ax, image: Tensor, mean: Tensor, std: Tensor) -> None:
@@ -168,3 +170,41 @@ def draw_pictures(network: SERENetwork, images: Tensor, mean: tuple[float, ...],
         fig.savefig(channel_path, dpi=120)
         plt.close(fig)
     return Pictures(overview=overview, channel_relation=channel_path)
+
+
+def tsne_embedding(features: Tensor, seed: int = 0) -> Tensor:
+    """2-D t-SNE (scikit-learn, cosine distances, perplexity 30) of (N, D) features: (N, 2)."""
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, max(2.0, (len(features) - 1) / 3))
+    points = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca",
+                  random_state=seed).fit_transform(features.double().numpy())
+    return torch.from_numpy(points)
+
+
+def draw_embedding(features: Tensor, labels: Tensor, class_names: tuple[str, ...],
+                   path: str | Path, title: str) -> Path:
+    """Scatter a t-SNE map of `features` coloured by `labels` into a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = tsne_embedding(features).numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for index, name in enumerate(class_names):
+        chosen = (labels == index).numpy()
+        if chosen.any():
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=4, color=cmap(index % cmap.N),
+                       label=name)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(class_names) <= 20:
+        ax.legend(fontsize=6, markerscale=2.5, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

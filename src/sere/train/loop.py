@@ -18,6 +18,7 @@ from tqdm import tqdm
 from sere.config import Config, save_config
 from sere.data.loader import EpochBatchSampler, build_dataset, collate, worker_init
 from sere.errors import SereError
+from sere.eval.knn_eval import eval_sources, knn_top1
 from sere.losses.objective import LossTerms, SERELoss
 from sere.models.network import NetworkOutputs, build_networks
 from sere.train import distributed as dist_utils
@@ -182,6 +183,7 @@ class Pretrainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
         self.images_read = 0  # files read by this process, decodable or not
+        self.knn_sources = None  # labelled (train, test) sources, built at the first k-NN
         resumed_from = self._resume(resume) if resume else None
 
         if cfg.train.compile:
@@ -412,11 +414,30 @@ class Pretrainer:
                     if self.dist.is_main:
                         tqdm.write(f"warning at step {self.step}: {'; '.join(warnings)}")
                 bar.set_postfix(**postfix)
+            if self._knn_due():
+                self._periodic_knn()
             if stop.agreed(self.device):
                 return self.step < self.total_steps
             if self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
                 self.save()
         return False
+
+    def _knn_due(self) -> bool:
+        every = self.cfg.eval.knn_every
+        return every is not None and (self.step % every == 0 or self.step == self.total_steps)
+
+    def _periodic_knn(self) -> None:
+        """k-NN top-1 of the teacher on the held-out set (rank 0; the others wait)."""
+        if self.dist.is_main:
+            if self.knn_sources is None:
+                self.knn_sources = eval_sources(self.cfg)
+            train, test = self.knn_sources
+            e = self.cfg.eval
+            result = knn_top1(self.teacher.backbone, self.cfg, train, test, self.device,
+                              e.knn_max_train, e.knn_max_test)
+            self.metrics.write({"step": self.step, "knn_top1": result.top1})
+            tqdm.write(f"step {self.step}: k-NN top-1 {result.top1:.1f} %")
+        dist_utils.barrier()
 
     def _check_mostly_bad(self) -> None:
         """Stop when more than half of the files read so far could not be decoded."""

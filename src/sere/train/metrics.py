@@ -58,21 +58,25 @@ LOSS_KEYS = ("loss", "loss_cls", "loss_patch", "loss_spatial", "loss_channel")
 
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Draw every non-zero loss term against the step, one panel each, into a PNG."""
+    """Draw every non-zero loss term (and k-NN top-1, when logged) against the step, one panel
+    each, into a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    all_records = read_metrics(metrics_path)
+    records = [r for r in all_records if "loss" in r]
     keys = [k for k in LOSS_KEYS if any(r.get(k, 0) != 0 for r in records)]
     if not records or not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
-    steps = [r["step"] for r in records]
-    for ax, key in zip(axes[0], keys):
-        ax.plot(steps, [r[key] for r in records], lw=1.2)
-        ax.set_title(key)
+    knn = [r for r in all_records if "knn_top1" in r]
+    panels = [(key, records) for key in keys] + ([("knn_top1", knn)] if knn else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+    for ax, (key, rows) in zip(axes[0], panels):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=1.2,
+                marker="o" if key == "knn_top1" else None, ms=3)
+        ax.set_title("k-NN top-1 (%)" if key == "knn_top1" else key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
