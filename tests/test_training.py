@@ -154,3 +154,21 @@ def test_periodic_knn_is_logged_and_plotted(tiny):
     assert all(0 <= r["knn_top1"] <= 100 for r in knn)
     # 16 test images: every accuracy is a multiple of 1/16.
     assert all(abs(r["knn_top1"] / 6.25 - round(r["knn_top1"] / 6.25)) < 1e-6 for r in knn)
+
+
+def test_init_from_loads_weights_and_keeps_fresh_relation_heads(tiny, tmp_path):
+    import sere
+
+    donor = Pretrainer(tiny("train.max_steps=1", f"train.output_dir={tmp_path / 'donor'}",
+                            "loss.alpha=0", "loss.beta=0"))
+    donor.run()
+    cfg = tiny(f"init.from={tmp_path / 'donor' / 'last.pt'}", "train.max_steps=1",
+               f"train.output_dir={tmp_path / 'init'}")
+    assert cfg.to_dict()["init"]["from"] == str(tmp_path / "donor" / "last.pt")
+    assert sere.config_from_dict(cfg.to_dict()).init.from_ == cfg.init.from_
+    trainer = Pretrainer(cfg)
+    donor_teacher = donor.teacher.state_dict()
+    for name in ("backbone.vit.blocks.1.mlp.fc2.weight", "head.last_layer.weight_v"):
+        assert torch.equal(trainer.student.state_dict()[name], donor_teacher[name])
+        assert torch.equal(trainer.teacher.state_dict()[name], donor_teacher[name])
+    assert trainer.student.relation.spatial is not None  # built fresh: the donor had none

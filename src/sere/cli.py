@@ -3,6 +3,8 @@
     sere pretrain --config configs/demo.yaml optim.epochs=5 [--resume auto]
     sere knn --checkpoint runs/demo/last.pt
     sere visualize --checkpoint runs/demo/last.pt --output pictures
+    sere export --checkpoint runs/demo/last.pt --output exported
+    sere import-check --weights dino_deitsmall16_pretrain.pth --config vit_small_ibot_sere
     sere demo
 """
 
@@ -217,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--count", type=int, default=6, help="images to draw")
     v.add_argument("--output", default="pictures", help="folder for the PNG files")
     v.set_defaults(func=cmd_visualize)
+
+    from sere.eval import export, import_weights
+
+    export.register(sub)
+    import_weights.register(sub)
 
     d = sub.add_parser("demo", help="the CPU demo: pretrain on Fashion-MNIST, then k-NN")
     d.add_argument("--output-dir", default="runs/demo")

@@ -8,6 +8,7 @@ the ViT-S/16 recipe elsewhere. `load_config` builds a `Config` from presets and 
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import types
 import typing
@@ -161,6 +162,15 @@ class EvalConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start pretraining from published or earlier weights (`init.from=PATH`)."""
+
+    from_: str | None = None  # written `init.from` in YAML and overrides
+    which: Literal["teacher", "student"] = "teacher"  # network of a student/teacher checkpoint
+    head: bool = True  # also load the projection head when the file has one
+
+
+@dataclass
 class Config:
     """Everything a pretraining run depends on; saved as `config.yaml` in every run folder."""
 
@@ -171,15 +181,26 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples become lists) for YAML and checkpoints."""
         return _plain(dataclasses.asdict(self))
 
 
+def _field_name(key: str) -> str:
+    """YAML key to field name: Python keywords get a trailing underscore (`from` -> `from_`)."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _yaml_key(name: str) -> str:
+    """Field name to YAML key (`from_` -> `from`)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {_yaml_key(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
@@ -246,8 +267,9 @@ def merge_into(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         full = f"{prefix}{key}"
+        key = _field_name(key)
         if key not in names:
-            allowed = ", ".join(sorted(names))
+            allowed = ", ".join(sorted(_yaml_key(n) for n in names))
             raise SereError(f"unknown configuration key '{full}'; known keys here: {allowed}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):

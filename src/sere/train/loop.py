@@ -18,6 +18,7 @@ from tqdm import tqdm
 from sere.config import Config, save_config
 from sere.data.loader import EpochBatchSampler, build_dataset, collate, worker_init
 from sere.errors import SereError
+from sere.eval.import_weights import load_pretrained_weights
 from sere.eval.knn_eval import eval_sources, knn_top1
 from sere.losses.objective import LossTerms, SERELoss
 from sere.models.network import NetworkOutputs, build_networks
@@ -185,6 +186,8 @@ class Pretrainer:
         self.images_read = 0  # files read by this process, decodable or not
         self.knn_sources = None  # labelled (train, test) sources, built at the first k-NN
         resumed_from = self._resume(resume) if resume else None
+        if resumed_from is None and cfg.init.from_:
+            self._init_from(cfg.init.from_)
 
         if cfg.train.compile:
             self.student.compile()
@@ -238,6 +241,16 @@ class Pretrainer:
         if self.dist.is_main:
             print(f"resuming from {path} at step {self.step}")
         return path
+
+    def _init_from(self, path: str) -> None:
+        """Load published or earlier weights into the student; the teacher starts as a copy.
+        Heads that the file lacks (relation heads, say) stay freshly initialised."""
+        report = load_pretrained_weights(path, self.student.backbone,
+                                         self.student.head if self.cfg.init.head else None,
+                                         which=self.cfg.init.which)
+        self.teacher.load_state_dict(self.student.state_dict(), strict=False)
+        if self.dist.is_main:
+            print(f"initialised from {path}:\n{report.table()}")
 
     def checkpoint_state(self) -> dict:
         """Everything the run depends on (RNG states of every rank included)."""
