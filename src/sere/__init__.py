@@ -4,6 +4,8 @@ from sere.api import LoadedRun, compute_losses, load_run
 from sere.config import Config, apply_overrides, config_from_dict, load_config
 from sere.data.geometry import CropBox, overlap_grids
 from sere.errors import SereError
+from sere.eval.export import export_backbone
+from sere.eval.import_weights import load_pretrained_weights
 from sere.losses.objective import LossTerms, SERELoss
 from sere.losses.relation import channel_relation, spatial_relation
 from sere.models.backbone import BackboneOutput, ViTBackbone
@@ -14,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackboneOutput", "Config", "CropBox", "LoadedRun", "LossTerms", "Networks", "SereError",
     "SERELoss", "SERENetwork", "ViTBackbone", "apply_overrides", "build_networks",
-    "channel_relation", "compute_losses", "config_from_dict", "load_config", "load_run",
+    "channel_relation", "compute_losses", "config_from_dict", "export_backbone", "load_config",
+    "load_pretrained_weights", "load_run",
     "overlap_grids", "spatial_relation",
 ]
