@@ -2,6 +2,7 @@
 
     sere pretrain --config configs/demo.yaml optim.epochs=5 [--resume auto]
     sere knn --checkpoint runs/demo/last.pt
+    sere linear --checkpoint runs/demo/last.pt
     sere visualize --checkpoint runs/demo/last.pt --output pictures
     sere export --checkpoint runs/demo/last.pt --output exported
     sere import-check --weights dino_deitsmall16_pretrain.pth --config vit_small_ibot_sere
@@ -55,26 +56,30 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def labelled_sources(args: argparse.Namespace, in_chans: int):
+    """(train, test) from --train-dir/--test-dir, else Fashion-MNIST (--fashion-mnist-dir)."""
+    from sere.data.datasets import FashionMNISTSource, ImageFolderSource
+
+    if args.train_dir or args.test_dir:
+        if not (args.train_dir and args.test_dir):
+            raise SereError("give both --train-dir and --test-dir (labelled image folders)")
+        return (ImageFolderSource(args.train_dir, in_chans),
+                ImageFolderSource(args.test_dir, in_chans))
+    path = args.fashion_mnist_dir
+    return (FashionMNISTSource(path, train=True, in_chans=in_chans),
+            FashionMNISTSource(path, train=False, in_chans=in_chans))
+
+
 def cmd_knn(args: argparse.Namespace) -> int:
     """k-NN top-1 of a checkpoint's backbone, and of random initialisation."""
     from sere.config import apply_overrides
-    from sere.data.datasets import FashionMNISTSource, ImageFolderSource
     from sere.eval.knn_eval import knn_top1
     from sere.eval.weights import load_backbone, random_backbone
     from sere.train.loop import resolve_device
 
     loaded = load_backbone(args.checkpoint, which=args.backbone)
     cfg = apply_overrides(loaded.config, args.overrides)
-    chans = cfg.model.in_chans
-    if args.train_dir or args.test_dir:
-        if not (args.train_dir and args.test_dir):
-            raise SereError("give both --train-dir and --test-dir (labelled image folders)")
-        train, test = ImageFolderSource(args.train_dir, chans), ImageFolderSource(args.test_dir,
-                                                                                  chans)
-    else:
-        path = args.fashion_mnist_dir
-        train = FashionMNISTSource(path, train=True, in_chans=chans)
-        test = FashionMNISTSource(path, train=False, in_chans=chans)
+    train, test = labelled_sources(args, cfg.model.in_chans)
     device = resolve_device(args.device)
     ks = tuple(args.k or ())
     result = knn_top1(loaded.backbone, cfg, train, test, device, args.max_train, args.max_test,
@@ -220,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--output", default="pictures", help="folder for the PNG files")
     v.set_defaults(func=cmd_visualize)
 
-    from sere.eval import export, import_weights
+    from sere.eval import export, import_weights, linear_probe
 
+    linear_probe.register(sub)
     export.register(sub)
     import_weights.register(sub)
 
