@@ -305,3 +305,15 @@ def test_save_config_round_trip(tmp_path, name):
     assert config_from_dict(cfg.to_dict()) == cfg
     # to_dict is plain YAML-able data: tuples became lists
     assert cfg.to_dict()["data"]["global_crops_scale"] == list(cfg.data.global_crops_scale)
+
+
+def test_repository_configs_folder_shows_the_presets():
+    """README commands use configs/*.yaml from the repository root: the same files as the
+    presets shipped in the package."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("demo", "vit_small_ibot_sere", "vit_base_ibot_sere"):
+        shown = root / "configs" / f"{name}.yaml"
+        assert shown.is_file(), shown
+        assert shown.read_text() == (root / "src/sere/configs" / f"{name}.yaml").read_text()
