@@ -542,3 +542,57 @@ def test_synthetic_source_is_deterministic_with_four_classes():
     assert torch.equal(image, source[5][0])
     assert [source[i][1] for i in range(8)] == [0, 1, 2, 3] * 2
     assert not torch.equal(image, SyntheticSource(8, 16, 3, seed=1)[5][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reduced JPEG decoding (draft mode)
+
+
+def smooth_rgb(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (h + w)], -1).astype(np.uint8)
+
+
+def test_header_size_matches_the_decoded_image_also_when_exif_turns_it(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb(20, 40, 3)).save(tmp_path / "rot.jpg", exif=exif)
+    save(tmp_path / "flat.png", rgb(12, 30, 4))
+    source = ImageFolderSource(tmp_path, 3)
+    for i in range(2):
+        assert source.header_size(i) == tuple(source[i][0].shape[1:])
+
+
+def test_a_reduced_decode_is_smaller_and_only_for_jpegs(tmp_path):
+    save(tmp_path / "big.jpg", smooth_rgb(400, 640), quality=95)
+    save(tmp_path / "big.png", smooth_rgb(400, 640))
+    source = ImageFolderSource(tmp_path, 3)
+    assert tuple(source.load(0, 4)[0].shape) == (3, 100, 160)  # big.jpg
+    assert tuple(source.load(1, 4)[0].shape) == (3, 400, 640)  # PNG: no draft mode
+
+
+def test_reduction_keeps_every_box_at_least_crop_sized(tmp_path):
+    save(tmp_path / "big.jpg", smooth_rgb(480, 640), quality=95)
+    cfg = small_config(tmp_path, "data.global_crops_scale=[0.5,1.0]",
+                       "data.local_crops_scale=[0.3,0.4]")
+    aug = MultiCropAugmentation(cfg.data, 3)
+    g = torch.Generator().manual_seed(0)
+    plans = aug.plan(480, 640, g)
+    r = aug.reduction(plans)
+    assert r == 8  # boxes of >= 190 px for crops of <= 16 px
+    assert all(min(p.h, p.w) / r >= p.recipe.size for p in plans)
+    assert aug.reduction(aug.plan(20, 20, g)) == 1  # a 20-px image cannot shrink for 16-px crops
+
+
+def test_draft_decoding_gives_nearly_the_same_crops_and_true_boxes(tmp_path):
+    save(tmp_path / "big.jpg", smooth_rgb(480, 640), quality=95)
+    extra = ("data.global_crops_scale=[0.5,1.0]", "data.local_crops_scale=[0.3,0.4]",
+             "data.color_jitter=false")
+    fast = build_dataset(small_config(tmp_path, *extra))[(0, 0)]
+    full = build_dataset(small_config(tmp_path, *extra, "data.jpeg_draft=false"))[(0, 0)]
+    # the boxes are the same draws, rounded to the 1/8-size pixel grid: within 8 source pixels
+    assert (fast["boxes"][:, :4] - full["boxes"][:, :4]).abs().max() <= 8
+    assert torch.equal(fast["boxes"][:, 4], full["boxes"][:, 4])
+    assert not torch.equal(fast["boxes"], full["boxes"])  # rounding did happen
+    for a, b in zip(fast["crops"], full["crops"]):  # a smooth image: nearly the same pixels
+        assert (a - b).abs().mean() < 0.05 * (b.max() - b.min())

@@ -225,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--output", default="pictures", help="folder for the PNG files")
     v.set_defaults(func=cmd_visualize)
 
-    from sere.eval import export, import_weights, linear_probe
+    from sere.eval import export, finetune, import_weights, linear
 
-    linear_probe.register(sub)
+    linear.register(sub)
+    finetune.register(sub)
     export.register(sub)
     import_weights.register(sub)
 

@@ -75,6 +75,7 @@ class DataConfig:
     normalize_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     num_workers: int = 4
     strict: bool = False  # fail on the first unreadable image instead of skipping it
+    jpeg_draft: bool = True  # decode JPEGs at 1/2-1/8 size when every crop's box allows it
 
 
 @dataclass

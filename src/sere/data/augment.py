@@ -4,7 +4,9 @@ Every random draw comes from a `torch.Generator` that the caller seeds per sampl
 crops depend only on (seed, epoch, index): not on the worker that made them, nor on what ran before.
 That is what makes mid-epoch resume exact.
 
-Images are uint8 tensors (C, H, W) until the last step, which converts to normalised float32.
+Each crop is cut and resized from the uint8 (C, H, W) image, then converted to float in [0, 1]
+once; the photometric changes run on floats (`sere.data.photometric` for blur and hue) without
+rounding back to uint8 in between, and the last step normalises.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torchvision.transforms import InterpolationMode
 
 from sere.config import DataConfig
 from sere.data.geometry import CropBox
+from sere.data.photometric import adjust_hue, gaussian_blur
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -67,6 +70,18 @@ class CropRecipe:
     solarize_p: float
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """One crop's geometry: its box in source pixels and whether it is flipped."""
+
+    recipe: CropRecipe
+    top: int
+    left: int
+    h: int
+    w: int
+    flipped: bool
+
+
 class MultiCropAugmentation:
     """2 global and L local crops of one image, each with its box and flip.
 
@@ -94,32 +109,66 @@ class MultiCropAugmentation:
         ] * cfg.local_crops_number
 
     def __call__(self, image: Tensor, generator: torch.Generator) -> tuple[list[Tensor], Tensor]:
-        """Crops of a uint8 (C, H, W) image.
+        """Crops of a uint8 (C, H, W) image: `render(image, plan(H, W))`.
 
         Returns:
             crops: 2 + L float tensors (C, size, size), normalised; globals first.
             boxes: (2 + L, 5) rows `(x, y, w, h, flipped)` in source pixels.
         """
-        crops, boxes = [], []
-        for recipe in self.recipes:
-            crop, box = self._crop(image, recipe, generator)
-            crops.append(crop)
-            boxes.append(box.as_tensor())
-        return crops, torch.stack(boxes)
+        return self.render(image, self.plan(*image.shape[-2:], generator), generator)
 
-    def _crop(self, image: Tensor, recipe: CropRecipe,
-              generator: torch.Generator) -> tuple[Tensor, CropBox]:
-        _, height, width = image.shape
-        top, left, h, w = random_box(height, width, recipe.scale, generator)
-        crop = F.resized_crop(image, top, left, h, w, [recipe.size, recipe.size],
-                              interpolation=InterpolationMode.BICUBIC, antialias=True)
-        flipped = _chance(generator, 0.5)
-        if flipped:
-            crop = F.horizontal_flip(crop)
-        if self.photometric:
-            crop = self._photometric(crop, recipe, generator)
-        crop = (crop.float() / 255.0 - self.mean) / self.std
-        return crop, CropBox(x=left, y=top, w=w, h=h, flipped=flipped)
+    def plan(self, height: int, width: int, generator: torch.Generator) -> list[CropPlan]:
+        """Every crop's box and flip for a `height` x `width` image, drawn before any pixel is
+        read (so that a JPEG can be decoded at the smallest size the crops allow)."""
+        plans = []
+        for recipe in self.recipes:
+            top, left, h, w = random_box(height, width, recipe.scale, generator)
+            plans.append(CropPlan(recipe, top, left, h, w, flipped=_chance(generator, 0.5)))
+        return plans
+
+    @staticmethod
+    def reduction(plans: list[CropPlan]) -> int:
+        """The largest JPEG decode reduction (1, 2, 4 or 8) that leaves every box at least as
+        many pixels wide and high as its crop: no crop is upsampled more than at full size."""
+        smallest = min(min(p.h, p.w) / p.recipe.size for p in plans)
+        return next((r for r in (8, 4, 2) if smallest >= r), 1)
+
+    def render(self, image: Tensor, plans: list[CropPlan], generator: torch.Generator,
+               source_size: tuple[int, int] | None = None) -> tuple[list[Tensor], Tensor]:
+        """The crops that `plans` describe, cut from a uint8 (C, H', W') image.
+
+        Args:
+            image: the decoded image; it may be a reduced decode of a `source_size` image.
+            plans: from `plan` on the source size.
+            generator: the same generator, for the photometric draws.
+            source_size: (H, W) the plans were drawn on; None when it is the image's size.
+
+        Returns:
+            crops: 2 + L float tensors (C, size, size), normalised; globals first.
+            boxes: (2 + L, 5) rows `(x, y, w, h, flipped)` in source pixels: the region the
+                pixels came from (after a reduced decode, rounded to the reduced pixel grid).
+        """
+        height, width = image.shape[-2:]
+        sy, sx = (1.0, 1.0) if source_size is None else (height / source_size[0],
+                                                         width / source_size[1])
+        crops, boxes = [], []
+        for p in plans:
+            top, left, h, w = p.top, p.left, p.h, p.w
+            if (sy, sx) != (1.0, 1.0):
+                top, left = min(round(top * sy), height - 1), min(round(left * sx), width - 1)
+                h, w = max(1, min(round(h * sy), height - top)), max(1, min(round(w * sx),
+                                                                           width - left))
+            crop = F.resized_crop(image, top, left, h, w, [p.recipe.size, p.recipe.size],
+                                  interpolation=InterpolationMode.BICUBIC, antialias=True)
+            if p.flipped:
+                crop = F.horizontal_flip(crop)
+            crop = crop.float() / 255.0  # (C, size, size) in [0, 1]
+            if self.photometric:
+                crop = self._photometric(crop, p.recipe, generator)
+            crops.append((crop - self.mean) / self.std)
+            boxes.append(CropBox(x=left / sx, y=top / sy, w=w / sx, h=h / sy,
+                                 flipped=p.flipped).as_tensor())
+        return crops, torch.stack(boxes)
 
     def _photometric(self, crop: Tensor, recipe: CropRecipe, generator: torch.Generator) -> Tensor:
         if _chance(generator, 0.8):
@@ -129,9 +178,9 @@ class MultiCropAugmentation:
         if _chance(generator, recipe.blur_p):
             sigma = _uniform(generator, *self.blur_sigma)
             kernel = min(2 * math.ceil(3 * sigma) + 1, _largest_odd(crop.shape[-1]))
-            crop = F.gaussian_blur(crop, [kernel, kernel], [sigma, sigma])
+            crop = gaussian_blur(crop, kernel, sigma)
         if _chance(generator, recipe.solarize_p):
-            crop = F.solarize(crop, threshold=128)
+            crop = F.solarize(crop, threshold=128 / 255)  # uint8 128 and above are inverted
         return crop
 
     def _color_jitter(self, crop: Tensor, generator: torch.Generator) -> Tensor:
@@ -142,7 +191,7 @@ class MultiCropAugmentation:
         if self.in_chans == 3:
             ops += [
                 lambda x: F.adjust_saturation(x, _uniform(generator, 0.8, 1.2)),
-                lambda x: F.adjust_hue(x, _uniform(generator, -0.1, 0.1)),
+                lambda x: adjust_hue(x, _uniform(generator, -0.1, 0.1)),
             ]
         for index in torch.randperm(len(ops), generator=generator).tolist():
             crop = ops[index](crop)

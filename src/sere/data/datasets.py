@@ -25,6 +25,7 @@ FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 
+EXIF_ORIENTATION = 0x0112
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 
 
@@ -40,6 +41,15 @@ class ImageSource(torch.utils.data.Dataset):
     def describe(self, index: int) -> str:
         """A human-readable name of item `index` (its path for files)."""
         return f"item {index}"
+
+    def header_size(self, index: int) -> tuple[int, int] | None:
+        """(H, W) of item `index` without decoding it, where the source can tell; else None."""
+        return None
+
+    def load(self, index: int, reduction: int = 1) -> tuple[Tensor, int]:
+        """Item `index`, decoded at about 1/`reduction` of its size where the format allows
+        (JPEG); sources that cannot reduce return the full image."""
+        return self[index]
 
 
 def pil_to_tensor(image: Image.Image, in_chans: int) -> Tensor:
@@ -101,9 +111,30 @@ class ImageFolderSource(ImageSource):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.load(index)
+
+    def header_size(self, index: int) -> tuple[int, int]:
+        """(H, W) as the image will be shown (EXIF rotation applied), from the file header."""
         path = self.paths[index]
         try:
             with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # turned 90 deg
+                    width, height = height, width
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            raise UnreadableImage(f"{path}: {err}") from None
+        return height, width
+
+    def load(self, index: int, reduction: int = 1) -> tuple[Tensor, int]:
+        """The image, JPEGs decoded at 1/2, 1/4 or 1/8 size when `reduction` allows (PIL's
+        draft mode: the DCT does the downscaling, for a fraction of the decoding work)."""
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                if reduction > 1:
+                    width, height = image.size
+                    image.draft("L" if self.in_chans == 1 else "RGB",
+                                (-(-width // reduction), -(-height // reduction)))
                 image.load()
                 tensor = pil_to_tensor(image, self.in_chans)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:

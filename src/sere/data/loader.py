@@ -70,17 +70,19 @@ class MultiCropDataset(torch.utils.data.Dataset):
         self.source, self.indices, self.augment = source, indices, augment
         self.mask_grid, self.mask_cfg, self.use_masks = mask_grid, cfg.mask, use_masks
         self.strict, self.seed = cfg.data.strict, cfg.train.seed
+        self.jpeg_draft = cfg.data.jpeg_draft
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, position = key
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
         skipped = []
         for attempt in range(MAX_CONSECUTIVE_BAD):
             index = self.indices[(position + attempt) % len(self.indices)]
             try:
-                image, label = self.source[index]
+                crops, boxes, label = self._crops(index, generator)
                 break
             except UnreadableImage as err:
                 if self.strict:
@@ -90,10 +92,19 @@ class MultiCropDataset(torch.utils.data.Dataset):
         else:
             raise SereError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row (last: "
                             f"{skipped[-1]}); the data folder looks mostly bad")
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
-        crops, boxes = self.augment(image, generator)
         masks = [self._mask(generator) for _ in range(2)]
         return dict(crops=crops, boxes=boxes, masks=masks, label=label, skipped=skipped)
+
+    def _crops(self, index: int, generator: torch.Generator) -> tuple[list[Tensor], Tensor, int]:
+        """Crops, boxes and label of source item `index`: the crops are planned on the image's
+        header size, then the image is decoded as small as they allow and rendered."""
+        size = self.source.header_size(index) if self.jpeg_draft else None
+        if size is None:
+            image, label = self.source[index]
+            return *self.augment(image, generator), label
+        plans = self.augment.plan(*size, generator)
+        image, label = self.source.load(index, self.augment.reduction(plans))
+        return *self.augment.render(image, plans, generator, source_size=size), label
 
     def _mask(self, generator: torch.Generator) -> Tensor:
         h, w = self.mask_grid

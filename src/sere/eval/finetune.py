@@ -10,8 +10,9 @@ teacher backbone of a `sere pretrain` checkpoint into a classifier and trains al
   the normed patch tokens instead and keeps the pretrained LayerNorm). The head starts near zero
   (truncated normal, std 2e-5, as MAE), so the first steps do not disturb the backbone;
 * optimiser: AdamW over timm's layer-wise lr decay groups (`timm.optim.create_optimizer_v2` with
-  `layer_decay`): the head and final norm get scale 1, block i of d gets `layer_decay ** (d - i)`,
-  the patch / position embeddings and [CLS] `layer_decay ** (d + 1)`; no weight decay on biases,
+  `layer_decay`, groups from `VisionTransformer.group_matcher`): the head gets scale 1, block i
+  of d blocks (0-based) `layer_decay ** (d - i)` (the final norm goes with the last block), the
+  patch / position embeddings and [CLS] `layer_decay ** (d + 1)`; no weight decay on biases,
   norms, [CLS] and the position embedding. Global gradient-norm clipping (`optim.clip_grad`);
 * schedule: per step, linear warm-up from 0 over `optim.warmup_epochs`, then cosine to
   `optim.min_lr`; every group's lr is the scheduled value times its layer scale. The peak lr is
@@ -124,7 +125,7 @@ class FinetuneOptimConfig:
     cutmix: float = 1.0  # CutMix alpha; 0 turns CutMix off
     mixup_prob: float = 1.0  # probability that a batch is mixed at all
     mixup_switch_prob: float = 0.5  # with both on: probability of CutMix instead of Mixup
-    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; "" turns it off
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null or "" off
     random_erase: float = 0.25  # probability of random erasing per image
     clip_grad: float = 0.0  # global gradient-norm bound; 0 turns clipping off
 
@@ -165,15 +166,15 @@ def _require(ok: bool, message: str) -> None:
         raise SereError(message)
 
 
-def check_rand_augment(text: str) -> None:
+def check_rand_augment(text: str | None) -> None:
     """Refuse a RandAugment string that timm would reject or silently misread."""
-    if text == "":
+    if not text:
         return
     parts = text.split("-")
     _require(parts[0] == "rand" and all(RAND_AUGMENT_SECTION.match(p) for p in parts[1:]),
              f"optim.rand_augment = {text!r} is not a RandAugment string; write it like "
              "'rand-m9-mstd0.5-inc1' (m: magnitude, n: ops per image, mstd: magnitude noise, "
-             "inc1: increasing ops) or '' to turn RandAugment off")
+             "inc1: increasing ops) or null to turn RandAugment off")
     try:
         rand_augment_transform(text, {"translate_const": 100, "img_mean": (128, 128, 128)})
     except Exception as err:  # timm asserts on what it cannot parse
@@ -678,7 +679,7 @@ class Finetuner:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
         self.step += 1
-        return float(loss)
+        return loss.item()
 
     def run(self) -> FinetuneResult:
         """Train for `optim.epochs`, evaluating after each; write the logs, checkpoint, results."""

@@ -92,17 +92,27 @@ class SERELoss(nn.Module):
             patch = self.distillation.patch_loss(s_glob.patch_logits, t_glob.patch_logits,
                                                  torch.cat(masks), teacher_patch_temp)
         if on.spatial:
-            spatial = spatial_loss(t_glob.spatial_map, s_glob.spatial_map,
-                                   s_loc.spatial_map if s_loc is not None else None, boxes,
-                                   self.num_heads, self.grids.global_grid, self.grids.local_grid,
-                                   w.tau_spatial)
+            spatial = self.spatial_term(t_glob.spatial_map, s_glob.spatial_map,
+                                        s_loc.spatial_map if s_loc is not None else None, boxes)
         if on.channel:
-            channel = channel_loss(t_glob.channel_map, s_glob.channel_map,
-                                   s_loc.channel_map if s_loc is not None else None,
-                                   w.tau_channel)
+            channel = self.channel_term(t_glob.channel_map, s_glob.channel_map,
+                                        s_loc.channel_map if s_loc is not None else None)
         base = (w.lambda1 * cls + w.lambda2 * patch) * (4 - w.alpha - w.beta) / 2
         total = base + w.alpha * spatial + w.beta * channel
         return LossTerms(total=total, cls=cls, patch=patch, spatial=spatial, channel=channel)
+
+    def spatial_term(self, teacher_maps: Tensor, student_maps: Tensor,
+                     student_local_maps: Tensor | None, boxes: Tensor) -> Tensor:
+        """L_spatial of (2B, C, h, w) teacher `z` and student `p` maps; see `spatial_loss`."""
+        return spatial_loss(teacher_maps, student_maps, student_local_maps, boxes,
+                            self.num_heads, self.grids.global_grid, self.grids.local_grid,
+                            self.weights.tau_spatial)
+
+    def channel_term(self, teacher_maps: Tensor, student_maps: Tensor,
+                     student_local_maps: Tensor | None) -> Tensor:
+        """L_channel of (2B, C, h, w) teacher `z` and student `p` maps; see `channel_loss`."""
+        return channel_loss(teacher_maps, student_maps, student_local_maps,
+                            self.weights.tau_channel)
 
     @torch.no_grad()
     def update_centers(self, *teachers: NetworkOutputs) -> None:

@@ -102,12 +102,7 @@ class SERENetwork(nn.Module):
         out = self.backbone(images, mask)
         s = self.switches
         cls_logits = self.head.forward_cls(out.cls)  # (V*B, K)
-        patch_logits = None
-        if s.patch and not local:
-            if self.is_student:
-                patch_logits = self.head.forward_patch(out.patch[mask.flatten(1)])  # (M, K)
-            else:
-                patch_logits = self.head.forward_patch(out.patch)  # (V*B, N, K)
+        patch_logits = self.patch_logits(out.patch, mask) if s.patch and not local else None
         spatial_map = channel_map = None
         if s.spatial or s.channel:
             fmap = out.feature_map()  # (V*B, C, h, w)
@@ -120,6 +115,17 @@ class SERENetwork(nn.Module):
                 channel_map = channel_head(fmap, predict=self.is_student)
         return ViewOutputs(cls_logits, patch_logits, spatial_map, channel_map, out)
 
+    def patch_logits(self, patch: Tensor, mask: Tensor | None) -> Tensor:
+        """Patch-head logits of (V*B, N, C) normed patch tokens.
+
+        The student's are read only at its masked patches, so the head runs on those alone:
+        (M, K) for the M True entries of the (V*B, h, w) `mask`, about 15 % of the tokens in the
+        recipes. The teacher's feed the patch center too, so they cover every patch: (V*B, N, K).
+        """
+        if self.is_student:
+            return self.head.forward_patch(patch[mask.flatten(1)])  # (M, K)
+        return self.head.forward_patch(patch)  # (V*B, N, K)
+
 
 @dataclass
 class Networks:
@@ -129,10 +135,14 @@ class Networks:
     teacher: SERENetwork
 
 
-def build_networks(cfg: Config) -> Networks:
-    """Student and teacher for `cfg`; the teacher starts as a copy of the student, frozen."""
-    student = SERENetwork(cfg, is_student=True)
-    teacher = SERENetwork(cfg, is_student=False)
+def build_networks(cfg: Config, network: type[SERENetwork] = SERENetwork) -> Networks:
+    """Student and teacher for `cfg`; the teacher starts as a copy of the student, frozen.
+
+    `network` may be a subclass that computes the same outputs another way (the benchmarks'
+    baseline); with the same RNG state it gets the same weights.
+    """
+    student = network(cfg, is_student=True)
+    teacher = network(cfg, is_student=False)
     missing = teacher.load_state_dict(student.state_dict(), strict=False).missing_keys
     if missing:
         raise RuntimeError(f"teacher parameters absent from the student: {missing}")

@@ -1,0 +1,244 @@
+"""Time SERE training steps and their peak memory: `sere` against the baseline (the way the
+authors' release computes the same numbers, `benchmarks/baseline.py`), in one invocation.
+
+    python benchmarks/train_step.py --arch vit_tiny --batch 8 --local-crops 10 \\
+        --global-size 224 --local-size 96 --json
+
+Each path runs in its own child process (so that peak resident memory is its own): a fixed
+batch made by the real multi-crop pipeline from synthetic 256-px images, `--warmup` untimed
+steps, then `--steps` timed ones; the median is reported. A step is the whole update: teacher
+and student forward, every loss term, backward, per-parameter clipping, AdamW, centers, EMA.
+
+Paths: `baseline`; `ours`; and `ours_no_sere` (the same step with alpha = beta = 0, so no
+relation heads, relations, alignment or relation losses), from which `sere_share` of ours is
+`1 - t(ours_no_sere) / t(ours)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sere.config import load_config  # noqa: E402
+from sere.cli import resolve_config_path  # noqa: E402
+from sere.data.augment import MultiCropAugmentation  # noqa: E402
+from sere.data.datasets import SyntheticSource  # noqa: E402
+from sere.data.loader import MultiCropDataset, collate  # noqa: E402
+from sere.losses.objective import SERELoss  # noqa: E402
+from sere.models.network import build_networks  # noqa: E402
+from sere.train.loop import autocast_context  # noqa: E402
+from sere.train.optim import TeacherEMA, build_optimizer, clip_per_parameter, set_rates  # noqa: E402
+
+PATHS = ("baseline", "ours", "ours_no_sere")
+
+
+def config_for(args: argparse.Namespace, path: str):
+    """The preset with the benchmark's architecture, crops, batch and path's loss weights."""
+    overrides = [
+        f"model.arch={args.arch}", f"model.patch_size={args.patch}",
+        "data.dataset=synthetic", f"data.global_crop_size={args.global_size}",
+        f"data.local_crop_size={args.local_size}", f"data.local_crops_number={args.local_crops}",
+        f"optim.batch_size={args.batch}", f"train.precision={args.precision}",
+        f"train.device={args.device}",
+    ]
+    if path != "baseline" and args.grad_checkpointing:
+        overrides.append("train.grad_checkpointing=true")
+    if path == "ours_no_sere":
+        overrides += ["loss.alpha=0", "loss.beta=0"]
+    return load_config([resolve_config_path(args.preset)], overrides)
+
+
+def make_batch(cfg, batch: int, device: torch.device):
+    """One multi-crop batch of synthetic 256-px images through the real augmentation."""
+    source = SyntheticSource(batch, 256, cfg.model.in_chans)
+    grid = cfg.data.global_crop_size // cfg.model.patch_size
+    dataset = MultiCropDataset(source, list(range(batch)),
+                               MultiCropAugmentation(cfg.data, cfg.model.in_chans),
+                               (grid, grid), cfg, use_masks=cfg.loss.lambda2 > 0)
+    return collate([dataset[(0, i)] for i in range(batch)]).to(device)
+
+
+def child(args: argparse.Namespace, path: str) -> dict:
+    """Build `path`, run its steps, return its measurements."""
+    cfg = config_for(args, path)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if path == "baseline":
+        from baseline import (BaselineSERELoss, baseline_clip, baseline_ema, baseline_networks,
+                              baseline_optimizer)
+        nets = baseline_networks(cfg)
+        loss_fn = BaselineSERELoss(cfg, nets.student.backbone.num_heads)
+        optimizer = baseline_optimizer(nets.student)
+
+        def clip():
+            baseline_clip(nets.student, cfg.optim.clip_grad)
+
+        def ema(m):
+            baseline_ema(nets.student, nets.teacher, m)
+    else:
+        nets = build_networks(cfg)
+        loss_fn = SERELoss(cfg, nets.student.backbone.num_heads)
+        optimizer = build_optimizer(nets.student, fused=True)
+        trainable = [p for p in nets.student.parameters() if p.requires_grad]
+        teacher_ema = TeacherEMA(nets.student, nets.teacher)
+
+        def clip():
+            clip_per_parameter(trainable, cfg.optim.clip_grad)
+
+        def ema(m):
+            teacher_ema.update(m)
+    student, teacher = nets.student.to(device), nets.teacher.to(device)
+    loss_fn = loss_fn.to(device)
+    if args.compile and path != "baseline":
+        student.compile()
+        teacher.compile()
+    set_rates(optimizer, cfg.optim.lr, cfg.optim.weight_decay)
+    batch = make_batch(cfg, args.batch, device)
+
+    def step() -> float:
+        with autocast_context(args.precision, device):
+            with torch.no_grad():
+                teacher_out = teacher(batch.global_crops)
+            student_out = student(batch.global_crops, batch.local_crops, batch.masks)
+            terms = loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
+                            cfg.loss.warmup_teacher_temp, cfg.loss.warmup_teacher_patch_temp)
+        terms.total.backward()
+        loss_fn.update_centers(teacher_out)
+        clip()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema(cfg.optim.momentum_teacher)
+        return float(terms.total)
+
+    def synced_time() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    resident_before_mb = current_rss_mb()
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(args.steps):
+        start = synced_time()
+        losses.append(step())
+        times.append(synced_time() - start)
+    seconds = statistics.median(times)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    images = args.batch
+    # on the CPU the process peak includes PyTorch itself, the weights and the batch; the step's
+    # own share is what the peak adds to what was resident before the first step
+    step_mb = peak_mb if device.type == "cuda" else peak_mb - resident_before_mb
+    return dict(path=path, seconds_per_step=seconds, images_per_second=images / seconds,
+                peak_memory_mb=peak_mb, step_memory_mb=step_mb, first_loss=losses[0],
+                steps=args.steps)
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MiB (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def describe_machine(device: str) -> str:
+    """CPU model and count, or the GPU's name."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="vit_small_ibot_sere",
+                        help="configuration preset for the heads, losses and optimiser")
+    parser.add_argument("--arch", default="vit_tiny")
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8, help="images per step")
+    parser.add_argument("--local-crops", type=int, default=10)
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile ours (not the "
+                        "baseline)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="activation checkpointing in ours (not the baseline)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help=f"comma-separated subset of {', '.join(PATHS)}")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args, args.child)))
+        return 0
+
+    results = {}
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
+    for path in args.paths.split(","):
+        if path not in PATHS:
+            parser.error(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
+        run = subprocess.run([sys.executable, __file__, *forwarded, "--child", path],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.stderr.write(run.stderr)
+            return run.returncode
+        results[path] = json.loads(run.stdout.strip().splitlines()[-1])
+    if "ours" in results and "ours_no_sere" in results:
+        ours = results["ours"]
+        ours["sere_share"] = 1 - results["ours_no_sere"]["seconds_per_step"] / ours[
+            "seconds_per_step"]
+    if "ours" in results and "baseline" in results:
+        base, ours = results["baseline"], results["ours"]
+        ours["time_vs_baseline"] = ours["seconds_per_step"] / base["seconds_per_step"]
+        ours["memory_vs_baseline"] = ours["peak_memory_mb"] / base["peak_memory_mb"]
+        ours["step_memory_vs_baseline"] = ours["step_memory_mb"] / base["step_memory_mb"]
+
+    setting = (f"{args.arch}/{args.patch}, batch {args.batch}, 2 x {args.global_size} + "
+               f"{args.local_crops} x {args.local_size}, {args.precision}, {args.device}")
+    if args.json:
+        for r in results.values():
+            print(json.dumps({**r, "setting": setting}))
+        return 0
+    print(f"{setting}; {describe_machine(args.device)}; median of {args.steps} steps")
+    print(f"{'path':<14}{'s/step':>9}{'img/s':>9}{'time/base':>10}{'peak MB':>9}"
+          f"{'step MB':>9}{'mem/base':>10}{'SERE share':>12}")
+
+    def cell(value, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    for r in results.values():
+        print(f"{r['path']:<14}{r['seconds_per_step']:>9.3f}{r['images_per_second']:>9.2f}"
+              f"{cell(r.get('time_vs_baseline'), '.2f'):>10}{r['peak_memory_mb']:>9.0f}"
+              f"{r['step_memory_mb']:>9.0f}{cell(r.get('step_memory_vs_baseline'), '.2f'):>10}"
+              f"{cell(r.get('sere_share'), '.1%'):>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

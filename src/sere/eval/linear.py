@@ -1,0 +1,697 @@
+"""Linear probe of a frozen backbone: cached features, a learning-rate sweep, held-out selection.
+
+Protocol (DINO/iBOT linear evaluation, adapted to run cheaply and without test-set selection):
+
+1. Features. Every image is resized to the evaluation size (`data.global_crop_size`, as
+   `EvalImages`, no augmentation) and passed once through the frozen backbone:
+   - "cls": the last block's [CLS] token after the final LayerNorm, (C,);
+   - "cls4_avgpool": the [CLS] token of each of the last 4 blocks, each through the final
+     LayerNorm, concatenated, followed by the mean of the last block's normed patch tokens,
+     (4C + C,) (DINO's choice for ViT-S; needs at least 4 blocks).
+   The features of each split are saved in a cache folder, keyed by the SHA-256 of the
+   checkpoint's bytes (or the random initialisation's description), the backbone, the feature
+   kind, the data source, the image subset and the preprocessing; a learning-rate sweep and a
+   second invocation read them back without running the backbone.
+2. Split. 10 % of the training features (stratified per class, fixed seed, every class keeps at
+   least one image for fitting) are held out as a validation split; the classifier is fitted
+   on the other 90 %.
+3. Normalisation. The features are standardised with the mean and standard deviation of the fit
+   split: a `BatchNorm1d(affine=False)` whose statistics are frozen at those of the training
+   features (as MAE's probe, but without batch noise). Raw ViT features of different checkpoints
+   (and of a random initialisation) differ in scale by orders of magnitude; standardising makes
+   one learning-rate grid fit them all. `norm="none"` skips it (DINO's plain linear layer).
+   The saved classifier folds the standardisation into its weights.
+4. Training. One linear layer per learning rate, all trained in one vectorised pass on the same
+   shuffled batches from the same initialisation (weights N(0, 0.01), bias 0): cross-entropy,
+   SGD with momentum 0.9, no weight decay, the learning rate (given per 256 images, scaled by
+   batch_size / 256) decayed to 0 by a cosine over all steps.
+5. Selection and report. The learning rate with the best validation top-1 (ties: lower
+   validation loss, then the smaller rate) is chosen; its classifier (fitted on the 90 %) is
+   applied to the test set once, and that top-1 and top-5 are reported. The test set never
+   influences any choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from sere.config import Config
+from sere.data.datasets import (
+    FashionMNISTSource,
+    ImageFolderSource,
+    ImageSource,
+    SyntheticSource,
+    subset_indices,
+)
+from sere.errors import SereError
+from sere.eval.features import EvalImages
+from sere.models.backbone import ViTBackbone
+
+FEATURE_KINDS = ("cls", "cls4_avgpool")
+NORMS = ("batchnorm", "none")
+DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # per 256 images
+LAST_BLOCKS = 4  # blocks whose [CLS] tokens "cls4_avgpool" concatenates
+CACHE_FORMAT = "sere-linear-features-v1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Features.
+
+
+def feature_dim(embed_dim: int, kind: str) -> int:
+    """Length of one feature vector of `kind` for a backbone of width `embed_dim`."""
+    if kind == "cls":
+        return embed_dim
+    if kind == "cls4_avgpool":
+        return (LAST_BLOCKS + 1) * embed_dim
+    raise SereError(f"features = {kind!r} is unknown; choose one of {', '.join(FEATURE_KINDS)}")
+
+
+def check_feature_kind(backbone: ViTBackbone, kind: str) -> None:
+    """Refuse a feature kind that the backbone cannot give."""
+    feature_dim(backbone.embed_dim, kind)
+    depth = len(backbone.vit.blocks)
+    if kind == "cls4_avgpool" and depth < LAST_BLOCKS:
+        raise SereError(f"features cls4_avgpool needs at least {LAST_BLOCKS} transformer blocks "
+                        f"but this backbone has {depth}; use --features cls")
+
+
+@torch.no_grad()
+def probe_features(backbone: ViTBackbone, images: Tensor, kind: str) -> Tensor:
+    """Frozen features of normalised images, running the blocks one by one.
+
+    Args:
+        backbone: the ViT (call in eval mode; no masking, no dropped paths).
+        images: (B, in_chans, H, W), H and W multiples of the patch size.
+        kind: "cls" or "cls4_avgpool" (see the module docstring).
+
+    Returns:
+        (B, C) for "cls", (B, 5C) for "cls4_avgpool", in the backbone's dtype.
+    """
+    check_feature_kind(backbone, kind)
+    vit = backbone.vit
+    x = vit.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))  # (B, 1 + N, C), as ViTBackbone.forward
+    kept: list[Tensor] = []
+    first_kept = len(vit.blocks) - (LAST_BLOCKS if kind == "cls4_avgpool" else 1)
+    for i, block in enumerate(vit.blocks):
+        x = block(x)  # (B, 1 + N, C) pre-norm
+        if i >= first_kept:
+            kept.append(x)
+    last = vit.norm(kept[-1])  # (B, 1 + N, C)
+    if kind == "cls":
+        return last[:, 0]  # (B, C)
+    prefix = vit.num_prefix_tokens
+    cls_tokens = [vit.norm(tokens[:, 0]) for tokens in kept]  # 4 x (B, C), LayerNorm per token
+    return torch.cat([*cls_tokens, last[:, prefix:].mean(dim=1)], dim=-1)  # (B, 5C)
+
+
+@dataclass
+class FeatureSplit:
+    """The features of one labelled split."""
+
+    features: Tensor  # (N, D) float32, CPU
+    labels: Tensor  # (N,) int64; -1 for unlabelled images
+
+
+def extract_probe_features(backbone: ViTBackbone, images: EvalImages, kind: str,
+                           batch_size: int, device: torch.device, num_workers: int = 0,
+                           desc: str = "features") -> FeatureSplit:
+    """`probe_features` of every image of `images` (the backbone's mode is restored after)."""
+    check_feature_kind(backbone, kind)
+    was_training = backbone.training
+    backbone.eval().to(device)
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    feats, labels = [], []
+    try:
+        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+            feats.append(probe_features(backbone, x.to(device), kind).float().cpu())  # (B, D)
+            labels.append(torch.as_tensor(y, dtype=torch.int64))
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        return FeatureSplit(torch.zeros(0, feature_dim(backbone.embed_dim, kind)),
+                            torch.zeros(0, dtype=torch.int64))
+    return FeatureSplit(torch.cat(feats), torch.cat(labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature cache.
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _tensor_digest(tensor: Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def source_fingerprint(source: ImageSource) -> str:
+    """A string that changes when the images or labels of `source` change.
+
+    Image folders: the resolved root, the channel count and the sorted relative paths with their
+    labels (an image rewritten in place under the same name is not noticed: clear the cache).
+    Fashion-MNIST: a hash of its pixels and labels. Synthetic images: their parameters.
+    """
+    if isinstance(source, ImageFolderSource):
+        sha = hashlib.sha256()
+        for path, label in zip(source.paths, source.labels):
+            sha.update(f"{path.relative_to(source.root)}\t{label}\n".encode())
+        return f"folder:{source.root.resolve()}:{source.in_chans}:{sha.hexdigest()}"
+    if isinstance(source, FashionMNISTSource):
+        return (f"fashion_mnist:{source.in_chans}:{_tensor_digest(source.images)}:"
+                f"{_tensor_digest(source.labels)}")
+    if isinstance(source, SyntheticSource):
+        return f"synthetic:{source.count}:{source.size}:{source.in_chans}:{source.seed}"
+    return f"{type(source).__module__}.{type(source).__qualname__}:{len(source)}:{source.classes}"
+
+
+def checkpoint_model_key(checkpoint: str | Path, which: str) -> str:
+    """Cache key of a checkpoint's teacher or student backbone: the file's SHA-256."""
+    return f"checkpoint:{file_digest(checkpoint)}:{which}"
+
+
+def random_model_key(cfg: Config, seed: int) -> str:
+    """Cache key of `random_backbone(cfg, seed)`: the shape, the seed and the timm version."""
+    import timm
+
+    return (f"random-init:{seed}:{json.dumps(cfg.to_dict()['model'], sort_keys=True)}:"
+            f"{cfg.data.global_crop_size}:timm-{timm.__version__}")
+
+
+def cache_key(model_key: str, kind: str, source: ImageSource, indices: list[int],
+              cfg: Config) -> str:
+    """The full cache key (hex SHA-256) of one split's features."""
+    d = cfg.data
+    parts = [CACHE_FORMAT, model_key, kind, source_fingerprint(source),
+             hashlib.sha256(json.dumps(indices).encode()).hexdigest(), d.global_crop_size,
+             list(d.normalize_mean), list(d.normalize_std)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _read_cache(path: Path, key: str, count: int) -> FeatureSplit | None:
+    """The cached split at `path`, or None when it is missing, unreadable or for another key."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file: extract again and overwrite it
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key:
+        return None
+    features, labels = stored.get("features"), stored.get("labels")
+    if not isinstance(features, Tensor) or not isinstance(labels, Tensor):
+        return None
+    if len(features) != count or len(labels) != count:
+        return None
+    return FeatureSplit(features, labels)
+
+
+def _write_cache(path: Path, key: str, split: FeatureSplit, meta: dict[str, Any]) -> None:
+    """Save through a temporary file and a rename, so that an interrupted write leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"key": key, "features": split.features.contiguous(),
+                    "labels": split.labels.contiguous(), "meta": meta}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@dataclass
+class CachedFeatures:
+    """A split's features and where they came from."""
+
+    split: FeatureSplit
+    path: Path | None  # the cache file, None when caching is off
+    from_cache: bool
+
+
+def cached_probe_features(backbone: ViTBackbone, model_key: str, cfg: Config,
+                          source: ImageSource, indices: list[int], kind: str,
+                          device: torch.device, cache_dir: str | Path | None,
+                          batch_size: int | None = None, num_workers: int = 0,
+                          name: str = "train") -> CachedFeatures:
+    """Features of `source[indices]`, from `cache_dir` when this exact extraction was cached.
+
+    Args:
+        backbone: the frozen backbone; only run when the cache misses.
+        model_key: identifies the backbone's weights (`checkpoint_model_key`,
+            `random_model_key`); two different backbones must never share a key.
+        cfg: gives the evaluation size and normalisation (`cfg.data`) and, when `batch_size`
+            is None, the batch size (`cfg.eval.batch_size`).
+        source, indices: the images.
+        kind: "cls" or "cls4_avgpool".
+        device: where the backbone runs.
+        cache_dir: folder of cache files, or None to extract without caching.
+        batch_size, num_workers: of the extraction DataLoader.
+        name: the split's name, for the file name and the progress bar.
+    """
+    check_feature_kind(backbone, kind)
+    key = cache_key(model_key, kind, source, indices, cfg)
+    path = Path(cache_dir) / f"{kind}-{name}-{key[:24]}.pt" if cache_dir is not None else None
+    if path is not None and (hit := _read_cache(path, key, len(indices))) is not None:
+        return CachedFeatures(hit, path, True)
+    d = cfg.data
+    images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std, indices)
+    split = extract_probe_features(backbone, images, kind, batch_size or cfg.eval.batch_size,
+                                   device, num_workers, desc=f"linear-probe {name} features")
+    if path is not None:
+        _write_cache(path, key, split, {"model": model_key, "kind": kind, "split": name,
+                                        "source": source_fingerprint(source)[:200],
+                                        "images": len(indices)})
+    return CachedFeatures(split, path, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the classifiers on cached features.
+
+
+def split_train_val(labels: Tensor, val_fraction: float = 0.1,
+                    seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Stratified (fit, validation) indices of a labelled training split.
+
+    Each class gives round(val_fraction * its count) images to validation, but always keeps at
+    least one for fitting. Both index tensors are sorted.
+    """
+    if not 0 <= val_fraction < 1:
+        raise SereError(f"val_fraction = {val_fraction} must be in [0, 1)")
+    g = torch.Generator().manual_seed(seed)
+    fit, val = [], []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        n_val = min(int(math.floor(val_fraction * len(members) + 0.5)), len(members) - 1)
+        val.append(members[:n_val])
+        fit.append(members[n_val:])
+    empty = torch.zeros(0, dtype=torch.int64)
+    return (torch.cat(fit).sort().values if fit else empty,
+            torch.cat(val).sort().values if val else empty)
+
+
+def standardiser(features: Tensor, norm: str) -> tuple[Tensor, Tensor]:
+    """Mean (D,) and std (D,) of the non-affine BatchNorm (zeros and ones for norm="none")."""
+    if norm not in NORMS:
+        raise SereError(f"norm = {norm!r} is unknown; choose one of {', '.join(NORMS)}")
+    dim = features.shape[1]
+    if norm == "none" or len(features) < 2:
+        return torch.zeros(dim), torch.ones(dim)
+    mean = features.mean(dim=0)
+    std = features.var(dim=0, unbiased=False).add(1e-6).sqrt()  # BatchNorm1d's eps
+    return mean, std
+
+
+@dataclass
+class SweepWeights:
+    """One linear classifier per learning rate, on standardised features."""
+
+    weight: Tensor  # (L, D, K)
+    bias: Tensor  # (L, K)
+    train_loss: Tensor  # (L,) mean cross-entropy over the last epoch
+
+    def logits(self, features: Tensor) -> Tensor:
+        """(L, N, K) logits of standardised features (N, D)."""
+        return torch.einsum("nd,ldk->lnk", features, self.weight) + self.bias[:, None, :]
+
+
+def train_sweep(features: Tensor, labels: Tensor, num_classes: int, lrs: tuple[float, ...],
+                epochs: int, batch_size: int, seed: int = 0,
+                device: torch.device | str = "cpu") -> SweepWeights:
+    """Train one linear classifier per learning rate in one vectorised pass.
+
+    All classifiers start from the same initialisation and see the same batches, so they differ
+    only by their learning rate (a classifier's result does not depend on which other rates are
+    swept). Cross-entropy, SGD with momentum 0.9 (PyTorch's form, no dampening), no weight decay,
+    rate `lr * batch_size / 256` decayed to 0 by a cosine over all steps. The gradient of the
+    softmax cross-entropy is written out, so no autograd graph is built.
+
+    Args:
+        features: (N, D) standardised training features.
+        labels: (N,) int64 in [0, num_classes).
+        num_classes: K.
+        lrs: L learning rates per 256 images.
+        epochs, batch_size: passes over the data and images per step (the last batch of an
+            epoch may be smaller).
+        seed: the initialisation and the batch order.
+        device: where to train.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise SereError("the linear probe needs epochs >= 1 and batch size >= 1")
+    if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+        raise SereError(f"learning rates {list(lrs)} must be positive numbers")
+    n, dim = features.shape
+    if n == 0:
+        raise SereError("no training features to fit the linear probe on")
+    g = torch.Generator().manual_seed(seed)
+    x_all, y_all = features.to(device), labels.to(device)
+    init = torch.randn(dim, num_classes, generator=g) * 0.01  # (D, K), N(0, 0.01) as DINO
+    weight = init.to(device).expand(len(lrs), -1, -1).clone()  # (L, D, K)
+    bias = torch.zeros(len(lrs), num_classes, device=device)  # (L, K)
+    mom_w, mom_b = torch.zeros_like(weight), torch.zeros_like(bias)
+    base = torch.tensor(lrs, dtype=torch.float32, device=device) * (batch_size / 256)  # (L,)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    step = 0
+    loss_sum = torch.zeros(len(lrs), device=device)
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=g).to(device)
+        loss_sum.zero_()
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            x, y = x_all[idx], y_all[idx]  # (B, D), (B,)
+            logits = torch.einsum("bd,ldk->lbk", x, weight) + bias[:, None, :]  # (L, B, K)
+            log_p = logits.log_softmax(dim=-1)
+            if epoch == epochs - 1:
+                loss_sum -= log_p.gather(2, y.view(1, -1, 1).expand(len(lrs), -1, 1)).sum(
+                    dim=(1, 2))
+            grad = log_p.exp()  # (L, B, K): d(mean CE)/d(logits) = (softmax - onehot) / B
+            grad[:, torch.arange(len(y), device=device), y] -= 1
+            grad /= len(y)
+            mom_w.mul_(0.9).add_(torch.einsum("bd,lbk->ldk", x, grad))  # (L, D, K)
+            mom_b.mul_(0.9).add_(grad.sum(dim=1))  # (L, K)
+            lr = base * (0.5 * (1 + math.cos(math.pi * step / total)))  # (L,)
+            weight -= lr[:, None, None] * mom_w
+            bias -= lr[:, None] * mom_b
+            step += 1
+    return SweepWeights(weight.cpu(), bias.cpu(), (loss_sum / n).cpu())
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
+    """Top-k accuracy in percent of (N, K) logits (k is capped at K)."""
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, logits.shape[1])
+    hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)  # (N,)
+    return 100.0 * hits.float().mean().item()
+
+
+@dataclass
+class LinearClassifier:
+    """The chosen classifier; `weight` and `bias` act on standardised features."""
+
+    weight: Tensor  # (K, D)
+    bias: Tensor  # (K,)
+    mean: Tensor  # (D,) the frozen non-affine BatchNorm's statistics
+    std: Tensor  # (D,)
+
+    def logits(self, features: Tensor) -> Tensor:
+        """(N, K) logits of raw features (N, D)."""
+        return ((features - self.mean) / self.std) @ self.weight.T + self.bias
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """(weight (K, D), bias (K,)) of one linear layer on raw features, the norm folded in."""
+        weight = self.weight / self.std  # (K, D)
+        return weight.contiguous(), (self.bias - weight @ self.mean).contiguous()
+
+
+@dataclass
+class LrRow:
+    """The validation result of one learning rate."""
+
+    lr: float  # per 256 images, as given
+    scaled_lr: float  # lr * batch_size / 256, the rate SGD used at the start
+    val_top1: float  # percent; NaN when the classifier diverged
+    val_loss: float  # mean cross-entropy on the validation split
+    train_loss: float  # mean cross-entropy over the last training epoch
+
+
+@dataclass
+class LinearResult:
+    """The outcome of the probe: the chosen rate, its validation and test accuracy, the sweep."""
+
+    best_lr: float  # per 256 images
+    val_top1: float  # percent, of the chosen rate
+    test_top1: float  # percent
+    test_top5: float  # percent (top-min(5, K))
+    rows: list[LrRow]
+    features: str  # "cls" or "cls4_avgpool"
+    norm: str  # "batchnorm" or "none"
+    feature_dim: int
+    num_classes: int
+    fit_images: int
+    val_images: int
+    test_images: int
+    epochs: int
+    batch_size: int
+    extra: dict[str, Any] = field(default_factory=dict)  # where the features came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return asdict(self)
+
+
+def check_labels(train: FeatureSplit, test: FeatureSplit) -> None:
+    """Refuse unlabelled sets and test classes that the training set never shows."""
+    if len(train.labels) == 0 or bool((train.labels < 0).any()):
+        raise SereError("the linear probe's training set has unlabelled images; give a labelled "
+                        "set (an image folder with one sub-folder per class)")
+    if len(test.labels) == 0 or bool((test.labels < 0).any()):
+        raise SereError("the linear probe's test set has unlabelled images; give a labelled set "
+                        "(an image folder with one sub-folder per class)")
+    unseen = sorted(set(test.labels.tolist()) - set(train.labels.tolist()))
+    if unseen:
+        raise SereError(f"test classes {unseen} never occur in the training images; the probe "
+                        "cannot learn them: use a training set with every test class (or raise "
+                        "--max-train)")
+
+
+def run_probe(train: FeatureSplit, test: FeatureSplit, num_classes: int | None = None,
+              lrs: tuple[float, ...] = DEFAULT_LRS, epochs: int = 100, batch_size: int = 256,
+              norm: str = "batchnorm", val_fraction: float = 0.1, seed: int = 0,
+              features: str = "", device: torch.device | str = "cpu",
+              ) -> tuple[LinearResult, LinearClassifier]:
+    """The protocol of the module docstring, steps 2 to 5, on extracted features.
+
+    Args:
+        train, test: labelled features (labels are class indices shared by both splits).
+        num_classes: K; None for 1 + the largest training label.
+        lrs, epochs, batch_size: the sweep (`train_sweep`).
+        norm: "batchnorm" (frozen non-affine standardisation) or "none".
+        val_fraction: the held-out share of the training features.
+        seed: the split, the initialisation and the batch order.
+        features: the feature kind, recorded in the result.
+        device: where to train.
+
+    Returns:
+        the result and the chosen classifier.
+    """
+    check_labels(train, test)
+    classes = int(train.labels.max()) + 1 if num_classes is None else num_classes
+    if int(max(train.labels.max(), test.labels.max())) >= classes:
+        raise SereError(f"labels go up to {int(max(train.labels.max(), test.labels.max()))} "
+                        f"but there are {classes} classes")
+    fit_idx, val_idx = split_train_val(train.labels, val_fraction, seed)
+    if len(val_idx) == 0:
+        raise SereError(f"{len(train.labels)} training images leave no held-out images to "
+                        "choose the learning rate; use more training images (--max-train)")
+    mean, std = standardiser(train.features[fit_idx], norm)
+    fit_x = (train.features[fit_idx] - mean) / std  # (N_fit, D)
+    val_x = (train.features[val_idx] - mean) / std  # (N_val, D)
+    val_y = train.labels[val_idx]
+    sweep = train_sweep(fit_x, train.labels[fit_idx], classes, tuple(lrs), epochs, batch_size,
+                        seed, device)
+    rows = []
+    with torch.no_grad():
+        val_logits = sweep.logits(val_x)  # (L, N_val, K)
+        for i, lr in enumerate(lrs):
+            finite = bool(torch.isfinite(val_logits[i]).all())
+            rows.append(LrRow(
+                lr=float(lr), scaled_lr=float(lr) * batch_size / 256,
+                val_top1=topk_accuracy(val_logits[i], val_y, 1) if finite else float("nan"),
+                val_loss=F.cross_entropy(val_logits[i], val_y).item() if finite else math.inf,
+                train_loss=float(sweep.train_loss[i])))
+    usable = [i for i, r in enumerate(rows) if not math.isnan(r.val_top1)]
+    if not usable:
+        raise SereError(f"every learning rate of {list(lrs)} diverged; try smaller --lrs")
+    best = min(usable, key=lambda i: (-rows[i].val_top1, rows[i].val_loss, rows[i].lr))
+    classifier = LinearClassifier(sweep.weight[best].T.contiguous(), sweep.bias[best], mean, std)
+    with torch.no_grad():
+        test_logits = classifier.logits(test.features)  # (N_test, K)
+    result = LinearResult(
+        best_lr=rows[best].lr, val_top1=rows[best].val_top1,
+        test_top1=topk_accuracy(test_logits, test.labels, 1),
+        test_top5=topk_accuracy(test_logits, test.labels, 5), rows=rows, features=features,
+        norm=norm, feature_dim=train.features.shape[1], num_classes=classes,
+        fit_images=len(fit_idx), val_images=len(val_idx), test_images=len(test.labels),
+        epochs=epochs, batch_size=batch_size)
+    return result, classifier
+
+
+def save_linear(out_dir: str | Path, result: LinearResult,
+                classifier: LinearClassifier) -> tuple[Path, Path]:
+    """Write `classifier.safetensors` and `result.json` into `out_dir`.
+
+    The safetensors file holds `weight` (K, D) and `bias` (K,) of one linear layer on the raw
+    features (logits = features @ weight.T + bias, the standardisation folded in), and the
+    standardisation's `feature_mean` and `feature_std` (D,) for reference.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weight, bias = classifier.folded()
+    weights_path, result_path = out / "classifier.safetensors", out / "result.json"
+    save_file({"weight": weight, "bias": bias, "feature_mean": classifier.mean.contiguous(),
+               "feature_std": classifier.std.contiguous()}, str(weights_path),
+              metadata={"features": result.features, "best_lr": repr(result.best_lr)})
+    result_path.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=True) + "\n")
+    return weights_path, result_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names of two image sources.
+
+
+def align_test_labels(train_classes: tuple[str, ...], test_classes: tuple[str, ...],
+                      test_labels: Tensor) -> Tensor:
+    """Map test labels (indices into `test_classes`) to indices into `train_classes`.
+
+    Image folders number their classes by their own sorted sub-folder names, so a test folder
+    with fewer classes numbers them differently; this puts both on the training numbering.
+    Raises SereError naming the test classes that the training set does not have.
+    """
+    if tuple(test_classes) == tuple(train_classes):
+        return test_labels
+    unseen = [name for name in test_classes if name not in train_classes]
+    if unseen:
+        raise SereError(f"test classes {unseen[:10]} are not among the training classes "
+                        f"{list(train_classes)[:10]}; the probe cannot learn them: give a "
+                        "training folder with a sub-folder for every test class")
+    mapping = torch.tensor([train_classes.index(name) for name in test_classes],
+                           dtype=torch.int64)
+    out = test_labels.clone()
+    labelled = out >= 0
+    out[labelled] = mapping[out[labelled]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    """`sere linear`: the probe on a checkpoint's backbone, or on a random one of its shape."""
+    from sere.cli import labelled_sources
+    from sere.eval.weights import load_backbone, random_backbone
+    from sere.train.loop import resolve_device
+
+    if args.epochs < 1 or args.batch_size < 1:
+        raise SereError("--epochs and --batch-size must be at least 1")
+    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
+        raise SereError(f"--lrs {args.lrs}: every learning rate must be a positive number")
+    for flag, value in (("--max-train", args.max_train), ("--max-test", args.max_test)):
+        if value is not None and value < 1:
+            raise SereError(f"{flag} must be at least 1")
+    loaded = load_backbone(args.checkpoint, which=args.backbone)
+    cfg = loaded.config
+    if args.random_init:
+        backbone, model_key = random_backbone(cfg, args.seed), random_model_key(cfg, args.seed)
+        who = "random init"
+    else:
+        backbone = loaded.backbone
+        model_key = checkpoint_model_key(args.checkpoint, args.backbone)
+        who = f"{args.backbone} backbone"
+    check_feature_kind(backbone, args.features)
+    train_src, test_src = labelled_sources(args, cfg.model.in_chans)
+    if not train_src.classes:
+        raise SereError("the linear probe's training set has no labels: give an image folder "
+                        "with one sub-folder per class (--train-dir)")
+    if not test_src.classes:
+        raise SereError("the linear probe's test set has no labels: give an image folder with "
+                        "one sub-folder per class (--test-dir)")
+    align_test_labels(train_src.classes, test_src.classes, torch.zeros(0, dtype=torch.int64))
+    device = resolve_device(args.device)
+    ckpt_dir = Path(args.checkpoint).resolve().parent
+    cache_dir = Path(args.cache_dir) if args.cache_dir else ckpt_dir / "linear_cache"
+    splits = {}
+    for name, source, limit in (("train", train_src, args.max_train),
+                                ("test", test_src, args.max_test)):
+        got = cached_probe_features(backbone, model_key, cfg, source,
+                                    subset_indices(len(source), limit, seed=1), args.features,
+                                    device, cache_dir, num_workers=args.workers, name=name)
+        how = "read from" if got.from_cache else "extracted, cached in"
+        print(f"{name} features ({len(got.split.labels)} images): {how} {got.path}")
+        splits[name] = got.split
+    train, test = splits["train"], splits["test"]
+    test = FeatureSplit(test.features,
+                        align_test_labels(train_src.classes, test_src.classes, test.labels))
+    result, classifier = run_probe(train, test, len(train_src.classes), tuple(args.lrs),
+                                   args.epochs, args.batch_size, args.norm, seed=args.seed,
+                                   features=args.features, device=device)
+    result.extra = {"checkpoint": str(args.checkpoint), "backbone": who,
+                    "step": loaded.step, "cache_dir": str(cache_dir)}
+    out = Path(args.output) if args.output else ckpt_dir / (
+        "linear_random_init" if args.random_init else "linear")
+    weights_path, result_path = save_linear(out, result, classifier)
+    print(f"{who}, features={result.features} (dim {result.feature_dim}), norm={result.norm}; "
+          f"{result.fit_images} fit / {result.val_images} held-out / {result.test_images} test "
+          f"images, {result.epochs} epochs, batch {result.batch_size}")
+    print(f"{'lr/256':>8}  {'lr':>8}  {'held-out top-1':>14}  {'held-out loss':>13}  "
+          f"{'train loss':>10}")
+    for row in result.rows:
+        mark = "  <- chosen" if row.lr == result.best_lr else ""
+        print(f"{row.lr:>8g}  {row.scaled_lr:>8g}  {row.val_top1:>12.1f} %  "
+              f"{row.val_loss:>13.4f}  {row.train_loss:>10.4f}{mark}")
+    edge = [r.lr for r in result.rows if not math.isnan(r.val_top1)]
+    if len(edge) > 1 and result.best_lr in (min(edge), max(edge)):
+        print(f"note: the chosen rate {result.best_lr:g} is at the edge of the sweep; extend "
+              "--lrs beyond it to check that the optimum is inside")
+    print(f"wrote {weights_path} and {result_path}")
+    print(f"linear top-1: {result.test_top1:.1f} % (top-5 {result.test_top5:.1f} %)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `sere linear` to the `sere` command's sub-commands."""
+    p = subparsers.add_parser("linear", help="linear probe on cached frozen features, learning "
+                              "rate chosen on held-out training images")
+    p.add_argument("--checkpoint", required=True, help="a `sere pretrain` checkpoint")
+    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--train-dir", help="labelled image folder (one sub-folder per class)")
+    p.add_argument("--test-dir", help="labelled image folder with the same classes")
+    p.add_argument("--fashion-mnist-dir", default=None,
+                   help="folder of Fashion-MNIST IDX files (default: the system package)")
+    p.add_argument("--features", choices=FEATURE_KINDS, default="cls",
+                   help="last [CLS] (cls) or last-4 [CLS] + mean patch token (cls4_avgpool)")
+    p.add_argument("--norm", choices=NORMS, default="batchnorm",
+                   help="standardise the features first (a non-affine BatchNorm with frozen "
+                        "training statistics), or not")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS),
+                   help="learning rates per 256 images to sweep (scaled by batch-size/256)")
+    p.add_argument("--max-train", type=int, default=None, help="a fixed subset of training "
+                   "images (10 %% of them choose the learning rate)")
+    p.add_argument("--max-test", type=int, default=None)
+    p.add_argument("--random-init", action="store_true",
+                   help="probe a randomly initialised backbone of the same shape (the floor)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="held-out split, classifier initialisation, batch order, random init")
+    p.add_argument("--output", default=None, help="folder for classifier.safetensors and "
+                   "result.json (default: linear/ or linear_random_init/ beside the checkpoint)")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache folder (default: linear_cache/ beside the checkpoint)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for extraction")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_linear)

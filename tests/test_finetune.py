@@ -1,0 +1,275 @@
+"""Supervised fine-tuning (`sere.eval.finetune`): layer decay, Mixup, the recipe presets, config
+errors, and a tiny end-to-end run on the synthetic patterns."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+from PIL import Image
+from timm.loss import SoftTargetCrossEntropy
+
+import sere
+from sere.cli import resolve_config_path
+from sere.eval import finetune as ft
+from sere.models.backbone import ViTBackbone
+from sere.train.checkpoint import load_checkpoint, save_checkpoint
+from sere.train.loop import Pretrainer
+
+# The brief's tiny ViT: width 32, depth 2, 2 heads, patch 4, 16 px synthetic images.
+TINY_PRETRAIN = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
+    "data.dataset=synthetic", "data.synthetic_size=16", "data.global_crop_size=16",
+    "data.local_crop_size=8", "data.num_workers=0",
+]
+
+# A fast, easy fine-tune on the four synthetic patterns (stripes h/v, square, checkerboard):
+# whole-image crops (resampled stripes blur at 16 px) and flips; no Mixup / RandAugment / erasing.
+EASY = [
+    "data.dataset=synthetic", "data.image_size=16", "data.synthetic_size=16",
+    "data.synthetic_images=512", "data.crop_scale=[1.0,1.0]", "data.crop_pct=1.0",
+    "optim.epochs=6", "optim.batch_size=32", "optim.eval_batch_size=256", "optim.lr=2e-2",
+    "optim.warmup_epochs=1", "optim.layer_decay=0.75", "optim.drop_path=0.0",
+    "optim.label_smoothing=0.0", "optim.mixup=0", "optim.cutmix=0", "optim.rand_augment=null",
+    "optim.random_erase=0", "optim.clip_grad=1.0",
+    "train.device=cpu", "train.num_workers=0", "train.log_every=4",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A `sere pretrain` checkpoint of the tiny ViT after one step."""
+    out = tmp_path_factory.mktemp("pretrain")
+    cfg = sere.load_config([], [*TINY_PRETRAIN, "train.max_steps=1", "train.device=cpu",
+                                f"train.output_dir={out}"])
+    return Pretrainer(cfg).run().checkpoint
+
+
+def easy_config(tmp_path, *overrides: str) -> ft.FinetuneConfig:
+    return ft.load_finetune_config([], [*EASY, f"train.output_dir={tmp_path / 'ft'}",
+                                        *overrides])
+
+
+def tiny_backbone(depth: int) -> ViTBackbone:
+    cfg = sere.load_config([], [*TINY_PRETRAIN, f"model.depth={depth}"])
+    return ViTBackbone(cfg.model, img_size=16, drop_path=0.0, with_mask_token=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and optimiser.
+
+
+def test_layer_decay_gives_each_block_its_lr_scale():
+    depth, decay = 3, 0.5
+    backbone = tiny_backbone(depth)
+    model = ft.build_classifier(backbone, num_classes=4, image_size=16, global_pool="token",
+                                drop_path=0.2)
+    optimizer = ft.build_optimizer(model, ft.FinetuneOptimConfig(layer_decay=decay,
+                                                                 weight_decay=0.05))
+    scales = ft.lr_scales(model, optimizer)
+    assert len(scales) == sum(1 for _ in model.parameters())  # every parameter is optimised
+    block = {i: {v for k, v in scales.items() if k.startswith(f"blocks.{i}.")}
+             for i in range(depth)}
+    assert all(len(s) == 1 for s in block.values())  # one scale per block
+    first, last = block[0].pop(), block[depth - 1].pop()
+    head = scales["head.weight"]
+    assert head == pytest.approx(1.0)
+    assert last / head == pytest.approx(decay)  # the last block is one step below the head
+    assert first / last == pytest.approx(decay ** (depth - 1))
+    assert scales["pos_embed"] / first == pytest.approx(decay)  # the stem, below block 0
+    assert scales["patch_embed.proj.weight"] == scales["cls_token"] == scales["pos_embed"]
+
+    # The scheduled lr reaches each group times its scale.
+    ft.set_lr(optimizer, 1e-3)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["head.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["blocks.0.attn.qkv.weight"])] == pytest.approx(1e-3 * decay ** depth)
+    # No weight decay on biases, norms, [CLS] and the position embedding.
+    wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert wd_of[id(named["blocks.1.attn.qkv.weight"])] == pytest.approx(0.05)
+    for name in ("blocks.1.attn.qkv.bias", "blocks.1.norm1.weight", "cls_token", "pos_embed"):
+        assert wd_of[id(named[name])] == 0.0
+
+    flat = ft.build_optimizer(model, ft.FinetuneOptimConfig(layer_decay=1.0))
+    assert set(ft.lr_scales(model, flat).values()) == {1.0}
+
+
+def test_classifier_holds_the_backbone_weights_and_drop_path():
+    backbone = tiny_backbone(2)
+    model = ft.build_classifier(backbone, num_classes=7, image_size=24, global_pool="token",
+                                drop_path=0.3)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, backbone.vit.blocks[1].attn.qkv.weight)
+    assert model.pos_embed.shape == (1, 1 + 6 * 6, 32)  # resampled from 4 x 4 to 6 x 6
+    assert model.head.weight.shape == (7, 32) and model.head.weight.abs().max() < 1e-3
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)  # linear up to 0.3
+    assert model(torch.randn(2, 3, 24, 24)).shape == (2, 7)
+    random = ft.build_classifier(backbone, 7, 24, "avg", 0.0, pretrained=False, seed=1)
+    assert not torch.equal(random.blocks[1].attn.qkv.weight,
+                           backbone.vit.blocks[1].attn.qkv.weight)
+    assert random.global_pool == "avg"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def test_grayscale_images_go_through_randaugment_with_one_channel(tmp_path):
+    cfg = ft.load_finetune_config([resolve_config_path("finetune_demo")],
+                                  ["optim.rand_augment=rand-m9-mstd0.5-inc1"])
+    transform = ft.train_transform(cfg, (0.286,), (0.353,))
+    gray = Image.fromarray((torch.rand(28, 28) * 255).to(torch.uint8).numpy(), "L")
+    torch.manual_seed(0)
+    outs = [transform(gray) for _ in range(40)]  # RandAugment's fill colours are RGB triples
+    assert all(o.shape == (1, 28, 28) and torch.isfinite(o).all() for o in outs)
+    colour = ft.train_transform(cfg, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    rgb = Image.fromarray((torch.rand(20, 20, 3) * 255).to(torch.uint8).numpy(), "RGB")
+    assert colour(rgb).shape == (3, 28, 28)
+
+
+def test_mixup_makes_soft_targets_when_configured(tmp_path, pretrained):
+    on = ft.Finetuner(easy_config(tmp_path, "optim.mixup=0.8", "optim.cutmix=1.0",
+                                  "optim.mixup_prob=1.0", "optim.label_smoothing=0.1"),
+                      pretrained)
+    assert isinstance(on.criterion, SoftTargetCrossEntropy)
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    mixed, targets = on.prepare_batch(x.clone(), y)
+    assert targets.shape == (8, 4) and targets.dtype.is_floating_point
+    assert torch.allclose(targets.sum(dim=1), torch.ones(8))
+    # Smoothing alone would give 0.925 / 0.025; mixing two classes gives weights in between.
+    assert ((targets > 0.05) & (targets < 0.9)).any()
+    assert not torch.equal(mixed, x)
+    assert torch.isfinite(torch.tensor(on.train_step(x, y)))
+
+    off = ft.Finetuner(easy_config(tmp_path, "optim.label_smoothing=0.1"), pretrained)
+    assert off.mixup is None
+    assert isinstance(off.criterion, torch.nn.CrossEntropyLoss)
+    assert off.criterion.label_smoothing == pytest.approx(0.1)
+    same, labels = off.prepare_batch(x, y)
+    assert torch.equal(labels, y) and torch.equal(same, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end.
+
+
+def test_tiny_finetune_beats_chance_and_writes_its_outputs(tmp_path, pretrained):
+    cfg = easy_config(tmp_path)
+    result = ft.Finetuner(cfg, pretrained).run()
+    # 4 balanced classes: chance is 25 %. With 512 test images a guesser's accuracy has a
+    # standard deviation of sqrt(0.25 * 0.75 / 512) = 1.9 points, so 60 % is 18 deviations above
+    # chance. The patterns are easy and the run reaches 86-100 % (seeds 0-4, fp32 and bf16), so
+    # 60 % leaves room for platform noise yet fails a network that did not learn.
+    assert result.test_images == 512 and result.num_classes == 4
+    assert result.top1 >= 60.0, result.history
+    assert result.top5 == 100.0  # 4 classes: top-min(5, 4) always holds the label
+    assert result.steps == 6 * (512 // 32)
+
+    lines = [json.loads(line) for line in (tmp_path / "ft" / "finetune.jsonl").read_text()
+             .splitlines()]
+    epochs = [r for r in lines if "top1" in r]
+    assert [r["epoch"] for r in epochs] == list(range(1, 7))
+    assert epochs[-1]["top1"] == pytest.approx(result.top1)
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert all(r["images_per_s"] > 0 for r in lines)
+    saved = json.loads(result.results.read_text())
+    assert saved["top1"] == pytest.approx(result.top1) and saved["random_init"] is False
+    state = load_checkpoint(result.checkpoint)
+    assert state["kind"] == ft.FINETUNE_KIND and state["classes"] == ["horizontal", "vertical",
+                                                                      "square", "checker"]
+    assert state["model"]["head.weight"].shape == (4, 32)
+
+
+def test_cli_prints_the_final_line(tmp_path, pretrained, capsys):
+    parser = argparse.ArgumentParser(prog="sere")
+    ft.register(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "cli"
+    args = parser.parse_args(["finetune", "--checkpoint", str(pretrained), "--random-init",
+                              *EASY, "optim.epochs=1", f"train.output_dir={out}"])
+    assert args.func(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"fine-tune top-1: \d+\.\d % \(top-5 100\.0 %\)", last), last
+    assert json.loads((tmp_path / "cli_random_init" / "results.json").read_text())["random_init"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and errors.
+
+
+IMAGENET = ["data.train_path=/data/train", "data.test_path=/data/val"]
+
+
+def test_presets_hold_the_recipe():
+    small = ft.load_finetune_config([resolve_config_path("finetune_vit_small")], IMAGENET)
+    base = ft.load_finetune_config([resolve_config_path("finetune_vit_base")], IMAGENET)
+    for cfg in (small, base):
+        d, o = cfg.data, cfg.optim
+        assert (d.dataset, d.image_size, o.epochs) == ("folder", 224, 100)
+        assert (o.warmup_epochs, o.weight_decay, o.drop_path) == (5, 0.05, 0.1)
+        assert (o.mixup, o.cutmix, o.label_smoothing) == (0.8, 1.0, 0.1)
+        assert o.rand_augment == "rand-m9-mstd0.5-inc1"
+        assert o.lr == pytest.approx(5e-4) and o.batch_size == 1024
+    assert small.optim.layer_decay == 0.75 and base.optim.layer_decay == 0.65
+
+    demo = ft.load_finetune_config([resolve_config_path("finetune_demo")])
+    assert (demo.data.dataset, demo.data.image_size, demo.train.device) == ("fashion_mnist", 28,
+                                                                            "cpu")
+    assert demo.data.max_images is not None and demo.optim.epochs >= 1
+    assert demo.optim.layer_decay < 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.layer_decay=1.5", "optim.layer_decay"),
+    ("optim.layer_decay=0", "optim.layer_decay"),
+    ("optim.mixup=-0.2", "optim.mixup"),
+    ("optim.batch_size=33", "optim.batch_size"),  # odd, with Mixup on by default
+    ("optim.rand_augment=rand-zz9", "optim.rand_augment"),
+    ("optim.rand_augment=autoaug", "optim.rand_augment"),
+    ("optim.warmup_epochs=200", "optim.warmup_epochs"),
+    ("optim.label_smoothing=1", "optim.label_smoothing"),
+    ("optim.drop_path=1.0", "optim.drop_path"),
+    ("optim.lr=fast", "optim.lr"),
+    ("optim.epochs=0", "optim.epochs"),
+    ("data.crop_scale=[0.9,0.2]", "data.crop_scale"),
+    ("data.crop_pct=0", "data.crop_pct"),
+    ("data.dataset=imagenet", "data.dataset"),
+    ("model.global_pool=max", "model.global_pool"),
+    ("train.precision=fp8", "train.precision"),
+    ("optim.nesterov=true", "optim.nesterov"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(sere.SereError, match=re.escape(key)):
+        ft.load_finetune_config([resolve_config_path("finetune_vit_small")],
+                                [*IMAGENET, override])
+
+
+def test_folder_needs_both_paths_and_image_size_fits_the_patch(tmp_path, pretrained):
+    with pytest.raises(sere.SereError, match="data.train_path"):
+        ft.load_finetune_config([resolve_config_path("finetune_vit_small")])
+    with pytest.raises(sere.SereError, match="data.image_size"):
+        ft.Finetuner(easy_config(tmp_path, "data.image_size=18"), pretrained)  # patch 4
+
+
+def test_what_is_not_a_pretraining_checkpoint_is_refused(tmp_path, pretrained):
+    cfg = easy_config(tmp_path)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    plain = tmp_path / "plain.pt"
+    torch.save({"teacher": {}}, plain)
+    headless = tmp_path / "headless.pt"
+    save_checkpoint(headless, {"step": 3})
+    finetuned = tmp_path / "finetuned.pt"
+    save_checkpoint(finetuned, {"kind": ft.FINETUNE_KIND, "model": {}})
+    for path, words in ((tmp_path / "missing.pt", "does not exist"),
+                        (garbage, "cannot be read"),
+                        (plain, "not a sere training checkpoint"),
+                        (headless, "not a `sere pretrain` checkpoint"),
+                        (finetuned, "fine-tuned classifier")):
+        with pytest.raises(sere.SereError, match=re.escape(words)):
+            ft.Finetuner(cfg, path)
+    with pytest.raises(sere.SereError, match="teacher"):
+        ft.load_pretrained(pretrained, which="ema")
