@@ -36,6 +36,7 @@ from sere.data.augment import MultiCropAugmentation  # noqa: E402
 from sere.data.datasets import SyntheticSource  # noqa: E402
 from sere.data.loader import MultiCropDataset, collate  # noqa: E402
 from sere.losses.objective import SERELoss  # noqa: E402
+from sere.models.backbone import fused_attention_pays  # noqa: E402
 from sere.models.network import build_networks  # noqa: E402
 from sere.train.loop import autocast_context  # noqa: E402
 from sere.train.optim import TeacherEMA, build_optimizer, clip_per_parameter, set_rates  # noqa: E402
@@ -99,6 +100,10 @@ def child(args: argparse.Namespace, path: str) -> dict:
         def ema(m):
             teacher_ema.update(m)
     student, teacher = nets.student.to(device), nets.teacher.to(device)
+    if path != "baseline":  # as `sere pretrain` does: the faster attention for this set-up
+        fused = fused_attention_pays(device, args.precision)
+        student.backbone.set_fused_attention(fused)
+        teacher.backbone.set_fused_attention(fused)
     loss_fn = loss_fn.to(device)
     if args.compile and path != "baseline":
         student.compile()

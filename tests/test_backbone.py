@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sere
+
 from sere.models.backbone import ViTBackbone
 from sere.models.network import build_networks
 
@@ -68,3 +70,21 @@ def test_teacher_starts_as_the_student_and_gets_no_gradients(tiny):
     assert not any(p.requires_grad for p in nets.teacher.parameters())
     assert nets.student.relation.spatial_local is not None
     assert nets.teacher.relation.spatial_local is None
+
+
+def test_fused_and_explicit_attention_give_the_same_tokens():
+    from sere.models.backbone import fused_attention_pays
+
+    torch.manual_seed(0)
+    cfg = sere.load_config([], ["model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                                "model.patch_size=4", "model.in_chans=3",
+                                "data.dataset=synthetic", "data.global_crop_size=16"]).model
+    backbone = ViTBackbone(cfg, img_size=16, drop_path=0.0).eval()
+    images = torch.randn(2, 3, 16, 16)
+    fused = backbone.forward_tokens(images)
+    backbone.set_fused_attention(False)
+    assert not any(getattr(m, "fused_attn", False) for m in backbone.modules())
+    torch.testing.assert_close(backbone.forward_tokens(images), fused, rtol=1e-5, atol=1e-5)
+    assert not fused_attention_pays(torch.device("cpu"), "bf16")
+    assert fused_attention_pays(torch.device("cpu"), "fp32")
+    assert fused_attention_pays(torch.device("cuda"), "bf16")

@@ -5,10 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import Tensor, nn
 
 from sere.config import ModelConfig
+
+
+def fused_attention_pays(device: torch.device, precision: str) -> bool:
+    """Whether fused attention (SDPA) is the faster choice for this device and precision.
+
+    Measured with benchmarks/train_step.py (ViT-tiny, 2 x 224 + 10 x 96 crops, docs/benchmarks.md):
+    on the CPU in bf16, PyTorch's flash attention kernel took 38 % of the step, more than the
+    explicit form costs; everywhere else SDPA wins.
+    """
+    return not (device.type == "cpu" and precision == "bf16")
 
 
 @dataclass
@@ -54,6 +64,17 @@ class ViTBackbone(nn.Module):
         self.patch_size = cfg.patch_size
         self.mask_token = (nn.Parameter(torch.zeros(1, dims["embed_dim"]))
                            if with_mask_token else None)
+
+    def set_fused_attention(self, enable: bool) -> None:
+        """Use PyTorch's fused attention (SDPA), or timm's explicit softmax(Q K^T) V.
+
+        Both compute the same numbers. SDPA is the faster one on GPUs and in fp32 on the CPU;
+        in bf16 on the CPU the explicit form was faster (docs/benchmarks.md), see
+        `fused_attention_pays`.
+        """
+        for layer in self.vit.modules():
+            if isinstance(layer, Attention):
+                layer.fused_attn = enable
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward to save memory."""

@@ -21,6 +21,7 @@ from sere.errors import SereError
 from sere.eval.import_weights import load_pretrained_weights
 from sere.eval.knn_eval import eval_sources, knn_top1
 from sere.losses.objective import LossTerms, SERELoss
+from sere.models.backbone import fused_attention_pays
 from sere.models.network import NetworkOutputs, build_networks
 from sere.train import distributed as dist_utils
 from sere.train.checkpoint import (
@@ -174,6 +175,9 @@ class Pretrainer:
             check_writable(self.output_dir, checkpoint_size(nets.student, nets.teacher))
         self.student = nets.student.to(self.device)
         self.teacher = nets.teacher.to(self.device)
+        fused = fused_attention_pays(self.device, self.precision)
+        self.student.backbone.set_fused_attention(fused)
+        self.teacher.backbone.set_fused_attention(fused)
         self.loss_fn = SERELoss(cfg, self.student.backbone.num_heads).to(self.device)
         self.optimizer = build_optimizer(self.student)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
