@@ -100,3 +100,32 @@ def test_knn_top1_refuses_an_unlabelled_image_folder(tmp_path):
     cfg = load_config([], [f"data.path={tmp_path}"])
     with pytest.raises(SereError, match="no labels"):
         knn_top1(None, cfg, source, source, torch.device("cpu"))
+
+
+def test_cached_features_answer_other_k_without_the_backbone(tmp_path, monkeypatch):
+    from sere.data.datasets import SyntheticSource
+    from sere.eval import knn_eval
+    from sere.eval.knn_eval import FeatureCacheSpec
+    from sere.eval.weights import random_backbone
+
+    cfg = load_config([], ["model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                           "model.patch_size=4", "data.dataset=synthetic",
+                           "data.global_crop_size=16"])
+    train, test = SyntheticSource(64, 16, 3, seed=0), SyntheticSource(32, 16, 3, seed=1)
+    backbone = random_backbone(cfg, 0)
+    cache = FeatureCacheSpec(tmp_path / "cache", "model-a")
+    first = knn_top1(backbone, cfg, train, test, torch.device("cpu"), ks=(5,), cache=cache)
+    assert len(list((tmp_path / "cache").glob("knn-cls-*.pt"))) == 2  # train and test
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone ran although the features were cached")
+
+    monkeypatch.setattr(knn_eval, "extract_features", no_backbone)
+    again = knn_top1(backbone, cfg, train, test, torch.device("cpu"), ks=(5, 3), cache=cache)
+    assert again.by_k[5] == first.by_k[5] and again.top1 == first.top1
+    assert set(again.by_k) == {3, 5, cfg.eval.k}
+    with pytest.raises(AssertionError, match="backbone ran"):  # other weights: a miss
+        knn_top1(backbone, cfg, train, test, torch.device("cpu"),
+                 cache=FeatureCacheSpec(tmp_path / "cache", "model-b"))
+    with pytest.raises(AssertionError, match="backbone ran"):  # other images: a miss
+        knn_top1(backbone, cfg, train, test, torch.device("cpu"), max_test=16, cache=cache)

@@ -48,3 +48,67 @@ def test_hue_rotation_keeps_value_and_chroma_and_batches():
     # a full turn in two halves gives the image back
     torch.testing.assert_close(adjust_hue(adjust_hue(images, 0.5), 0.5), images, atol=1e-5,
                                rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour operations against torchvision, and the batched (deferred) path against the per-crop one
+
+
+@pytest.mark.parametrize("name, factor", [("brightness", 1.3), ("contrast", 0.7),
+                                          ("saturation", 1.15)])
+def test_colour_operations_equal_torchvision(name, factor):
+    from sere.data import photometric
+
+    image = torch.rand(3, 9, 11, generator=torch.Generator().manual_seed(5))
+    ours = getattr(photometric, f"adjust_{name}")(image, factor)
+    expected = getattr(TF, f"adjust_{name}")(image, factor)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(photometric.grayscale(image),
+                               TF.rgb_to_grayscale(image), rtol=0, atol=1e-6)
+    torch.testing.assert_close(photometric.solarize(image), TF.solarize(image, 128 / 255))
+
+
+@pytest.mark.parametrize("chans", [3, 1])
+def test_batched_draws_equal_crop_by_crop(chans):
+    from sere.data.photometric import PhotometricDraw, apply_batch, apply_one
+
+    g = torch.Generator().manual_seed(chans)
+    crops = torch.rand(9, chans, 12, 12, generator=g)
+    ops = 4 if chans == 3 else 2
+    draws = []
+    for i in range(9):  # every kind of draw, including none at all and every order position
+        order = tuple(torch.randperm(ops, generator=g).tolist())
+        draws.append(PhotometricDraw(
+            jitter=i % 3 != 0, order=order,
+            factors=(0.7 + 0.1 * i, 1.3 - 0.05 * i, 0.9 + 0.03 * i if chans == 3 else 1.0,
+                     0.08 - 0.02 * i if chans == 3 else 0.0),
+            gray=chans == 3 and i % 4 == 1, blur_sigma=[0.0, 0.3, 2.0][i % 3],
+            solarize=i % 2 == 0))
+    rows = torch.stack([d.as_row() for d in draws])
+    batched = apply_batch(crops, rows, max_sigma=2.0)
+    for i, d in enumerate(draws):
+        torch.testing.assert_close(batched[i], apply_one(crops[i], d), rtol=0, atol=2e-6)
+    assert not torch.allclose(batched, crops)
+
+
+def test_a_deferred_dataset_finishes_to_the_same_batch(tmp_path):
+    from sere.config import load_config
+    from sere.data.loader import build_dataset, collate
+
+    cfg = load_config([], ["data.dataset=synthetic", "data.synthetic_images=6",
+                           "data.synthetic_size=40", "model.patch_size=4", "model.in_chans=3",
+                           "data.global_crop_size=24", "data.local_crop_size=12",
+                           "data.local_crops_number=3"])
+    worker = build_dataset(cfg)
+    deferred = build_dataset(cfg, defer_photometric=True)
+    items = [deferred[(2, i)] for i in range(6)]
+    assert items[0]["crops"][0].dtype == torch.uint8 and items[0]["photometric"].shape == (5, 12)
+    batch = collate(items).finish(deferred.augment)
+    expected = collate([worker[(2, i)] for i in range(6)])
+    assert batch.photometric is None
+    for got, want in zip(batch.global_crops + batch.local_crops,
+                         expected.global_crops + expected.local_crops):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert torch.equal(batch.boxes, expected.boxes)
+    assert all(torch.equal(a, b) for a, b in zip(batch.masks, expected.masks))

@@ -172,3 +172,18 @@ def test_init_from_loads_weights_and_keeps_fresh_relation_heads(tiny, tmp_path):
         assert torch.equal(trainer.student.state_dict()[name], donor_teacher[name])
         assert torch.equal(trainer.teacher.state_dict()[name], donor_teacher[name])
     assert trainer.student.relation.spatial is not None  # built fresh: the donor had none
+
+
+def test_photometric_changes_on_the_device_train_like_in_the_workers(tiny, tmp_path):
+    """`data.photometric_on=device` (the GPU default) applies the same draws batched after
+    collation: the same losses as in the workers, up to float rounding."""
+    losses = {}
+    for where in ("worker", "device"):
+        out = tmp_path / where
+        trainer = Pretrainer(tiny("train.max_steps=3", f"data.photometric_on={where}",
+                                  f"train.output_dir={out}"))
+        assert trainer.dataset.augment.defer == (where == "device")
+        trainer.run()
+        losses[where] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+    assert len(losses["worker"]) == 3
+    assert losses["device"] == pytest.approx(losses["worker"], rel=1e-4)

@@ -73,7 +73,8 @@ def labelled_sources(args: argparse.Namespace, in_chans: int):
 def cmd_knn(args: argparse.Namespace) -> int:
     """k-NN top-1 of a checkpoint's backbone, and of random initialisation."""
     from sere.config import apply_overrides
-    from sere.eval.knn_eval import knn_top1
+    from sere.eval.feature_cache import checkpoint_model_key, random_model_key
+    from sere.eval.knn_eval import FeatureCacheSpec, knn_top1
     from sere.eval.weights import load_backbone, random_backbone
     from sere.train.loop import resolve_device
 
@@ -82,12 +83,17 @@ def cmd_knn(args: argparse.Namespace) -> int:
     train, test = labelled_sources(args, cfg.model.in_chans)
     device = resolve_device(args.device)
     ks = tuple(args.k or ())
+    folder = Path(args.cache_dir) if args.cache_dir else Path(args.checkpoint).parent / "knn_cache"
+    cache = None if args.no_cache else FeatureCacheSpec(
+        folder, checkpoint_model_key(args.checkpoint, args.backbone))
     result = knn_top1(loaded.backbone, cfg, train, test, device, args.max_train, args.max_test,
-                      args.workers, ks)
+                      args.workers, ks, cache)
     floor = None
     if not args.no_random:
-        floor = knn_top1(random_backbone(cfg), cfg, train, test, device, args.max_train,
-                         args.max_test, args.workers, ks)
+        floor_cache = None if args.no_cache else FeatureCacheSpec(folder,
+                                                                   random_model_key(cfg, 0))
+        floor = knn_top1(random_backbone(cfg, 0), cfg, train, test, device, args.max_train,
+                         args.max_test, args.workers, ks, floor_cache)
     print(f"{result.train_images} train / {result.test_images} test images, "
           f"features={cfg.eval.features}, {args.backbone} backbone")
     print(f"{'k':>5}  {'pretrained':>10}" + ("  random init" if floor else ""))
@@ -213,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--workers", type=int, default=0)
     k.add_argument("--device", default="auto")
     k.add_argument("--no-random", action="store_true", help="skip the random-init floor")
+    k.add_argument("--cache-dir", default=None, help="folder for cached features (default: "
+                   "knn_cache/ next to the checkpoint)")
+    k.add_argument("--no-cache", action="store_true", help="extract features without caching")
     k.add_argument("overrides", nargs="*", help="eval.* settings, e.g. eval.k=10")
     k.set_defaults(func=cmd_knn)
 

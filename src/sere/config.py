@@ -76,6 +76,9 @@ class DataConfig:
     num_workers: int = 4
     strict: bool = False  # fail on the first unreadable image instead of skipping it
     jpeg_draft: bool = True  # decode JPEGs at 1/2-1/8 size when every crop's box allows it
+    # where colour jitter, grayscale, blur and solarisation run: in the DataLoader workers, or
+    # batched on the training device after collation; "auto" is "device" on GPUs
+    photometric_on: Literal["auto", "worker", "device"] = "auto"
 
 
 @dataclass

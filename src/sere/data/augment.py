@@ -5,8 +5,10 @@ crops depend only on (seed, epoch, index): not on the worker that made them, nor
 That is what makes mid-epoch resume exact.
 
 Each crop is cut and resized from the uint8 (C, H, W) image, then converted to float in [0, 1]
-once; the photometric changes run on floats (`sere.data.photometric` for blur and hue) without
-rounding back to uint8 in between, and the last step normalises.
+once; the photometric changes run on floats (`sere.data.photometric`) without rounding back to
+uint8 in between, and the last step normalises. With `defer_photometric` the worker stops after
+resizing and returns each crop's draws; `MultiCropAugmentation.finish` applies them to the
+collated batch on the training device.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 
 from sere.config import DataConfig
 from sere.data.geometry import CropBox
-from sere.data.photometric import adjust_hue, gaussian_blur
+from sere.data.photometric import PhotometricDraw, apply_batch, apply_one
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -70,6 +72,18 @@ class CropRecipe:
     solarize_p: float
 
 
+NO_CHANGE = PhotometricDraw(False, (), (1.0, 1.0, 1.0, 0.0), False, 0.0, False)
+
+
+@dataclass
+class RenderedCrops:
+    """The views of one image."""
+
+    crops: list[Tensor]  # 2 + L: (C, size, size) normalised float, or uint8 when deferred
+    boxes: Tensor  # (2 + L, 5) rows (x, y, w, h, flipped) in source pixels
+    photometric: Tensor | None  # (2 + L, ROW_SIZE) draws when deferred, else None
+
+
 @dataclass(frozen=True)
 class CropPlan:
     """One crop's geometry: its box in source pixels and whether it is flipped."""
@@ -86,17 +100,20 @@ class MultiCropAugmentation:
     """2 global and L local crops of one image, each with its box and flip.
 
     Global crop 1 is always blurred, global crop 2 is blurred with p=0.1 and solarised with p=0.2,
-    local crops are blurred with p=0.5 (sigma uniform in `blur_sigma`); all get a flip (p=0.5), colour jitter (0.4, 0.4, 0.2, 0.1)
-    with p=0.8 and grayscale with p=0.2. For 1-channel images, saturation, hue and grayscale have
+    local crops are blurred with p=0.5 (sigma uniform in `blur_sigma`); all get a flip (p=0.5),
+    colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8 and grayscale with p=0.2. For 1-channel images, saturation, hue and grayscale have
     no meaning and are left out. `color_jitter=False` leaves out every photometric change.
 
     Args:
         cfg: the data section of the configuration.
         in_chans: channels of the model's input (1 or 3).
+        defer_photometric: leave the crops uint8 and return each crop's draws, for `finish`
+            to apply to the collated batch on the training device.
     """
 
-    def __init__(self, cfg: DataConfig, in_chans: int):
+    def __init__(self, cfg: DataConfig, in_chans: int, defer_photometric: bool = False):
         self.in_chans = in_chans
+        self.defer = defer_photometric
         self.photometric = cfg.color_jitter
         self.blur_sigma = cfg.blur_sigma
         self.mean = torch.tensor(cfg.normalize_mean).view(-1, 1, 1)
@@ -115,7 +132,8 @@ class MultiCropAugmentation:
             crops: 2 + L float tensors (C, size, size), normalised; globals first.
             boxes: (2 + L, 5) rows `(x, y, w, h, flipped)` in source pixels.
         """
-        return self.render(image, self.plan(*image.shape[-2:], generator), generator)
+        views = self.render(image, self.plan(*image.shape[-2:], generator), generator)
+        return views.crops, views.boxes
 
     def plan(self, height: int, width: int, generator: torch.Generator) -> list[CropPlan]:
         """Every crop's box and flip for a `height` x `width` image, drawn before any pixel is
@@ -134,7 +152,7 @@ class MultiCropAugmentation:
         return next((r for r in (8, 4, 2) if smallest >= r), 1)
 
     def render(self, image: Tensor, plans: list[CropPlan], generator: torch.Generator,
-               source_size: tuple[int, int] | None = None) -> tuple[list[Tensor], Tensor]:
+               source_size: tuple[int, int] | None = None) -> RenderedCrops:
         """The crops that `plans` describe, cut from a uint8 (C, H', W') image.
 
         Args:
@@ -143,15 +161,14 @@ class MultiCropAugmentation:
             generator: the same generator, for the photometric draws.
             source_size: (H, W) the plans were drawn on; None when it is the image's size.
 
-        Returns:
-            crops: 2 + L float tensors (C, size, size), normalised; globals first.
-            boxes: (2 + L, 5) rows `(x, y, w, h, flipped)` in source pixels: the region the
-                pixels came from (after a reduced decode, rounded to the reduced pixel grid).
+        Returns the crops (normalised floats, or uint8 with their draws when the photometric
+        changes are deferred) and their boxes in source pixels: the region the pixels came from
+        (after a reduced decode, rounded to the reduced pixel grid).
         """
         height, width = image.shape[-2:]
         sy, sx = (1.0, 1.0) if source_size is None else (height / source_size[0],
                                                          width / source_size[1])
-        crops, boxes = [], []
+        crops, boxes, rows = [], [], []
         for p in plans:
             top, left, h, w = p.top, p.left, p.h, p.w
             if (sy, sx) != (1.0, 1.0):
@@ -162,41 +179,46 @@ class MultiCropAugmentation:
                                   interpolation=InterpolationMode.BICUBIC, antialias=True)
             if p.flipped:
                 crop = F.horizontal_flip(crop)
-            crop = crop.float() / 255.0  # (C, size, size) in [0, 1]
-            if self.photometric:
-                crop = self._photometric(crop, p.recipe, generator)
-            crops.append((crop - self.mean) / self.std)
+            draw = self._draw(p.recipe, generator) if self.photometric else NO_CHANGE
+            if self.defer:
+                rows.append(draw.as_row())  # the crop stays uint8 until `finish`
+            else:
+                crop = apply_one(crop.float() / 255.0, draw)  # (C, size, size) in [0, 1]
+                crop = (crop - self.mean) / self.std
+            crops.append(crop)
             boxes.append(CropBox(x=left / sx, y=top / sy, w=w / sx, h=h / sy,
                                  flipped=p.flipped).as_tensor())
-        return crops, torch.stack(boxes)
+        return RenderedCrops(crops, torch.stack(boxes), torch.stack(rows) if self.defer else None)
 
-    def _photometric(self, crop: Tensor, recipe: CropRecipe, generator: torch.Generator) -> Tensor:
-        if _chance(generator, 0.8):
-            crop = self._color_jitter(crop, generator)
-        if self.in_chans == 3 and _chance(generator, 0.2):
-            crop = F.rgb_to_grayscale(crop, num_output_channels=3)
-        if _chance(generator, recipe.blur_p):
-            sigma = _uniform(generator, *self.blur_sigma)
-            kernel = min(2 * math.ceil(3 * sigma) + 1, _largest_odd(crop.shape[-1]))
-            crop = gaussian_blur(crop, kernel, sigma)
-        if _chance(generator, recipe.solarize_p):
-            crop = F.solarize(crop, threshold=128 / 255)  # uint8 128 and above are inverted
-        return crop
+    def _draw(self, recipe: CropRecipe, generator: torch.Generator) -> PhotometricDraw:
+        """The photometric changes of one crop, drawn from `generator`."""
+        jitter = _chance(generator, 0.8)
+        order: tuple[int, ...] = ()
+        factors = (1.0, 1.0, 1.0, 0.0)
+        if jitter:
+            n_ops = 4 if self.in_chans == 3 else 2  # one channel: brightness and contrast
+            order = tuple(torch.randperm(n_ops, generator=generator).tolist())
+            brightness = _uniform(generator, 0.6, 1.4)
+            contrast = _uniform(generator, 0.6, 1.4)
+            saturation, hue = ((_uniform(generator, 0.8, 1.2), _uniform(generator, -0.1, 0.1))
+                               if n_ops == 4 else (1.0, 0.0))
+            factors = (brightness, contrast, saturation, hue)
+        gray = self.in_chans == 3 and _chance(generator, 0.2)
+        sigma = _uniform(generator, *self.blur_sigma) if _chance(generator, recipe.blur_p) else 0.0
+        return PhotometricDraw(jitter, order, factors, gray, sigma,
+                               _chance(generator, recipe.solarize_p))
 
-    def _color_jitter(self, crop: Tensor, generator: torch.Generator) -> Tensor:
-        ops = [
-            lambda x: F.adjust_brightness(x, _uniform(generator, 0.6, 1.4)),
-            lambda x: F.adjust_contrast(x, _uniform(generator, 0.6, 1.4)),
-        ]
-        if self.in_chans == 3:
-            ops += [
-                lambda x: F.adjust_saturation(x, _uniform(generator, 0.8, 1.2)),
-                lambda x: adjust_hue(x, _uniform(generator, -0.1, 0.1)),
-            ]
-        for index in torch.randperm(len(ops), generator=generator).tolist():
-            crop = ops[index](crop)
-        return crop
+    def finish(self, crops: list[Tensor], rows: Tensor) -> list[Tensor]:
+        """Deferred crops to the crops the worker would have made: the photometric changes
+        batched (on the crops' device), then normalisation.
 
-
-def _largest_odd(n: int) -> int:
-    return n if n % 2 == 1 else n - 1
+        Args:
+            crops: 2 + L uint8 tensors (B, C, size, size) from a `defer_photometric` dataset.
+            rows: (B, 2 + L, ROW_SIZE) their draws.
+        """
+        out = []
+        for index, crop in enumerate(crops):
+            x = crop.float() / 255.0  # (B, C, size, size)
+            x = apply_batch(x, rows[:, index], self.blur_sigma[1])
+            out.append((x - self.mean.to(x.device)) / self.std.to(x.device))
+        return out

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from sere.config import Config
-from sere.data.augment import MultiCropAugmentation
+from sere.data.augment import MultiCropAugmentation, RenderedCrops
 from sere.data.datasets import ImageSource, UnreadableImage, build_source, subset_indices
 from sere.data.masking import block_mask, draw_mask_ratio
 from sere.errors import SereError
@@ -39,13 +39,24 @@ class MultiCropBatch:
     masks: list[Tensor]  # 2 x (B, hg, wg) bool, True where the student sees the mask token
     labels: Tensor  # (B,) int64, -1 when unknown
     skipped: list[str] = field(default_factory=list)  # unreadable files replaced in this batch
+    photometric: Tensor | None = None  # (B, 2 + L, ROW_SIZE) deferred draws; crops are uint8
 
     def to(self, device: torch.device) -> "MultiCropBatch":
         """The same batch on `device`."""
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return MultiCropBatch([move(t) for t in self.global_crops],
                               [move(t) for t in self.local_crops], move(self.boxes),
-                              [move(m) for m in self.masks], move(self.labels), self.skipped)
+                              [move(m) for m in self.masks], move(self.labels), self.skipped,
+                              None if self.photometric is None else move(self.photometric))
+
+    def finish(self, augment: MultiCropAugmentation) -> "MultiCropBatch":
+        """Apply deferred photometric changes where the crops are now (a no-op otherwise)."""
+        if self.photometric is None:
+            return self
+        n_global = len(self.global_crops)
+        crops = augment.finish(self.global_crops + self.local_crops, self.photometric)
+        return MultiCropBatch(crops[:n_global], crops[n_global:], self.boxes, self.masks,
+                              self.labels, self.skipped)
 
     @property
     def size(self) -> int:
@@ -82,7 +93,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         for attempt in range(MAX_CONSECUTIVE_BAD):
             index = self.indices[(position + attempt) % len(self.indices)]
             try:
-                crops, boxes, label = self._crops(index, generator)
+                views, label = self._views(index, generator)
                 break
             except UnreadableImage as err:
                 if self.strict:
@@ -93,18 +104,20 @@ class MultiCropDataset(torch.utils.data.Dataset):
             raise SereError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row (last: "
                             f"{skipped[-1]}); the data folder looks mostly bad")
         masks = [self._mask(generator) for _ in range(2)]
-        return dict(crops=crops, boxes=boxes, masks=masks, label=label, skipped=skipped)
+        return dict(crops=views.crops, boxes=views.boxes, photometric=views.photometric,
+                    masks=masks, label=label, skipped=skipped)
 
-    def _crops(self, index: int, generator: torch.Generator) -> tuple[list[Tensor], Tensor, int]:
-        """Crops, boxes and label of source item `index`: the crops are planned on the image's
-        header size, then the image is decoded as small as they allow and rendered."""
+    def _views(self, index: int, generator: torch.Generator) -> tuple[RenderedCrops, int]:
+        """Views and label of source item `index`: the crops are planned on the image's header
+        size, then the image is decoded as small as they allow and rendered."""
         size = self.source.header_size(index) if self.jpeg_draft else None
         if size is None:
             image, label = self.source[index]
-            return *self.augment(image, generator), label
-        plans = self.augment.plan(*size, generator)
-        image, label = self.source.load(index, self.augment.reduction(plans))
-        return *self.augment.render(image, plans, generator, source_size=size), label
+            plans = self.augment.plan(*image.shape[-2:], generator)
+        else:
+            plans = self.augment.plan(*size, generator)
+            image, label = self.source.load(index, self.augment.reduction(plans))
+        return self.augment.render(image, plans, generator, source_size=size), label
 
     def _mask(self, generator: torch.Generator) -> Tensor:
         h, w = self.mask_grid
@@ -125,6 +138,8 @@ def collate(samples: list[dict]) -> MultiCropBatch:
         masks=[torch.stack([s["masks"][v] for s in samples]) for v in range(2)],
         labels=torch.tensor([s["label"] for s in samples], dtype=torch.int64),
         skipped=[path for s in samples for path in s["skipped"]],
+        photometric=(None if samples[0]["photometric"] is None
+                     else torch.stack([s["photometric"] for s in samples])),
     )
 
 
@@ -173,11 +188,12 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
 
-def build_dataset(cfg: Config) -> MultiCropDataset:
-    """The pretraining data set that the configuration describes."""
+def build_dataset(cfg: Config, defer_photometric: bool = False) -> MultiCropDataset:
+    """The pretraining data set that the configuration describes; with `defer_photometric`,
+    its batches carry uint8 crops and draws for `MultiCropBatch.finish`."""
     source = build_source(cfg.data, cfg.model.in_chans, train=True)
     indices = subset_indices(len(source), cfg.data.max_images, seed=cfg.train.seed)
-    augment = MultiCropAugmentation(cfg.data, cfg.model.in_chans)
+    augment = MultiCropAugmentation(cfg.data, cfg.model.in_chans, defer_photometric)
     grid = cfg.data.global_crop_size // cfg.model.patch_size
     return MultiCropDataset(source, indices, augment, (grid, grid), cfg,
                             use_masks=cfg.loss.lambda2 > 0)

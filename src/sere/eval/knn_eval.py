@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,7 @@ from sere.data.datasets import (
     subset_indices,
 )
 from sere.errors import SereError
+from sere.eval.feature_cache import FeatureSplit, cache_key, read_cache, write_cache
 from sere.eval.features import EvalImages, extract_features
 from sere.eval.knn import knn_classify_many, top1_accuracy
 from sere.models.backbone import ViTBackbone
@@ -54,13 +56,25 @@ def eval_sources(cfg: Config) -> tuple[ImageSource, ImageSource]:
                     "eval.knn_train_path and eval.knn_test_path")
 
 
+@dataclass(frozen=True)
+class FeatureCacheSpec:
+    """Where to cache a backbone's k-NN features, and the key of its weights
+    (`sere.eval.feature_cache.checkpoint_model_key` or `random_model_key`)."""
+
+    folder: Path
+    model_key: str
+
+
 def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: ImageSource,
              device: torch.device, max_train: int | None = None, max_test: int | None = None,
-             num_workers: int = 0, ks: tuple[int, ...] = ()) -> KnnResult:
+             num_workers: int = 0, ks: tuple[int, ...] = (),
+             cache: FeatureCacheSpec | None = None) -> KnnResult:
     """Extract features of both sets with `backbone` and classify the test set by k-NN.
 
     Images are resized to `cfg.data.global_crop_size`; `cfg.eval` gives k, the temperature and
-    which features to use; `ks` adds more neighbour counts to report.
+    which features to use; `ks` adds more neighbour counts to report. With `cache`, each set's
+    features are read from (or written to) a file keyed by the weights, the images and the
+    settings, so that asking again with other k costs no backbone pass.
     """
     if len(train.classes) == 0:
         raise SereError("the k-NN training set has no labels (put images in one sub-folder per "
@@ -69,10 +83,22 @@ def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: Image
     backbone = backbone.to(device)
     sets = []
     for name, source, limit in (("train", train, max_train), ("test", test, max_test)):
-        images = EvalImages(source, size, d.normalize_mean, d.normalize_std,
-                            subset_indices(len(source), limit, seed=1))
-        sets.append(extract_features(backbone, images, e.features, e.batch_size, device,
-                                     num_workers, desc=f"k-NN {name} features"))
+        indices = subset_indices(len(source), limit, seed=1)
+        kind = f"knn-{e.features}"
+        path = key = None
+        if cache is not None:
+            key = cache_key(cache.model_key, kind, source, indices, cfg)
+            path = cache.folder / f"{kind}-{name}-{key[:24]}.pt"
+            if (hit := read_cache(path, key, len(indices))) is not None:
+                sets.append((hit.features, hit.labels))
+                continue
+        images = EvalImages(source, size, d.normalize_mean, d.normalize_std, indices)
+        features, labels = extract_features(backbone, images, e.features, e.batch_size, device,
+                                            num_workers, desc=f"k-NN {name} features")
+        if path is not None:
+            write_cache(path, key, FeatureSplit(features, labels),
+                        {"model": cache.model_key, "kind": kind, "split": name})
+        sets.append((features, labels))
     (train_f, train_y), (test_f, test_y) = sets
     unseen = set(test_y.tolist()) - set(train_y.tolist())
     if unseen:

@@ -34,10 +34,8 @@ Protocol (DINO/iBOT linear evaluation, adapted to run cheaply and without test-s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,14 +46,17 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sere.config import Config
-from sere.data.datasets import (
-    FashionMNISTSource,
-    ImageFolderSource,
-    ImageSource,
-    SyntheticSource,
-    subset_indices,
-)
+from sere.data.datasets import ImageSource, subset_indices
 from sere.errors import SereError
+from sere.eval.feature_cache import (
+    FeatureSplit,
+    cache_key,
+    checkpoint_model_key,
+    random_model_key,
+    read_cache,
+    source_fingerprint,
+    write_cache,
+)
 from sere.eval.features import EvalImages
 from sere.models.backbone import ViTBackbone
 
@@ -63,7 +64,6 @@ FEATURE_KINDS = ("cls", "cls4_avgpool")
 NORMS = ("batchnorm", "none")
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # per 256 images
 LAST_BLOCKS = 4  # blocks whose [CLS] tokens "cls4_avgpool" concatenates
-CACHE_FORMAT = "sere-linear-features-v1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,14 +118,6 @@ def probe_features(backbone: ViTBackbone, images: Tensor, kind: str) -> Tensor:
     return torch.cat([*cls_tokens, last[:, prefix:].mean(dim=1)], dim=-1)  # (B, 5C)
 
 
-@dataclass
-class FeatureSplit:
-    """The features of one labelled split."""
-
-    features: Tensor  # (N, D) float32, CPU
-    labels: Tensor  # (N,) int64; -1 for unlabelled images
-
-
 def extract_probe_features(backbone: ViTBackbone, images: EvalImages, kind: str,
                            batch_size: int, device: torch.device, num_workers: int = 0,
                            desc: str = "features") -> FeatureSplit:
@@ -146,97 +138,6 @@ def extract_probe_features(backbone: ViTBackbone, images: EvalImages, kind: str,
         return FeatureSplit(torch.zeros(0, feature_dim(backbone.embed_dim, kind)),
                             torch.zeros(0, dtype=torch.int64))
     return FeatureSplit(torch.cat(feats), torch.cat(labels))
-
-
-# ---------------------------------------------------------------------------------------------
-# The feature cache.
-
-
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            sha.update(block)
-    return sha.hexdigest()
-
-
-def _tensor_digest(tensor: Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
-
-
-def source_fingerprint(source: ImageSource) -> str:
-    """A string that changes when the images or labels of `source` change.
-
-    Image folders: the resolved root, the channel count and the sorted relative paths with their
-    labels (an image rewritten in place under the same name is not noticed: clear the cache).
-    Fashion-MNIST: a hash of its pixels and labels. Synthetic images: their parameters.
-    """
-    if isinstance(source, ImageFolderSource):
-        sha = hashlib.sha256()
-        for path, label in zip(source.paths, source.labels):
-            sha.update(f"{path.relative_to(source.root)}\t{label}\n".encode())
-        return f"folder:{source.root.resolve()}:{source.in_chans}:{sha.hexdigest()}"
-    if isinstance(source, FashionMNISTSource):
-        return (f"fashion_mnist:{source.in_chans}:{_tensor_digest(source.images)}:"
-                f"{_tensor_digest(source.labels)}")
-    if isinstance(source, SyntheticSource):
-        return f"synthetic:{source.count}:{source.size}:{source.in_chans}:{source.seed}"
-    return f"{type(source).__module__}.{type(source).__qualname__}:{len(source)}:{source.classes}"
-
-
-def checkpoint_model_key(checkpoint: str | Path, which: str) -> str:
-    """Cache key of a checkpoint's teacher or student backbone: the file's SHA-256."""
-    return f"checkpoint:{file_digest(checkpoint)}:{which}"
-
-
-def random_model_key(cfg: Config, seed: int) -> str:
-    """Cache key of `random_backbone(cfg, seed)`: the shape, the seed and the timm version."""
-    import timm
-
-    return (f"random-init:{seed}:{json.dumps(cfg.to_dict()['model'], sort_keys=True)}:"
-            f"{cfg.data.global_crop_size}:timm-{timm.__version__}")
-
-
-def cache_key(model_key: str, kind: str, source: ImageSource, indices: list[int],
-              cfg: Config) -> str:
-    """The full cache key (hex SHA-256) of one split's features."""
-    d = cfg.data
-    parts = [CACHE_FORMAT, model_key, kind, source_fingerprint(source),
-             hashlib.sha256(json.dumps(indices).encode()).hexdigest(), d.global_crop_size,
-             list(d.normalize_mean), list(d.normalize_std)]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-
-
-def _read_cache(path: Path, key: str, count: int) -> FeatureSplit | None:
-    """The cached split at `path`, or None when it is missing, unreadable or for another key."""
-    if not path.is_file():
-        return None
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged file: extract again and overwrite it
-        return None
-    if not isinstance(stored, dict) or stored.get("key") != key:
-        return None
-    features, labels = stored.get("features"), stored.get("labels")
-    if not isinstance(features, Tensor) or not isinstance(labels, Tensor):
-        return None
-    if len(features) != count or len(labels) != count:
-        return None
-    return FeatureSplit(features, labels)
-
-
-def _write_cache(path: Path, key: str, split: FeatureSplit, meta: dict[str, Any]) -> None:
-    """Save through a temporary file and a rename, so that an interrupted write leaves none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save({"key": key, "features": split.features.contiguous(),
-                    "labels": split.labels.contiguous(), "meta": meta}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @dataclass
@@ -271,14 +172,14 @@ def cached_probe_features(backbone: ViTBackbone, model_key: str, cfg: Config,
     check_feature_kind(backbone, kind)
     key = cache_key(model_key, kind, source, indices, cfg)
     path = Path(cache_dir) / f"{kind}-{name}-{key[:24]}.pt" if cache_dir is not None else None
-    if path is not None and (hit := _read_cache(path, key, len(indices))) is not None:
+    if path is not None and (hit := read_cache(path, key, len(indices))) is not None:
         return CachedFeatures(hit, path, True)
     d = cfg.data
     images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std, indices)
     split = extract_probe_features(backbone, images, kind, batch_size or cfg.eval.batch_size,
                                    device, num_workers, desc=f"linear-probe {name} features")
     if path is not None:
-        _write_cache(path, key, split, {"model": model_key, "kind": kind, "split": name,
+        write_cache(path, key, split, {"model": model_key, "kind": kind, "split": name,
                                         "source": source_fingerprint(source)[:200],
                                         "images": len(indices)})
     return CachedFeatures(split, path, False)

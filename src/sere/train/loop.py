@@ -154,7 +154,9 @@ class Pretrainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.output_dir = Path(cfg.train.output_dir)
-        self.dataset = build_dataset(cfg)
+        where = cfg.data.photometric_on
+        self.dataset = build_dataset(cfg, defer_photometric=where == "device" or (
+            where == "auto" and self.device.type == "cuda"))
         self.sampler = EpochBatchSampler(len(self.dataset), cfg.optim.batch_size, self.dist.rank,
                                          self.dist.world_size, cfg.train.seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.optim.accum_steps
@@ -314,7 +316,7 @@ class Pretrainer:
         set_rates(self.optimizer, values.lr, values.weight_decay)
         teacher_outs = []
         for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.device)
+            batch = batch.to(self.device).finish(self.dataset.augment)
             sync = (i == len(micro_batches) - 1 or self.dist.world_size == 1)
             no_sync = contextlib.nullcontext() if sync else self.model.no_sync()
             with no_sync, autocast_context(self.precision, self.device):

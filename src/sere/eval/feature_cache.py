@@ -1,0 +1,122 @@
+"""A cache of extracted features, shared by `sere linear` and `sere knn`.
+
+A split's features are stored in one file whose key hashes everything they depend on: the
+backbone's weights (`checkpoint_model_key`: the checkpoint file's SHA-256 and which backbone;
+`random_model_key`: the shape and seed of a random one), the kind of feature, the images (paths
+and labels of a folder, the pixels of Fashion-MNIST) and which of them, the evaluation size and
+normalisation. A file whose key differs, or that cannot be read, is ignored and rewritten; files
+are written through a temporary file and a rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sere.config import Config
+from sere.data.datasets import FashionMNISTSource, ImageFolderSource, ImageSource, SyntheticSource
+
+CACHE_FORMAT = "sere-linear-features-v1"
+
+
+@dataclass
+class FeatureSplit:
+    """The features of one labelled split."""
+
+    features: Tensor  # (N, D) float32, CPU
+    labels: Tensor  # (N,) int64; -1 for unlabelled images
+
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _tensor_digest(tensor: Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def source_fingerprint(source: ImageSource) -> str:
+    """A string that changes when the images or labels of `source` change.
+
+    Image folders: the resolved root, the channel count and the sorted relative paths with their
+    labels (an image rewritten in place under the same name is not noticed: clear the cache).
+    Fashion-MNIST: a hash of its pixels and labels. Synthetic images: their parameters.
+    """
+    if isinstance(source, ImageFolderSource):
+        sha = hashlib.sha256()
+        for path, label in zip(source.paths, source.labels):
+            sha.update(f"{path.relative_to(source.root)}\t{label}\n".encode())
+        return f"folder:{source.root.resolve()}:{source.in_chans}:{sha.hexdigest()}"
+    if isinstance(source, FashionMNISTSource):
+        return (f"fashion_mnist:{source.in_chans}:{_tensor_digest(source.images)}:"
+                f"{_tensor_digest(source.labels)}")
+    if isinstance(source, SyntheticSource):
+        return f"synthetic:{source.count}:{source.size}:{source.in_chans}:{source.seed}"
+    return f"{type(source).__module__}.{type(source).__qualname__}:{len(source)}:{source.classes}"
+
+
+def checkpoint_model_key(checkpoint: str | Path, which: str) -> str:
+    """Cache key of a checkpoint's teacher or student backbone: the file's SHA-256."""
+    return f"checkpoint:{file_digest(checkpoint)}:{which}"
+
+
+def random_model_key(cfg: Config, seed: int) -> str:
+    """Cache key of `random_backbone(cfg, seed)`: the shape, the seed and the timm version."""
+    import timm
+
+    return (f"random-init:{seed}:{json.dumps(cfg.to_dict()['model'], sort_keys=True)}:"
+            f"{cfg.data.global_crop_size}:timm-{timm.__version__}")
+
+
+def cache_key(model_key: str, kind: str, source: ImageSource, indices: list[int],
+              cfg: Config) -> str:
+    """The full cache key (hex SHA-256) of one split's features."""
+    d = cfg.data
+    parts = [CACHE_FORMAT, model_key, kind, source_fingerprint(source),
+             hashlib.sha256(json.dumps(indices).encode()).hexdigest(), d.global_crop_size,
+             list(d.normalize_mean), list(d.normalize_std)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def read_cache(path: Path, key: str, count: int) -> FeatureSplit | None:
+    """The cached split at `path`, or None when it is missing, unreadable or for another key."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged file: extract again and overwrite it
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key:
+        return None
+    features, labels = stored.get("features"), stored.get("labels")
+    if not isinstance(features, Tensor) or not isinstance(labels, Tensor):
+        return None
+    if len(features) != count or len(labels) != count:
+        return None
+    return FeatureSplit(features, labels)
+
+
+def write_cache(path: Path, key: str, split: FeatureSplit, meta: dict[str, Any]) -> None:
+    """Save through a temporary file and a rename, so that an interrupted write leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"key": key, "features": split.features.contiguous(),
+                    "labels": split.labels.contiguous(), "meta": meta}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
