@@ -79,6 +79,8 @@ def child(args: argparse.Namespace, path: str) -> dict:
         from baseline import (BaselineSERELoss, baseline_clip, baseline_ema, baseline_networks,
                               baseline_optimizer)
         nets = baseline_networks(cfg)
+        nets.student.to(device)
+        nets.teacher.to(device)
         loss_fn = BaselineSERELoss(cfg, nets.student.backbone.num_heads)
         optimizer = baseline_optimizer(nets.student)
 
@@ -89,8 +91,10 @@ def child(args: argparse.Namespace, path: str) -> dict:
             baseline_ema(nets.student, nets.teacher, m)
     else:
         nets = build_networks(cfg)
+        nets.student.to(device)
+        nets.teacher.to(device)
         loss_fn = SERELoss(cfg, nets.student.backbone.num_heads)
-        optimizer = build_optimizer(nets.student, fused=True)
+        optimizer = build_optimizer(nets.student)  # fused where PyTorch has it, as in training
         trainable = [p for p in nets.student.parameters() if p.requires_grad]
         teacher_ema = TeacherEMA(nets.student, nets.teacher)
 
@@ -99,7 +103,7 @@ def child(args: argparse.Namespace, path: str) -> dict:
 
         def ema(m):
             teacher_ema.update(m)
-    student, teacher = nets.student.to(device), nets.teacher.to(device)
+    student, teacher = nets.student, nets.teacher
     if path != "baseline":  # as `sere pretrain` does: the faster attention for this set-up
         fused = fused_attention_pays(device, args.precision)
         student.backbone.set_fused_attention(fused)

@@ -21,17 +21,18 @@ def build_optimizer(student: nn.Module, fused: bool | None = None) -> torch.opti
 
     Args:
         student: the student network (frozen parameters are left out).
-        fused: use the fused AdamW kernel; None picks it where the parameters are on a GPU.
+        fused: use the fused AdamW kernel; None picks it where PyTorch has one for the
+            parameters' device (CPU and CUDA).
     """
     decay, no_decay = [], []
     for name, param in student.named_parameters():
         if param.requires_grad:
             (decay if is_decayed(name, param) else no_decay).append(param)
-    on_gpu = any(p.is_cuda for p in decay + no_decay)
+    fusable = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     groups = [{"params": decay, "name": "decay"},
               {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0,
-                             fused=on_gpu if fused is None else fused)
+                             fused=fusable if fused is None else fused)
 
 
 def set_rates(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
