@@ -295,7 +295,7 @@ def test_tiny_study_end_to_end_then_resume_skips_everything(tmp_path, monkeypatc
         assert record.steps == 4 and record.train_images == 64 and record.test_images == 64
         assert [step for step, _ in record.knn_curve] == [1, 2, 3, 4]
         assert 0 <= record.knn_top1 <= 100 and 0 <= record.linear_top1 <= 100
-        assert record.seconds_per_step > 0 and record.wall_seconds >= record.pretrain_seconds > 0
+        assert record.wall_seconds >= record.pretrain_seconds
         assert len(record.linear["rows"]) == 7
     assert records[study.FLOOR].knn_subset_top1 is not None
     # the two methods' heads follow their weights: DINO has no relation or patch terms
