@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -33,6 +33,14 @@ class FeatureSplit:
     features: Tensor  # (N, D) float32, CPU
     labels: Tensor  # (N,) int64; -1 for unlabelled images
 
+
+@dataclass
+class CachedFeatures:
+    """A split's features and where they came from."""
+
+    split: FeatureSplit
+    path: Path | None  # the cache file, None when caching is off
+    from_cache: bool
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -120,3 +128,25 @@ def write_cache(path: Path, key: str, split: FeatureSplit, meta: dict[str, Any])
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def cached_split(folder: str | Path | None, model_key: str, kind: str, name: str,
+                 source: ImageSource, indices: list[int], cfg: Config,
+                 extract: Callable[[], FeatureSplit]) -> CachedFeatures:
+    """The features of `source[indices]`: read from `folder` when this exact extraction was
+    cached there, otherwise computed by `extract()` and written there.
+
+    `kind` names the features (it is part of the key and of the file name `KIND-NAME-KEY.pt`),
+    `name` the split. With `folder` None nothing is read or written.
+    """
+    if folder is None:
+        return CachedFeatures(extract(), None, False)
+    key = cache_key(model_key, kind, source, indices, cfg)
+    path = Path(folder) / f"{kind}-{name}-{key[:24]}.pt"
+    if (hit := read_cache(path, key, len(indices))) is not None:
+        return CachedFeatures(hit, path, True)
+    split = extract()
+    write_cache(path, key, split, {"model": model_key, "kind": kind, "split": name,
+                                   "source": source_fingerprint(source)[:200],
+                                   "images": len(indices)})
+    return CachedFeatures(split, path, False)

@@ -16,7 +16,7 @@ from sere.data.datasets import (
     subset_indices,
 )
 from sere.errors import SereError
-from sere.eval.feature_cache import FeatureSplit, cache_key, read_cache, write_cache
+from sere.eval.feature_cache import FeatureSplit, cached_split
 from sere.eval.features import EvalImages, extract_features
 from sere.eval.knn import knn_classify_many, top1_accuracy
 from sere.models.backbone import ViTBackbone
@@ -81,25 +81,21 @@ def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: Image
                         "class)")
     size, d, e = cfg.data.global_crop_size, cfg.data, cfg.eval
     backbone = backbone.to(device)
+    kind = f"knn-{e.features}"
+    folder, model_key = (cache.folder, cache.model_key) if cache is not None else (None, "")
     sets = []
     for name, source, limit in (("train", train, max_train), ("test", test, max_test)):
         indices = subset_indices(len(source), limit, seed=1)
-        kind = f"knn-{e.features}"
-        path = key = None
-        if cache is not None:
-            key = cache_key(cache.model_key, kind, source, indices, cfg)
-            path = cache.folder / f"{kind}-{name}-{key[:24]}.pt"
-            if (hit := read_cache(path, key, len(indices))) is not None:
-                sets.append((hit.features, hit.labels))
-                continue
-        images = EvalImages(source, size, d.normalize_mean, d.normalize_std, indices)
-        features, labels = extract_features(backbone, images, e.features, e.batch_size, device,
-                                            num_workers, desc=f"k-NN {name} features")
-        if path is not None:
-            write_cache(path, key, FeatureSplit(features, labels),
-                        {"model": cache.model_key, "kind": kind, "split": name})
-        sets.append((features, labels))
-    (train_f, train_y), (test_f, test_y) = sets
+
+        def extract() -> FeatureSplit:  # called at once, inside this iteration
+            images = EvalImages(source, size, d.normalize_mean, d.normalize_std, indices)
+            features, labels = extract_features(backbone, images, e.features, e.batch_size,
+                                                device, num_workers, desc=f"k-NN {name} features")
+            return FeatureSplit(features, labels)
+
+        sets.append(cached_split(folder, model_key, kind, name, source, indices, cfg,
+                                 extract).split)
+    (train_f, train_y), (test_f, test_y) = ((s.features, s.labels) for s in sets)
     unseen = set(test_y.tolist()) - set(train_y.tolist())
     if unseen:
         raise SereError(f"test classes {sorted(unseen)} never occur in the training set; "

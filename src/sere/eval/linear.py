@@ -49,13 +49,11 @@ from sere.config import Config
 from sere.data.datasets import ImageSource, subset_indices
 from sere.errors import SereError
 from sere.eval.feature_cache import (
+    CachedFeatures,
     FeatureSplit,
-    cache_key,
+    cached_split,
     checkpoint_model_key,
     random_model_key,
-    read_cache,
-    source_fingerprint,
-    write_cache,
 )
 from sere.eval.features import EvalImages
 from sere.models.backbone import ViTBackbone
@@ -140,15 +138,6 @@ def extract_probe_features(backbone: ViTBackbone, images: EvalImages, kind: str,
     return FeatureSplit(torch.cat(feats), torch.cat(labels))
 
 
-@dataclass
-class CachedFeatures:
-    """A split's features and where they came from."""
-
-    split: FeatureSplit
-    path: Path | None  # the cache file, None when caching is off
-    from_cache: bool
-
-
 def cached_probe_features(backbone: ViTBackbone, model_key: str, cfg: Config,
                           source: ImageSource, indices: list[int], kind: str,
                           device: torch.device, cache_dir: str | Path | None,
@@ -170,19 +159,15 @@ def cached_probe_features(backbone: ViTBackbone, model_key: str, cfg: Config,
         name: the split's name, for the file name and the progress bar.
     """
     check_feature_kind(backbone, kind)
-    key = cache_key(model_key, kind, source, indices, cfg)
-    path = Path(cache_dir) / f"{kind}-{name}-{key[:24]}.pt" if cache_dir is not None else None
-    if path is not None and (hit := read_cache(path, key, len(indices))) is not None:
-        return CachedFeatures(hit, path, True)
     d = cfg.data
-    images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std, indices)
-    split = extract_probe_features(backbone, images, kind, batch_size or cfg.eval.batch_size,
-                                   device, num_workers, desc=f"linear-probe {name} features")
-    if path is not None:
-        write_cache(path, key, split, {"model": model_key, "kind": kind, "split": name,
-                                        "source": source_fingerprint(source)[:200],
-                                        "images": len(indices)})
-    return CachedFeatures(split, path, False)
+
+    def extract() -> FeatureSplit:
+        images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
+                            indices)
+        return extract_probe_features(backbone, images, kind, batch_size or cfg.eval.batch_size,
+                                      device, num_workers, desc=f"linear-probe {name} features")
+
+    return cached_split(cache_dir, model_key, kind, name, source, indices, cfg, extract)
 
 
 # ---------------------------------------------------------------------------------------------
