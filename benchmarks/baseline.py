@@ -2,8 +2,9 @@
 release computes them. Written from the description in the issue, not from their code.
 
 * attention as an explicit softmax of `Q K^T` (timm's non-fused branch);
-* the student's patch head on every patch token of every crop, global and local; the masked
-  positions of the global crops are picked afterwards, the local crops' outputs are not read;
+* the patch head on every patch token of every crop, global and local; the masked positions of
+  the global crops are picked afterwards, the teacher's patch center averages all of its logits,
+  the student's local-crop outputs are not read;
 * every spatial relation materialised as the full N x N matrix of its view, up-cast to float32,
   then resampled onto the overlap grid with `grid_sample` twice (first the column index, then the
   row index), separately for every global pair and every local-global pair;
@@ -33,7 +34,7 @@ from sere.config import Config
 from sere.data.geometry import overlap_grids
 from sere.losses.objective import SERELoss
 from sere.losses.relation import relation_cross_entropy, spatial_relation
-from sere.models.network import Networks, SERENetwork, build_networks
+from sere.models.network import Networks, PatchLogits, SERENetwork, build_networks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,13 +42,15 @@ from sere.models.network import Networks, SERENetwork, build_networks
 
 
 class BaselineNetwork(SERENetwork):
-    """`SERENetwork` whose student runs the patch head on every token of every crop, as a
+    """`SERENetwork` whose networks run the patch head on every token of every crop, as a
     multi-crop wrapper that heads all of the backbone's outputs does: at every patch of the
-    global crops (the masked ones are picked afterwards) and of the local crops (unused)."""
+    global crops (the masked ones are picked afterwards; the teacher's center averages the full
+    logits) and, in the student, of the local crops (unused)."""
 
-    def patch_logits(self, patch: Tensor, mask: Tensor | None) -> Tensor:
+    def patch_logits(self, patch: Tensor, mask: Tensor) -> PatchLogits:
         logits = self.head.forward_patch(patch)  # (V*B, N, K)
-        return logits[mask.flatten(1)] if self.is_student else logits
+        return PatchLogits(masked=logits[mask.flatten(1)],
+                           mean=None if self.is_student else logits.mean(dim=1))
 
     def _views(self, images: Tensor, mask: Tensor | None, local: bool):
         out = super()._views(images, mask, local)

@@ -118,7 +118,7 @@ def child(args: argparse.Namespace, path: str) -> dict:
     def step() -> float:
         with autocast_context(args.precision, device):
             with torch.no_grad():
-                teacher_out = teacher(batch.global_crops)
+                teacher_out = teacher(batch.global_crops, masks=batch.masks)
             student_out = student(batch.global_crops, batch.local_crops, batch.masks)
             terms = loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
                             cfg.loss.warmup_teacher_temp, cfg.loss.warmup_teacher_patch_temp)

@@ -44,7 +44,7 @@ def _step_parts(cfg, baseline: bool):
 
 def _losses(nets, loss_fn, batch):
     with torch.no_grad():
-        teacher = nets.teacher(batch.global_crops)
+        teacher = nets.teacher(batch.global_crops, masks=batch.masks)
     student = nets.student(batch.global_crops, batch.local_crops, batch.masks)
     terms = loss_fn(student, teacher, batch.boxes, batch.masks, 0.04, 0.04)
     return terms, teacher

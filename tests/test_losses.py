@@ -217,8 +217,9 @@ def _masks(gen, n_images, h, w, empty=(0,)):
     (1, 2, 2, 8, 0.04, 0), (2, 4, 4, 16, 0.07, 1), (3, 3, 5, 32, 0.04, 2), (4, 4, 4, 64, 0.1, 3),
 ])
 def test_patch_loss_matches_naive(batch, h, w, k, teacher_temp, seed):
-    """The naive version gets full student patch logits and weighs by the mask; the package gets
-    only the masked rows, in mask.flatten order. Image 0 has no masked patch (counts as 0)."""
+    """The naive version gets full student and teacher patch logits and weighs by the mask; the
+    package gets only the masked rows of both, in mask.flatten order. Image 0 has no masked patch
+    (counts as 0)."""
     gen = torch.Generator().manual_seed(seed)
     loss = DistillationLoss(k, student_temp=0.1, center_momentum=0.9)
     loss.patch_center.copy_(0.3 * torch.randn(1, 1, k, generator=gen))
@@ -227,7 +228,8 @@ def test_patch_loss_matches_naive(batch, h, w, k, teacher_temp, seed):
     teacher = torch.randn(2 * batch, n, k, generator=gen)
     mask = _masks(gen, 2 * batch, h, w)
     s_pkg = _leaf(student_full)
-    got = loss.patch_loss(s_pkg[mask.flatten(1)], teacher, mask, teacher_temp)
+    got = loss.patch_loss(s_pkg[mask.flatten(1)], teacher[mask.flatten(1)], mask,
+                          teacher_temp)
     got.backward()
     s_ref = _leaf(student_full.double())
     expected = patch_loss_naive(s_ref, teacher, mask, loss.patch_center, teacher_temp, 0.1)
@@ -240,7 +242,7 @@ def test_patch_loss_matches_naive(batch, h, w, k, teacher_temp, seed):
 def test_patch_loss_without_masks_is_zero():
     loss = DistillationLoss(8, student_temp=0.1, center_momentum=0.9)
     mask = torch.zeros(4, 2, 3, dtype=torch.bool)
-    got = loss.patch_loss(torch.zeros(0, 8), torch.randn(4, 6, 8), mask, 0.04)
+    got = loss.patch_loss(torch.zeros(0, 8), torch.zeros(0, 8), mask, 0.04)
     _close(got, 0.0, atol=0)
     _close(patch_loss_naive(torch.randn(4, 6, 8), torch.randn(4, 6, 8), mask,
                             torch.zeros(8), 0.04, 0.1), 0.0, atol=0)
@@ -257,8 +259,8 @@ def test_update_centers(batch, n, k, momentum):
     expected_c, expected_p = c0, p0
     for _ in range(2):  # two consecutive steps
         teacher_cls = torch.randn(2 * batch, k, generator=gen)
-        teacher_patch = torch.randn(2 * batch, n, k, generator=gen)
-        loss.update_centers(teacher_cls, teacher_patch)
+        teacher_patch = torch.randn(2 * batch, n, k, generator=gen)  # every patch's logits
+        loss.update_centers(teacher_cls, teacher_patch.mean(dim=1))  # what the teacher hands on
         expected_c = updated_center(expected_c, teacher_cls, momentum)
         expected_p = updated_center(expected_p, teacher_patch, momentum)
         assert loss.center.shape == (1, k) and loss.patch_center.shape == (1, 1, k)
@@ -323,9 +325,13 @@ def _naive_terms(cfg, nets, loss_fn, student, teacher, masks, boxes, t_temp, tp_
         mask = torch.cat(masks)
         with torch.no_grad():  # the student's patch logits at EVERY position
             full = nets.student.head.forward_patch(sg.backbone.patch)
-        # the package evaluated the head only at the masked positions, in mask.flatten order
+            full_t = nets.teacher.head.forward_patch(tg.backbone.patch)  # the teacher's too
+        # the package evaluated the heads only at the masked positions, in mask.flatten order,
+        # and the teacher's last layer once per view on the mean of its inputs
         _close(sg.patch_logits, full[mask.flatten(1)], rtol=1e-5, atol=1e-6)
-        patch = patch_loss_naive(full, tg.patch_logits, mask, loss_fn.distillation.patch_center,
+        _close(tg.patch_logits, full_t[mask.flatten(1)], rtol=1e-5, atol=1e-6)
+        _close(tg.patch_logits_mean, full_t.mean(dim=1), rtol=1e-5, atol=1e-6)
+        patch = patch_loss_naive(full, full_t, mask, loss_fn.distillation.patch_center,
                                  tp_temp, w.student_temp)
     h = tg.backbone.grid[0]
     if w.alpha > 0:
@@ -381,6 +387,36 @@ def test_compute_losses_matches_naive(n_local, overrides, t_temp, tp_temp, seed)
             assert float(getattr(terms, name).detach()) == 0.0
         else:
             assert float(getattr(terms, name).detach()) > 0.0
+
+
+@pytest.mark.parametrize("shared_head", [True, False])
+def test_patch_center_moves_by_the_mean_of_every_teacher_patch_logit(shared_head):
+    """The teacher hands on each view's mean logit, not every patch's logits: the center must
+    still move by the mean over every patch of every view, as with the full logits."""
+    torch.manual_seed(3)
+    cfg = _tiny(1, f"model.shared_head={str(shared_head).lower()}", "loss.center_momentum=0.7")
+    nets = sere.build_networks(cfg)
+    loss_fn = sere.SERELoss(cfg, nets.student.backbone.num_heads)
+    gen = torch.Generator().manual_seed(3)
+    center0 = 0.2 * torch.randn(1, 1, cfg.model.out_dim, generator=gen)
+    loss_fn.distillation.patch_center.copy_(center0)
+    global_crops, _, masks, _ = _batch(gen, cfg, 3, 1)
+    with torch.no_grad():
+        teacher = nets.teacher(global_crops, masks=masks)
+        full = nets.teacher.head.forward_patch(teacher.globals.backbone.patch)  # (2B, N, K)
+    assert teacher.globals.patch_logits.shape[0] == int(torch.cat(masks).sum())
+    loss_fn.update_centers(teacher)
+    expected = updated_center(center0, full, 0.7)
+    _close(loss_fn.distillation.patch_center.reshape(-1), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_networks_need_masks_when_the_patch_term_is_on():
+    cfg = _tiny(0)
+    nets = sere.build_networks(cfg)
+    crops = [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    for net in (nets.student, nets.teacher):
+        with pytest.raises(ValueError, match="masks"):
+            net(crops)
 
 
 @pytest.mark.parametrize("n_local", [1, 2])

@@ -63,6 +63,6 @@ def compute_losses(networks: Networks, loss_fn: SERELoss, global_crops: list[Ten
         teacher_patch_temp: teacher temperature for the patch term.
     """
     with torch.no_grad():
-        teacher_out = networks.teacher(global_crops)
+        teacher_out = networks.teacher(global_crops, masks=masks)
     student_out = networks.student(global_crops, local_crops, masks)
     return loss_fn(student_out, teacher_out, boxes, masks, teacher_temp, teacher_patch_temp)

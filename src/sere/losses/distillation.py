@@ -63,7 +63,7 @@ class DistillationLoss(nn.Module):
         same_view = torch.eye(n_teacher, n_student, dtype=torch.bool, device=ce.device)
         return ce[~same_view].mean()
 
-    def patch_loss(self, student_masked: Tensor, teacher_patch: Tensor, mask: Tensor,
+    def patch_loss(self, student_masked: Tensor, teacher_masked: Tensor, mask: Tensor,
                    teacher_temp: float) -> Tensor:
         """Masked patch prediction: per image, the mean cross-entropy over its masked patches.
 
@@ -71,12 +71,11 @@ class DistillationLoss(nn.Module):
 
         Args:
             student_masked: (M, K) student logits at the masked patches, in `mask`'s order.
-            teacher_patch: (2*B, N, K) teacher logits of the unmasked views.
+            teacher_masked: (M, K) teacher logits (unmasked views) at the same patches.
             mask: (2*B, h, w) bool.
             teacher_temp: the teacher's patch temperature at this step.
         """
         flat = mask.flatten(1)  # (2B, N)
-        teacher_masked = teacher_patch[flat]  # (M, K)
         targets = F.softmax((teacher_masked.float() - self.patch_center[0]) / teacher_temp,
                             dim=-1).detach()
         ce = soft_cross_entropy(targets, student_masked.float() / self.student_temp)  # (M,)
@@ -86,12 +85,18 @@ class DistillationLoss(nn.Module):
         return per_image.mean()
 
     @torch.no_grad()
-    def update_centers(self, teacher_cls: Tensor | None, teacher_patch: Tensor | None) -> None:
-        """EMA of the teacher's mean outputs over the global batch, across processes."""
+    def update_centers(self, teacher_cls: Tensor | None,
+                       teacher_patch_mean: Tensor | None) -> None:
+        """EMA of the teacher's mean outputs over the global batch, across processes.
+
+        Args:
+            teacher_cls: (2*B, K) [CLS] logits.
+            teacher_patch_mean: (2*B, K) each view's patch logits averaged over its patches.
+        """
         m = self.center_momentum
         if teacher_cls is not None:
             batch_center = _global_mean(teacher_cls.float())  # (1, K)
             self.center.mul_(m).add_(batch_center, alpha=1 - m)
-        if teacher_patch is not None:
-            batch_center = _global_mean(teacher_patch.float().mean(dim=1))  # (1, K)
+        if teacher_patch_mean is not None:
+            batch_center = _global_mean(teacher_patch_mean.float())  # (1, K)
             self.patch_center.mul_(m).add_(batch_center[None], alpha=1 - m)

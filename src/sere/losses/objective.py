@@ -123,5 +123,5 @@ class SERELoss(nn.Module):
         """
         on = self.switches
         cls = torch.cat([t.globals.cls_logits for t in teachers]) if on.cls else None
-        patch = torch.cat([t.globals.patch_logits for t in teachers]) if on.patch else None
+        patch = torch.cat([t.globals.patch_logits_mean for t in teachers]) if on.patch else None
         self.distillation.update_centers(cls, patch)

@@ -70,8 +70,16 @@ class ProjectionHead(nn.Module):
 
     def forward_patch(self, patch: Tensor) -> Tensor:
         """(..., C) patch tokens to (..., K) logits."""
-        layer = self.last_layer_patch or self.last_layer
-        return layer(F.normalize(self.mlp(patch), dim=-1))
+        return self.patch_last_layer(self.patch_bottleneck(patch))
+
+    def patch_bottleneck(self, patch: Tensor) -> Tensor:
+        """(..., C) patch tokens to the (..., D) L2-normalised MLP outputs the last layer reads."""
+        return F.normalize(self.mlp(patch), dim=-1)
+
+    @property
+    def patch_last_layer(self) -> WeightNormLinear:
+        """The last layer of patch tokens: their own, or the shared one. Linear, bias-free."""
+        return self.last_layer_patch or self.last_layer
 
 
 def _distributed() -> bool:

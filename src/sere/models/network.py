@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,8 @@ class ViewOutputs:
     """
 
     cls_logits: Tensor  # (V*B, K)
-    patch_logits: Tensor | None  # teacher: (V*B, N, K); student: (M, K) at the M masked patches
+    patch_logits: Tensor | None  # (M, K) at the M masked patches of the student's global views
+    patch_logits_mean: Tensor | None  # teacher: (V*B, K) each view's mean over its N patches
     spatial_map: Tensor | None  # (V*B, C, h, w) z (teacher) or p (student) for spatial relations
     channel_map: Tensor | None  # (V*B, C, h, w) the same for channel relations
     backbone: BackboneOutput
@@ -51,13 +53,21 @@ class Switches:
                    channel=w.beta > 0)
 
 
+class PatchLogits(NamedTuple):
+    """What the patch term and the patch center read of a network's patch-head outputs."""
+
+    masked: Tensor  # (M, K) at the M masked patches, in `mask.flatten(1)` order
+    mean: Tensor | None  # teacher: (V*B, K) each view's logits averaged over its N patches
+
+
 class SERENetwork(nn.Module):
     """Backbone + projection head + relation heads.
 
-    The student (is_student=True) masks its global crops, evaluates its patch head only at masked
-    positions (nothing else is read), forms relations from the predictor output `p`, and has a
-    separate relation-head pair for local crops. The teacher sees unmasked global crops only, and
-    forms relations from the projection `z`.
+    The student (is_student=True) masks its global crops, forms relations from the predictor
+    output `p`, and has a separate relation-head pair for local crops. The teacher sees unmasked
+    global crops only, and forms relations from the projection `z`. Both evaluate their patch
+    heads only where something reads them: at the student's masked patches, and for the teacher
+    also the mean over all patches that the patch center needs.
 
     Args:
         cfg: the run configuration.
@@ -88,10 +98,17 @@ class SERENetwork(nn.Module):
         Args:
             global_crops: 2 x (B, C, Hg, Wg).
             local_crops: L x (B, C, Hl, Wl), student only.
-            masks: 2 x (B, hg, wg) bool, student only (used when the patch term is on).
+            masks: 2 x (B, hg, wg) bool, the student's masks, needed by both networks when the
+                patch term is on: the student masks these patches, and both evaluate their patch
+                heads there. The teacher's input is never masked.
         """
         images = torch.cat(global_crops)  # (2B, C, Hg, Wg)
-        mask = torch.cat(masks) if (self.is_student and self.switches.patch and masks) else None
+        mask = None
+        if self.switches.patch:
+            if not masks:
+                raise ValueError("the patch term is on: pass the student's masks to both "
+                                 "networks (masks=...)")
+            mask = torch.cat(masks)  # (2B, hg, wg)
         glob = self._views(images, mask, local=False)
         loc = None
         if self.is_student and local_crops:
@@ -99,10 +116,10 @@ class SERENetwork(nn.Module):
         return NetworkOutputs(globals=glob, locals=loc)
 
     def _views(self, images: Tensor, mask: Tensor | None, local: bool) -> ViewOutputs:
-        out = self.backbone(images, mask)
+        out = self.backbone(images, mask if self.is_student else None)
         s = self.switches
         cls_logits = self.head.forward_cls(out.cls)  # (V*B, K)
-        patch_logits = self.patch_logits(out.patch, mask) if s.patch and not local else None
+        patch = self.patch_logits(out.patch, mask) if s.patch and not local else None
         spatial_map = channel_map = None
         if s.spatial or s.channel:
             fmap = out.feature_map()  # (V*B, C, h, w)
@@ -113,18 +130,26 @@ class SERENetwork(nn.Module):
                 spatial_map = spatial_head(fmap, predict=self.is_student)
             if channel_head is not None:
                 channel_map = channel_head(fmap, predict=self.is_student)
-        return ViewOutputs(cls_logits, patch_logits, spatial_map, channel_map, out)
+        return ViewOutputs(cls_logits=cls_logits,
+                           patch_logits=patch.masked if patch is not None else None,
+                           patch_logits_mean=patch.mean if patch is not None else None,
+                           spatial_map=spatial_map, channel_map=channel_map, backbone=out)
 
-    def patch_logits(self, patch: Tensor, mask: Tensor | None) -> Tensor:
-        """Patch-head logits of (V*B, N, C) normed patch tokens.
+    def patch_logits(self, patch: Tensor, mask: Tensor) -> PatchLogits:
+        """Patch-head logits of (V*B, N, C) normed patch tokens where they are read.
 
-        The student's are read only at its masked patches, so the head runs on those alone:
-        (M, K) for the M True entries of the (V*B, h, w) `mask`, about 15 % of the tokens in the
-        recipes. The teacher's feed the patch center too, so they cover every patch: (V*B, N, K).
+        The patch term reads both networks' logits at the M True entries of the (V*B, h, w)
+        `mask` only, about 15 % of the tokens in the recipes, so the head runs there. The
+        teacher's patch center needs the mean of its logits over every patch: the MLP runs on
+        every patch, but the 8192-wide last layer is linear and bias-free, so the mean of its
+        outputs is the layer applied to the mean of its inputs, once per view.
         """
+        head, picked = self.head, mask.flatten(1)  # (V*B, N)
         if self.is_student:
-            return self.head.forward_patch(patch[mask.flatten(1)])  # (M, K)
-        return self.head.forward_patch(patch)  # (V*B, N, K)
+            return PatchLogits(masked=head.forward_patch(patch[picked]), mean=None)  # (M, K)
+        z = head.patch_bottleneck(patch)  # (V*B, N, D)
+        layer = head.patch_last_layer
+        return PatchLogits(masked=layer(z[picked]), mean=layer(z.mean(dim=1)))  # (M, K), (V*B, K)
 
 
 @dataclass

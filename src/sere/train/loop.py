@@ -321,7 +321,7 @@ class Pretrainer:
             no_sync = contextlib.nullcontext() if sync else self.model.no_sync()
             with no_sync, autocast_context(self.precision, self.device):
                 with torch.no_grad():
-                    teacher_out = self.teacher(batch.global_crops)
+                    teacher_out = self.teacher(batch.global_crops, masks=batch.masks)
                 student_out = self.model(batch.global_crops, batch.local_crops, batch.masks)
                 terms = self.loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
                                      values.teacher_temp, values.teacher_patch_temp)
