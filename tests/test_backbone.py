@@ -88,3 +88,29 @@ def test_fused_and_explicit_attention_give_the_same_tokens():
     assert not fused_attention_pays(torch.device("cpu"), "bf16")
     assert fused_attention_pays(torch.device("cpu"), "fp32")
     assert fused_attention_pays(torch.device("cuda"), "bf16")
+
+
+def test_checkpointing_gives_the_same_tokens_and_gradients(tiny):
+    """Recomputing block activations in backward (`train.grad_checkpointing`) changes memory,
+    not numbers: drop path draws the same paths when a block is recomputed."""
+    cfg = tiny("model.depth=3")
+    grads = {}
+    for setting in (False, True):
+        torch.manual_seed(0)
+        backbone = ViTBackbone(cfg.model, img_size=16, drop_path=0.3)
+        backbone.set_grad_checkpointing(setting)
+        calls = []
+        backbone.vit.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        mask = torch.rand(4, 4, 4, generator=torch.Generator().manual_seed(2)) < 0.3
+        torch.manual_seed(5)  # the drop-path draws
+        out = backbone(images, mask)
+        (out.cls.square().sum() + out.patch_prenorm.sin().sum()).backward()
+        grads[setting] = (out.patch.detach(), {n: p.grad for n, p in backbone.named_parameters()})
+        assert len(calls) == (2 if setting else 1)  # checkpointed: run again in backward
+    tokens, reference = grads[False]
+    torch.testing.assert_close(grads[True][0], tokens, rtol=0, atol=0)
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[True][1][name], grad, rtol=1e-6, atol=1e-7,
+                                   msg=f"gradient of {name}")
+
