@@ -9,6 +9,12 @@ batch made by the real multi-crop pipeline from synthetic 256-px images, `--warm
 steps, then `--steps` timed ones; the median is reported. A step is the whole update: teacher
 and student forward, every loss term, backward, per-parameter clipping, AdamW, centers, EMA.
 
+On a GPU, `--max-batch` doubles the batch until a path runs out of memory and compares the
+paths at the largest batch that fits them all (and each path at its own largest):
+
+    python benchmarks/train_step.py --preset vit_small_ibot_sere --arch vit_small \\
+        --precision bf16 --device cuda --batch 32 --max-batch
+
 Paths: `baseline`; `ours`; and `ours_no_sere` (the same step with alpha = beta = 0, so no
 relation heads, relations, alignment or relation losses), from which `sere_share` of ours is
 `1 - t(ours_no_sere) / t(ours)`.
@@ -154,9 +160,51 @@ def child(args: argparse.Namespace, path: str) -> dict:
     # on the CPU the process peak includes PyTorch itself, the weights and the batch; the step's
     # own share is what the peak adds to what was resident before the first step
     step_mb = peak_mb if device.type == "cuda" else peak_mb - resident_before_mb
-    return dict(path=path, seconds_per_step=seconds, images_per_second=images / seconds,
+    return dict(path=path, batch=args.batch, seconds_per_step=seconds,
+                images_per_second=images / seconds,
                 peak_memory_mb=peak_mb, step_memory_mb=step_mb, first_loss=losses[0],
                 steps=args.steps)
+
+
+class ChildFailed(RuntimeError):
+    """A measuring child process failed (its stderr is in the message)."""
+
+
+def run_child(forwarded: list[str], path: str, batch: int) -> dict:
+    """Measure `path` at `batch` in a fresh process; its JSON result (maybe `out_of_memory`)."""
+    run = subprocess.run([sys.executable, __file__, *forwarded, "--batch", str(batch),
+                          "--child", path], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise ChildFailed(f"{path} at batch {batch} failed:\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def largest_batches(paths: list[str], start: int, measure) -> dict[str, dict]:
+    """Each path's results at batches start, 2 start, 4 start, ... until it runs out of memory.
+
+    `measure(path, batch)` returns a child's result. Returns the results to report: every path
+    at the largest batch that fits all of them (keyed by path), and each path whose own largest
+    batch is larger, at that batch (keyed `PATH@max`).
+    """
+    by_path: dict[str, dict[int, dict]] = {}
+    for path in paths:
+        fitted: dict[int, dict] = {}
+        batch = start
+        while True:
+            result = measure(path, batch)
+            if result.get("out_of_memory"):
+                break
+            fitted[batch] = result
+            batch *= 2
+        if not fitted:
+            raise ChildFailed(f"{path} runs out of memory already at batch {start}")
+        by_path[path] = fitted
+    common = min(max(fitted) for fitted in by_path.values())
+    results = {path: fitted[common] for path, fitted in by_path.items()}
+    for path, fitted in by_path.items():
+        if max(fitted) > common:
+            results[f"{path}@max"] = {**fitted[max(fitted)], "path": f"{path}@max"}
+    return results
 
 
 def current_rss_mb() -> float:
@@ -201,23 +249,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default=",".join(PATHS),
                         help=f"comma-separated subset of {', '.join(PATHS)}")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="double the batch from --batch until a path runs out of (GPU) "
+                        "memory; compare the paths at the largest batch that fits them all, "
+                        "and report each path's own largest batch")
     parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args, args.child)))
+        try:
+            result = child(args, args.child)
+        except torch.OutOfMemoryError:
+            result = dict(path=args.child, batch=args.batch, out_of_memory=True)
+        print(json.dumps(result))
         return 0
 
-    results = {}
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
-    for path in args.paths.split(","):
+    if args.max_batch and not args.device.startswith("cuda"):
+        parser.error("--max-batch searches GPU memory: use it with --device cuda")
+    paths = args.paths.split(",")
+    for path in paths:
         if path not in PATHS:
             parser.error(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
-        run = subprocess.run([sys.executable, __file__, *forwarded, "--child", path],
-                             capture_output=True, text=True)
-        if run.returncode != 0:
-            sys.stderr.write(run.stderr)
-            return run.returncode
-        results[path] = json.loads(run.stdout.strip().splitlines()[-1])
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])
+                 if a not in ("--json", "--max-batch")]
+    try:
+        if args.max_batch:
+            results = largest_batches(paths, args.batch, lambda p, b: run_child(forwarded, p, b))
+        else:
+            results = {}
+            for path in paths:
+                results[path] = run_child(forwarded, path, args.batch)
+                if results[path].get("out_of_memory"):
+                    raise ChildFailed(f"{path} ran out of memory at batch {args.batch}")
+    except ChildFailed as failure:
+        sys.stderr.write(f"{failure}\n")
+        return 1
     if "ours" in results and "ours_no_sere" in results:
         ours = results["ours"]
         ours["sere_share"] = 1 - results["ours_no_sere"]["seconds_per_step"] / ours[
@@ -228,21 +293,22 @@ def main(argv: list[str] | None = None) -> int:
         ours["memory_vs_baseline"] = ours["peak_memory_mb"] / base["peak_memory_mb"]
         ours["step_memory_vs_baseline"] = ours["step_memory_mb"] / base["step_memory_mb"]
 
-    setting = (f"{args.arch}/{args.patch}, batch {args.batch}, 2 x {args.global_size} + "
+    setting = (f"{args.arch}/{args.patch}, 2 x {args.global_size} + "
                f"{args.local_crops} x {args.local_size}, {args.precision}, {args.device}")
     if args.json:
         for r in results.values():
             print(json.dumps({**r, "setting": setting}))
         return 0
     print(f"{setting}; {describe_machine(args.device)}; median of {args.steps} steps")
-    print(f"{'path':<14}{'s/step':>9}{'img/s':>9}{'time/base':>10}{'peak MB':>9}"
+    print(f"{'path':<14}{'batch':>7}{'s/step':>9}{'img/s':>9}{'time/base':>10}{'peak MB':>9}"
           f"{'step MB':>9}{'mem/base':>10}{'SERE share':>12}")
 
     def cell(value, fmt: str) -> str:
         return "" if value is None else format(value, fmt)
 
     for r in results.values():
-        print(f"{r['path']:<14}{r['seconds_per_step']:>9.3f}{r['images_per_second']:>9.2f}"
+        print(f"{r['path']:<14}{r['batch']:>7}{r['seconds_per_step']:>9.3f}"
+              f"{r['images_per_second']:>9.2f}"
               f"{cell(r.get('time_vs_baseline'), '.2f'):>10}{r['peak_memory_mb']:>9.0f}"
               f"{r['step_memory_mb']:>9.0f}{cell(r.get('step_memory_vs_baseline'), '.2f'):>10}"
               f"{cell(r.get('sere_share'), '.1%'):>12}")

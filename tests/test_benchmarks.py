@@ -136,3 +136,27 @@ def test_baseline_pipeline_gives_crops_and_boxes(tmp_path):
     x, y, w, h = boxes[:, :4].unbind(1)
     assert (x >= 0).all() and (y >= 0).all() and (x + w <= 120).all() and (y + h <= 90).all()
     assert set(boxes[:, 4].tolist()) <= {0.0, 1.0}
+
+
+def test_batch_search_compares_at_the_largest_batch_that_fits_every_path():
+    from train_step import ChildFailed, largest_batches
+
+    limits = {"baseline": 64, "ours": 256}  # the largest batch each path fits
+    calls = []
+
+    def measure(path, batch):
+        calls.append((path, batch))
+        if batch > limits[path]:
+            return {"path": path, "batch": batch, "out_of_memory": True}
+        return {"path": path, "batch": batch, "seconds_per_step": batch / 100}
+
+    results = largest_batches(["baseline", "ours"], 16, measure)
+    assert calls == [("baseline", 16), ("baseline", 32), ("baseline", 64), ("baseline", 128),
+                     ("ours", 16), ("ours", 32), ("ours", 64), ("ours", 128), ("ours", 256),
+                     ("ours", 512)]
+    assert results["baseline"]["batch"] == results["ours"]["batch"] == 64
+    assert results["ours@max"]["batch"] == 256 and results["ours@max"]["path"] == "ours@max"
+    assert "baseline@max" not in results
+    limits["ours"] = 8
+    with pytest.raises(ChildFailed, match="already at batch 16"):
+        largest_batches(["ours"], 16, measure)
