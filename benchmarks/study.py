@@ -488,11 +488,29 @@ class PairedDifference:
     linear_top1: MeanStd  # percentage points
     seconds_per_step_without: MeanStd
     seconds_per_step_with: MeanStd
+    knn_by_seed: list[float] = field(default_factory=list)  # points, in `seeds` order
+    linear_by_seed: list[float] = field(default_factory=list)
 
     @property
     def extra_cost(self) -> float:
         """Relative extra seconds per step of `with_key` (0.1 = 10 % slower); NaN when unknown."""
         return self.seconds_per_step_with.mean / self.seconds_per_step_without.mean - 1
+
+
+HELPS, HURTS, NO_DIFFERENCE = "helps", "hurts", "no detectable difference"
+
+
+def verdict(differences: list[float], seeds_needed: int) -> str:
+    """The decision rule fixed before the study (docs/results.md): "helps" when the mean paired
+    difference and every seed's difference are positive, "hurts" when all are negative, else
+    no detectable difference; undecided while fewer than `seeds_needed` seeds are in."""
+    if len(differences) < seeds_needed:
+        return f"undecided ({len(differences)} of {seeds_needed} seeds)"
+    if statistics.fmean(differences) > 0 and all(d > 0 for d in differences):
+        return HELPS
+    if statistics.fmean(differences) < 0 and all(d < 0 for d in differences):
+        return HURTS
+    return NO_DIFFERENCE
 
 
 def load_records(output: Path) -> list[RunRecord]:
@@ -533,12 +551,13 @@ def paired_differences(records: list[RunRecord]) -> list[PairedDifference]:
             continue
         a = [by[(without, s)] for s in seeds]
         b = [by[(with_, s)] for s in seeds]
+        knn = [y.knn_top1 - x.knn_top1 for x, y in zip(a, b)]
+        linear = [y.linear_top1 - x.linear_top1 for x, y in zip(a, b)]
         out.append(PairedDifference(
-            without, with_, seeds,
-            knn_top1=mean_std([y.knn_top1 - x.knn_top1 for x, y in zip(a, b)]),
-            linear_top1=mean_std([y.linear_top1 - x.linear_top1 for x, y in zip(a, b)]),
+            without, with_, seeds, knn_top1=mean_std(knn), linear_top1=mean_std(linear),
             seconds_per_step_without=mean_std([x.seconds_per_step for x in a]),
-            seconds_per_step_with=mean_std([y.seconds_per_step for y in b])))
+            seconds_per_step_with=mean_std([y.seconds_per_step for y in b]),
+            knn_by_seed=knn, linear_by_seed=linear))
     return out
 
 
@@ -589,6 +608,25 @@ def format_table(records: list[RunRecord], plan: StudyPlan) -> str:
                 f"{d.knn_top1.format()} | {d.linear_top1.format()} | "
                 f"{d.seconds_per_step_without.mean:.3f} → {d.seconds_per_step_with.mean:.3f} | "
                 f"{100 * d.extra_cost:+.0f} % |")
+        needed = len(plan.seeds)
+        lines += [
+            "",
+            "## The decision rule fixed in advance (linear probe first, then k-NN)",
+            "",
+            "A verdict is *helps* (or *hurts*) only when the mean and every seed's difference "
+            "are positive (negative).",
+            "",
+            "| comparison | Δ linear top-1 (seed: points) | linear verdict | "
+            "Δ k-NN top-1 (seed: points) | k-NN verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for d in diffs:
+            per_seed = [", ".join(f"{seed}: {v:+.2f}" for seed, v in zip(d.seeds, values))
+                        for values in (d.linear_by_seed, d.knn_by_seed)]
+            lines.append(
+                f"| {label_of(d.with_key)} vs {label_of(d.without_key)} | {per_seed[0]} | "
+                f"{verdict(d.linear_by_seed, needed)} | {per_seed[1]} | "
+                f"{verdict(d.knn_by_seed, needed)} |")
     total = sum(r.wall_seconds for r in records)
     lines += ["", f"Total wall time of the {len(records)} runs and floors (pretraining and "
               f"evaluation, summed): {format_duration(total)}.", ""]

@@ -164,6 +164,30 @@ def test_paired_differences_are_taken_seed_by_seed(tmp_path):
     assert d.extra_cost == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize("differences, expected", [
+    ([0.4, 0.1, 1.2], "helps"),
+    ([-0.4, -0.1, -1.2], "hurts"),
+    ([2.0, 1.0, -0.1], "no detectable difference"),  # a positive mean is not enough
+    ([0.5, 0.0, 0.5], "no detectable difference"),  # a tie is not a gain
+    ([0.4, 0.9], "undecided (2 of 3 seeds)"),  # the rule needs every seed
+])
+def test_verdict_follows_the_pre_declared_rule(differences, expected):
+    assert study.verdict(differences, seeds_needed=3) == expected
+
+
+def test_table_gives_per_seed_differences_and_the_verdicts(tmp_path):
+    linear = {"dino": [70.0, 71.0, 72.0], "dino_sere": [70.5, 71.25, 73.0],
+              "ibot": [70.0, 71.0, 72.0], "ibot_sere": [69.0, 72.0, 72.5]}
+    for key, values in linear.items():
+        for seed, value in enumerate(values):
+            write_record(tmp_path, fake_record(key, seed, value - 8, value))
+    table = study.format_table(study.load_records(tmp_path), study.StudyPlan(output=tmp_path))
+    assert ("| DINO+SERE vs DINO | 0: +0.50, 1: +0.25, 2: +1.00 | helps | "
+            "0: +0.50, 1: +0.25, 2: +1.00 | helps |") in table
+    assert "| iBOT+SERE vs iBOT | 0: -1.00, 1: +1.00, 2: +0.50 | no detectable difference |" \
+        in table
+
+
 def test_table_lists_every_method_with_its_numbers(tmp_path):
     for seed in (0, 1):
         write_record(tmp_path, fake_record(study.FLOOR, seed, 55.0 + seed, 60.0, None, 40.0))
