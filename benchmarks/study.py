@@ -484,12 +484,20 @@ class PairedDifference:
     without_key: str
     with_key: str
     seeds: list[int]  # seeds present for both
-    knn_top1: MeanStd  # percentage points
-    linear_top1: MeanStd  # percentage points
+    knn_by_seed: list[float]  # percentage points, in `seeds` order
+    linear_by_seed: list[float]  # percentage points, in `seeds` order
     seconds_per_step_without: MeanStd
     seconds_per_step_with: MeanStd
-    knn_by_seed: list[float] = field(default_factory=list)  # points, in `seeds` order
-    linear_by_seed: list[float] = field(default_factory=list)
+
+    @property
+    def knn_top1(self) -> MeanStd:
+        """Mean and spread of the k-NN differences over seeds."""
+        return mean_std(self.knn_by_seed)
+
+    @property
+    def linear_top1(self) -> MeanStd:
+        """Mean and spread of the linear-probe differences over seeds."""
+        return mean_std(self.linear_by_seed)
 
     @property
     def extra_cost(self) -> float:
@@ -506,9 +514,9 @@ def verdict(differences: list[float], seeds_needed: int) -> str:
     no detectable difference; undecided while fewer than `seeds_needed` seeds are in."""
     if len(differences) < seeds_needed:
         return f"undecided ({len(differences)} of {seeds_needed} seeds)"
-    if statistics.fmean(differences) > 0 and all(d > 0 for d in differences):
+    if all(d > 0 for d in differences):  # then the mean is positive too
         return HELPS
-    if statistics.fmean(differences) < 0 and all(d < 0 for d in differences):
+    if all(d < 0 for d in differences):
         return HURTS
     return NO_DIFFERENCE
 
@@ -551,13 +559,12 @@ def paired_differences(records: list[RunRecord]) -> list[PairedDifference]:
             continue
         a = [by[(without, s)] for s in seeds]
         b = [by[(with_, s)] for s in seeds]
-        knn = [y.knn_top1 - x.knn_top1 for x, y in zip(a, b)]
-        linear = [y.linear_top1 - x.linear_top1 for x, y in zip(a, b)]
         out.append(PairedDifference(
-            without, with_, seeds, knn_top1=mean_std(knn), linear_top1=mean_std(linear),
+            without, with_, seeds,
+            knn_by_seed=[y.knn_top1 - x.knn_top1 for x, y in zip(a, b)],
+            linear_by_seed=[y.linear_top1 - x.linear_top1 for x, y in zip(a, b)],
             seconds_per_step_without=mean_std([x.seconds_per_step for x in a]),
-            seconds_per_step_with=mean_std([y.seconds_per_step for y in b]),
-            knn_by_seed=knn, linear_by_seed=linear))
+            seconds_per_step_with=mean_std([y.seconds_per_step for y in b])))
     return out
 
 
