@@ -453,3 +453,34 @@ def validate(cfg: Config) -> None:
         _require(e.knn_train_path is not None and e.knn_test_path is not None,
                  "eval.knn_every on an image folder needs eval.knn_train_path and "
                  "eval.knn_test_path (labelled folders, one sub-folder per class)")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Any command's settings (fine-tuning, say) from the same files and overrides.
+
+
+def load_settings(settings: Any, paths: list[str | Path] = (), overrides: list[str] = (),
+                  what: str = "configuration file") -> Any:
+    """Fill a settings dataclass in place: its defaults, then each YAML file in order, then each
+    `a.b=c` override, with the keys, coercion and errors of `load_config` (`what` names the
+    kind of file in errors). Not validated: the caller runs its own validator.
+
+    Returns:
+        `settings`, filled.
+    """
+    sections = ", ".join(f"{_yaml_key(f.name)}:" for f in dataclasses.fields(settings))
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise SereError(f"{what} {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SereError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise SereError(f"{path} must hold a mapping of sections ({sections})")
+        merge_into(settings, values)
+    for text in overrides:
+        merge_into(settings, parse_override(text))
+    return settings
