@@ -54,10 +54,11 @@ from sere.eval.linear import (
     random_model_key,
     run_probe,
 )
-from sere.eval.weights import load_backbone, random_backbone
+from sere.io.weights import load_backbone, random_backbone
 from sere.models.backbone import ViTBackbone
-from sere.train.checkpoint import load_checkpoint
-from sere.train.loop import Pretrainer, resolve_device
+from sere.io.checkpoint import load_checkpoint
+from sere.runtime import resolve_device
+from sere.train.loop import Pretrainer
 from sere.train.metrics import read_metrics
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from sere.cli import main, resolve_config_path
 from sere.errors import SereError
-from sere.train.checkpoint import save_checkpoint
+from sere.io.checkpoint import save_checkpoint
 
 
 def run(capsys, argv: list[str]) -> tuple[int, str]:

@@ -13,11 +13,11 @@ from timm.layers import resample_abs_pos_embed
 
 import sere
 from sere.api import load_run
-from sere.eval import export as export_mod
-from sere.eval import import_weights as import_mod
-from sere.eval.export import export_backbone
-from sere.eval.import_weights import load_pretrained_weights
-from sere.eval.weights import load_backbone
+from sere.io import export as export_mod
+from sere.io import pretrained as import_mod
+from sere.io.export import export_backbone
+from sere.io.pretrained import load_pretrained_weights
+from sere.io.weights import load_backbone
 from sere.models.backbone import ViTBackbone
 from sere.models.network import SERENetwork
 from sere.train.loop import Pretrainer

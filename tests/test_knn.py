@@ -106,7 +106,7 @@ def test_cached_features_answer_other_k_without_the_backbone(tmp_path, monkeypat
     from sere.data.datasets import SyntheticSource
     from sere.eval import knn_eval
     from sere.eval.knn_eval import FeatureCacheSpec
-    from sere.eval.weights import random_backbone
+    from sere.io.weights import random_backbone
 
     cfg = load_config([], ["model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                            "model.patch_size=4", "data.dataset=synthetic",

@@ -26,9 +26,9 @@ from sere.eval.linear import (
     split_train_val,
     train_sweep,
 )
-from sere.eval.weights import random_backbone
+from sere.io.weights import random_backbone
 from sere.models.backbone import ViTBackbone
-from sere.train.checkpoint import save_checkpoint
+from sere.io.checkpoint import save_checkpoint
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
         "data.dataset=synthetic", "data.synthetic_size=16", "data.global_crop_size=16",

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sere.train.checkpoint import load_checkpoint
+from sere.io.checkpoint import load_checkpoint
 from sere.train.loop import Pretrainer
 
 
@@ -134,7 +134,7 @@ def test_tagged_checkpoints_survive_pruning(tiny):
 
 def test_ranks_with_different_configurations_refuse_to_start(tiny, monkeypatch):
     from sere.errors import SereError
-    from sere.train import distributed
+    from sere.runtime import distributed
 
     cfg = tiny("train.max_steps=1")
     other = {**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "lr": 1.0}}

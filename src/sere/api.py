@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sere.config import Config, config_from_dict
+from sere.config import Config
 from sere.losses.objective import LossTerms, SERELoss
 from sere.models.network import Networks, build_networks
-from sere.train.checkpoint import load_checkpoint
+from sere.io.weights import read_run_checkpoint
 
 
 @dataclass
@@ -34,14 +34,14 @@ class LoadedRun:
 
 def load_run(path: str | Path) -> LoadedRun:
     """Student, teacher, centers and configuration of a `sere pretrain` checkpoint."""
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
+    run = read_run_checkpoint(path)
+    cfg, state = run.config, run.state
     nets = build_networks(cfg)
     nets.student.load_state_dict(state["student"])
     nets.teacher.load_state_dict(state["teacher"])
     loss_fn = SERELoss(cfg, nets.student.backbone.num_heads)
     loss_fn.load_state_dict(state["loss"])
-    return LoadedRun(cfg, nets, loss_fn, int(state["step"]))
+    return LoadedRun(cfg, nets, loss_fn, run.step)
 
 
 def compute_losses(networks: Networks, loss_fn: SERELoss, global_crops: list[Tensor],

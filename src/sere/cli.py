@@ -36,12 +36,11 @@ def resolve_config_path(name: str) -> Path:
 def _pretrain_config(args: argparse.Namespace):
     """The run's configuration: the files and overrides given, or, when resuming from a named
     checkpoint without --config, the configuration saved in it plus the overrides."""
-    from sere.config import apply_overrides, config_from_dict, load_config
-    from sere.train.checkpoint import load_checkpoint
+    from sere.config import apply_overrides, load_config
+    from sere.io.weights import read_run_checkpoint
 
     if args.resume and args.resume != "auto" and not args.config:
-        cfg = config_from_dict(load_checkpoint(args.resume)["config"])
-        return apply_overrides(cfg, args.overrides)
+        return apply_overrides(read_run_checkpoint(args.resume).config, args.overrides)
     return load_config([resolve_config_path(c) for c in args.config], args.overrides)
 
 
@@ -75,8 +74,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
     from sere.config import apply_overrides
     from sere.eval.feature_cache import checkpoint_model_key, random_model_key
     from sere.eval.knn_eval import FeatureCacheSpec, knn_top1
-    from sere.eval.weights import load_backbone, random_backbone
-    from sere.train.loop import resolve_device
+    from sere.io.weights import load_backbone, random_backbone
+    from sere.runtime import resolve_device
 
     loaded = load_backbone(args.checkpoint, which=args.backbone)
     cfg = apply_overrides(loaded.config, args.overrides)
@@ -111,8 +110,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sere.config import load_config
     from sere.data.datasets import FashionMNISTSource
     from sere.eval.knn_eval import knn_top1
-    from sere.eval.weights import load_backbone, random_backbone
-    from sere.train.loop import Pretrainer, resolve_device
+    from sere.io.weights import load_backbone, random_backbone
+    from sere.runtime import resolve_device
+    from sere.train.loop import Pretrainer
 
     start = time.perf_counter()
     overrides = [f"train.output_dir={args.output_dir}", *args.overrides]
@@ -176,7 +176,7 @@ def _draw(checkpoint: str, which: str, source, count: int, out_dir: str,
 def cmd_visualize(args: argparse.Namespace) -> int:
     """Attention, relation and PCA pictures of a checkpoint's network."""
     from sere.data.datasets import FashionMNISTSource, ImageFolderSource
-    from sere.eval.weights import load_backbone
+    from sere.io.weights import load_backbone
 
     chans = load_backbone(args.checkpoint).config.model.in_chans
     if args.images:
@@ -187,6 +187,34 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     written = [p for p in (pictures.overview, pictures.channel_relation, pictures.embedding) if p]
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a checkpoint's backbone (or a random one of its shape) and print top-1/top-5."""
+    from sere.finetune import DEFAULT_PRESET, finetune_from_files, summary_lines
+
+    paths = [resolve_config_path(c) for c in args.config or [DEFAULT_PRESET]]
+    result = finetune_from_files(paths, args.overrides, args.checkpoint, which=args.backbone,
+                                 random_init=args.random_init)
+    print("\n".join(summary_lines(result, args.checkpoint, args.backbone)))
+    return 0
+
+
+def register_finetune(subparsers: argparse._SubParsersAction) -> None:
+    """Add `sere finetune` to the `sere` command's subparsers."""
+    p = subparsers.add_parser("finetune", help="supervised fine-tuning of a pretrained backbone "
+                              "(layer decay, Mixup/CutMix, RandAugment), top-1/top-5 each epoch")
+    p.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
+                   "runs/demo/last.pt")
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML file or preset name (finetune_demo, finetune_vit_small, "
+                        "finetune_vit_base); repeat to layer; default finetune_demo")
+    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--random-init", action="store_true",
+                   help="fine-tune a randomly initialised network of the same shape (the floor); "
+                        "writes into <train.output_dir>_random_init")
+    p.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. optim.epochs=5")
+    p.set_defaults(func=cmd_finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,12 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--output", default="pictures", help="folder for the PNG files")
     v.set_defaults(func=cmd_visualize)
 
-    from sere.eval import export, finetune, import_weights, linear
+    from sere.eval import linear
+    from sere.io import export, pretrained
 
     linear.register(sub)
-    finetune.register(sub)
+    register_finetune(sub)
     export.register(sub)
-    import_weights.register(sub)
+    pretrained.register(sub)
 
     d = sub.add_parser("demo", help="the CPU demo: pretrain on Fashion-MNIST, then k-NN")
     d.add_argument("--output-dir", default="runs/demo")

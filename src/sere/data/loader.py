@@ -15,12 +15,17 @@ from torch import Tensor
 
 from sere.config import Config
 from sere.data.augment import MultiCropAugmentation, RenderedCrops
-from sere.data.datasets import ImageSource, UnreadableImage, build_source, subset_indices
+from sere.data.datasets import (
+    MAX_CONSECUTIVE_BAD_IMAGES,
+    ImageSource,
+    UnreadableImage,
+    build_source,
+    subset_indices,
+)
 from sere.data.masking import block_mask, draw_mask_ratio
 from sere.errors import SereError
-from sere.train.preemption import SIGNALS as STOP_SIGNALS
+from sere.runtime.stop import SIGNALS as STOP_SIGNALS
 
-MAX_CONSECUTIVE_BAD = 50  # unreadable images in a row before the folder is judged mostly bad
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -90,7 +95,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         epoch, position = key
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
         skipped = []
-        for attempt in range(MAX_CONSECUTIVE_BAD):
+        for attempt in range(MAX_CONSECUTIVE_BAD_IMAGES):
             index = self.indices[(position + attempt) % len(self.indices)]
             try:
                 views, label = self._views(index, generator)
@@ -101,7 +106,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
                                     "it, or set data.strict=false to skip such files") from None
                 skipped.append(str(err))
         else:
-            raise SereError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row (last: "
+            raise SereError(f"{MAX_CONSECUTIVE_BAD_IMAGES} unreadable images in a row (last: "
                             f"{skipped[-1]}); the data folder looks mostly bad")
         masks = [self._mask(generator) for _ in range(2)]
         return dict(crops=views.crops, boxes=views.boxes, photometric=views.photometric,
@@ -201,7 +206,7 @@ def build_dataset(cfg: Config, defer_photometric: bool = False) -> MultiCropData
 
 def worker_init(_: int) -> None:
     """DataLoader workers use one thread each (the main process keeps the cores for compute)
-    and ignore the stop signals, which the main process handles (`sere.train.preemption`)."""
+    and ignore the stop signals, which the main process handles (`sere.runtime.stop`)."""
     torch.set_num_threads(1)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -479,8 +479,8 @@ def align_test_labels(train_classes: tuple[str, ...], test_classes: tuple[str, .
 def cmd_linear(args: argparse.Namespace) -> int:
     """`sere linear`: the probe on a checkpoint's backbone, or on a random one of its shape."""
     from sere.cli import labelled_sources
-    from sere.eval.weights import load_backbone, random_backbone
-    from sere.train.loop import resolve_device
+    from sere.io.weights import load_backbone, random_backbone
+    from sere.runtime import resolve_device
 
     if args.epochs < 1 or args.batch_size < 1:
         raise SereError("--epochs and --batch-size must be at least 1")

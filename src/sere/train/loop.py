@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,14 @@ from tqdm import tqdm
 from sere.config import Config, save_config
 from sere.data.loader import EpochBatchSampler, build_dataset, collate, worker_init
 from sere.errors import SereError
-from sere.eval.import_weights import load_pretrained_weights
+from sere.io.pretrained import load_pretrained_weights
 from sere.eval.knn_eval import eval_sources, knn_top1
 from sere.losses.objective import LossTerms, SERELoss
 from sere.models.backbone import fused_attention_pays
 from sere.models.network import NetworkOutputs, build_networks
-from sere.train import distributed as dist_utils
-from sere.train.checkpoint import (
+from sere.runtime import autocast_context, check_writable, resolve_device, resolve_precision
+from sere.runtime import distributed as dist_utils
+from sere.io.checkpoint import (
     latest_valid_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -32,7 +32,7 @@ from sere.train.checkpoint import (
 )
 from sere.train.metrics import MetricsWriter, plot_losses
 from sere.train.monitor import CollapseStats, collapse_stats
-from sere.train.preemption import StopRequest
+from sere.runtime.stop import StopRequest
 from sere.train.optim import (
     TeacherEMA,
     build_optimizer,
@@ -43,48 +43,6 @@ from sere.train.optim import (
 from sere.train.schedules import Schedules
 
 MOSTLY_BAD_MIN_READS = 64  # files read before judging whether a folder is mostly bad
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one; asking for `cuda` without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SereError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` is fp16 on a GPU (as the recipes) and bf16 on the CPU."""
-    if name == "auto":
-        return "fp16" if device.type == "cuda" else "bf16"
-    return name
-
-
-def autocast_context(precision: str, device: torch.device):
-    """The autocast context for `precision` (fp32 is a no-op)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def check_writable(folder: Path, checkpoint_bytes: int) -> None:
-    """Before any work: `folder` can be created and written, and has room for two checkpoints
-    (one being written beside the last one)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as err:
-        raise SereError(f"cannot write to the output folder {folder} ({err.strerror}); "
-                        "choose another with train.output_dir=...") from None
-    free = shutil.disk_usage(folder).free
-    if free < 2 * checkpoint_bytes:
-        raise SereError(f"the output folder {folder} has {free / 2**20:.0f} MiB free, less than "
-                        f"two checkpoints ({2 * checkpoint_bytes / 2**20:.0f} MiB); free some "
-                        "space or choose another train.output_dir")
 
 
 def checkpoint_size(student: torch.nn.Module, teacher: torch.nn.Module) -> int:

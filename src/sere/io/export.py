@@ -31,7 +31,7 @@ from torch import Tensor
 from sere.config import ARCHITECTURES, Config
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
-from sere.train.checkpoint import atomic_write_bytes
+from sere.io.checkpoint import atomic_write_bytes
 
 WEIGHTS_NAME = "model.safetensors"
 TORCH_NAME = "backbone.pth"
@@ -221,7 +221,7 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: str = "t
         img_size: resample the position embedding for this input size (a multiple of the patch
             size); None keeps the run's global crop size.
     """
-    from sere.eval.weights import load_backbone
+    from sere.io.weights import load_backbone
 
     loaded = load_backbone(checkpoint, which=which)
     return write_timm_folder(loaded.backbone, loaded.config, out_dir, img_size, which,

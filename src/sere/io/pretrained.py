@@ -37,7 +37,8 @@ from sere.config import ARCHITECTURES
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
 from sere.models.heads import ProjectionHead
-from sere.train.checkpoint import FORMAT, load_checkpoint
+from sere.io.checkpoint import FORMAT
+from sere.io.weights import read_run_checkpoint
 
 # Folder contents tried in order when a folder is given.
 FOLDER_FILES = ("model.safetensors", "backbone.pth", "pytorch_model.bin", "model.pth")
@@ -180,7 +181,7 @@ def read_weights(path: str | Path, which: str = "teacher",
                             "export it again") from None
     obj = _torch_load(file, trust_pickle)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        obj = load_checkpoint(file)  # a sere checkpoint: verify the checksum, unwrap the payload
+        obj = read_run_checkpoint(file).state  # a sere checkpoint: verify, unwrap the payload
     if _is_state_dict(obj):
         return obj, "", file
     if not isinstance(obj, dict):
