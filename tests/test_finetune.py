@@ -4,8 +4,10 @@ errors, unreadable images, and a tiny end-to-end run on the synthetic patterns."
 from __future__ import annotations
 
 import json
+import random
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -326,3 +328,18 @@ def test_unreadable_images_are_replaced_until_the_shared_limit():
     hopeless = ftd.FinetuneImages(_Flaky(set(range(8))), identity, list(range(8)))
     with pytest.raises(sere.SereError, match=f"{MAX_CONSECUTIVE_BAD_IMAGES} unreadable images"):
         hopeless[0]
+
+
+def test_randaugment_posterize_keeps_at_least_one_bit():
+    # timm maps PosterizeIncreasing's magnitude 10 to 0 bits, which Pillow refuses; the preset
+    # strings reach magnitude 10 through the magnitude noise (mstd0.5) about once in 600 images.
+    hparams = {"translate_const": 7, "img_mean": (128, 128, 128)}
+    ops = {op.name: op for op in ftt.rand_augment("rand-m9-mstd0.5-inc1", hparams).ops}
+    bits = ops["PosterizeIncreasing"].level_fn
+    assert [bits(m, hparams)[0] for m in (0, 5, 7.5, 9.9, 10)] == [4, 2, 1, 1, 1]
+    assert ops["SolarizeIncreasing"].level_fn.__name__ != "level_to_bits"  # others untouched
+    strongest = ftt.rand_augment("rand-m10-mstd0-inc1", hparams)  # every posterize at 0 bits
+    image = Image.fromarray((torch.rand(16, 16, 3) * 255).to(torch.uint8).numpy(), "RGB")
+    random.seed(0)
+    np.random.seed(0)  # RandAugment draws its ops with numpy and its magnitudes with random
+    assert all(strongest(image).size == (16, 16) for _ in range(300))

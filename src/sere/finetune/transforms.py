@@ -9,7 +9,7 @@ centre-crop `image_size`, normalise.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ from timm.data.random_erasing import RandomErasing
 from torch import Tensor
 
 from sere.finetune.config import FinetuneConfig
+
+POSTERIZE_OPS = ("Posterize", "PosterizeIncreasing")  # timm ops whose level can mean 0 bits
 
 
 def to_pil(image: Tensor) -> Image.Image:
@@ -61,6 +63,28 @@ class ToNormalizedTensor:
         return (x - self.mean) / self.std
 
 
+def rand_augment(text: str, hparams: dict[str, Any]) -> Callable[[Image.Image], Image.Image]:
+    """timm's RandAugment for `text`, with posterize keeping at least one bit per channel.
+
+    timm asks for 0 bits at the top of PosterizeIncreasing's range (magnitude 10, reached by
+    `rand-m9-mstd0.5` about once in 600 images) and at the bottom of Posterize's; Pillow 13
+    refuses 0 bits with a ValueError that would end the run (older Pillow blackened the image).
+    One bit is the strongest posterize Pillow accepts; every other draw is unchanged.
+    """
+    augment = rand_augment_transform(text, hparams)
+    for op in augment.ops:
+        if op.name in POSTERIZE_OPS:
+            op.level_fn = _at_least_one_bit(op.level_fn)
+    return augment
+
+
+def _at_least_one_bit(level_fn: Callable[..., tuple[int]]) -> Callable[..., tuple[int]]:
+    """Wrap a posterize level function so its bit count is at least 1."""
+    def level_to_bits(level: float, hparams: dict[str, Any]) -> tuple[int]:
+        return (max(1, level_fn(level, hparams)[0]),)
+    return level_to_bits
+
+
 def train_transform(cfg: FinetuneConfig, mean: tuple[float, ...],
                     std: tuple[float, ...]) -> T.Compose:
     """Random resized crop, flip, RandAugment, normalisation, random erasing (PIL in, tensor
@@ -74,7 +98,7 @@ def train_transform(cfg: FinetuneConfig, mean: tuple[float, ...],
     if o.rand_augment:
         fill = tuple(round(255 * m) for m in (mean if len(mean) == 3 else mean * 3))
         hparams = {"translate_const": int(d.image_size * 0.45), "img_mean": fill}
-        steps.append(GrayAsRGB(rand_augment_transform(o.rand_augment, hparams)))
+        steps.append(GrayAsRGB(rand_augment(o.rand_augment, hparams)))
     steps.append(ToNormalizedTensor(mean, std))
     if o.random_erase > 0:
         steps.append(RandomErasing(o.random_erase, mode="pixel", device="cpu"))
