@@ -3,9 +3,11 @@ errors, unreadable images, and a tiny end-to-end run on the synthetic patterns."
 
 from __future__ import annotations
 
+import ast
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +24,8 @@ from sere.finetune import model as ftm
 from sere.finetune import optim as fto
 from sere.finetune import transforms as ftt
 from sere.finetune.trainer import Finetuner
-from sere.io.checkpoint import load_checkpoint, save_checkpoint
+from sere.io.checkpoint import FINETUNE_KIND, load_checkpoint, save_checkpoint
+from sere.io.weights import load_backbone
 from sere.models.backbone import ViTBackbone
 from sere.train.loop import Pretrainer
 
@@ -186,7 +189,7 @@ def test_tiny_finetune_beats_chance_and_writes_its_outputs(tmp_path, pretrained)
     saved = json.loads(result.results.read_text())
     assert saved["top1"] == pytest.approx(result.top1) and saved["random_init"] is False
     state = load_checkpoint(result.checkpoint)
-    assert state["kind"] == ftm.FINETUNE_KIND and state["classes"] == ["horizontal", "vertical",
+    assert state["kind"] == FINETUNE_KIND and state["classes"] == ["horizontal", "vertical",
                                                                       "square", "checker"]
     assert state["model"]["head.weight"].shape == (4, 32)
 
@@ -267,7 +270,7 @@ def test_what_is_not_a_pretraining_checkpoint_is_refused(tmp_path, pretrained):
     headless = tmp_path / "headless.pt"
     save_checkpoint(headless, {"step": 3})
     finetuned = tmp_path / "finetuned.pt"
-    save_checkpoint(finetuned, {"kind": ftm.FINETUNE_KIND, "model": {}})
+    save_checkpoint(finetuned, {"kind": FINETUNE_KIND, "model": {}})
     for path, words in ((tmp_path / "missing.pt", "does not exist"),
                         (garbage, "cannot be read"),
                         (plain, "not a sere training checkpoint"),
@@ -276,7 +279,7 @@ def test_what_is_not_a_pretraining_checkpoint_is_refused(tmp_path, pretrained):
         with pytest.raises(sere.SereError, match=re.escape(words)):
             Finetuner(cfg, path)
     with pytest.raises(sere.SereError, match="teacher"):
-        ftm.load_pretrained(pretrained, which="ema")
+        load_backbone(pretrained, which="ema")
 
 
 def test_config_files_get_the_pretraining_loader_errors(tmp_path):
@@ -343,3 +346,32 @@ def test_randaugment_posterize_keeps_at_least_one_bit():
     random.seed(0)
     np.random.seed(0)  # RandAugment draws its ops with numpy and its magnitudes with random
     assert all(strongest(image).size == (16, 16) for _ in range(300))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+
+def _sere_imports(path) -> set[str]:
+    """The `sere...` modules a file imports, at the top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return {n for n in names if n == "sere" or n.startswith("sere.")}
+
+
+def test_finetune_sits_above_io_and_eval_and_below_the_command_line():
+    package = Path(sere.__file__).parent
+    for path in (package / "finetune").glob("*.py"):
+        for name in _sere_imports(path):
+            assert not name.startswith(("sere.train", "sere.cli", "sere.api")), (path, name)
+            assert name != "sere", (path, name)
+    for path in package.rglob("*.py"):
+        above = (package / "finetune", package / "cli", package / "cli.py", package / "api.py",
+                 package / "__init__.py")  # the package itself, the facade, the command line
+        if any(path == p or p in path.parents for p in above):
+            continue
+        assert not any(n.startswith("sere.finetune") for n in _sere_imports(path)), path

@@ -25,12 +25,12 @@ from sere.finetune.config import (
     validate_finetune,
 )
 from sere.finetune.evaluate import EvalResult, evaluate
-from sere.finetune.model import FINETUNE_KIND, build_classifier, load_pretrained
+from sere.finetune.model import build_classifier
 from sere.finetune.trainer import Finetuner, FinetuneResult
 
 __all__ = [
-    "DEFAULT_PRESET", "EvalResult", "FINETUNE_KIND", "FinetuneConfig", "FinetuneDataConfig",
+    "DEFAULT_PRESET", "EvalResult", "FinetuneConfig", "FinetuneDataConfig",
     "FinetuneModelConfig", "FinetuneOptimConfig", "FinetuneResult", "FinetuneTrainConfig",
     "Finetuner", "build_classifier", "evaluate", "finetune_from_files", "load_finetune_config",
-    "load_pretrained", "summary_lines", "validate_finetune",
+    "summary_lines", "validate_finetune",
 ]

@@ -5,46 +5,21 @@ The model is a timm `VisionTransformer` of the checkpoint's shape holding the ba
 pretraining crop size), stochastic depth `optim.drop_path`, and a new linear head on the [CLS]
 token after the final LayerNorm (`model.global_pool=token`; `avg` averages the normed patch
 tokens instead and keeps the pretrained LayerNorm). The head starts near zero (truncated normal,
-std 2e-5, as MAE), so the first steps do not disturb the backbone.
+std 2e-5, as MAE), so the first steps do not disturb the backbone. The backbone comes from
+`sere.io.weights.load_backbone`, the one loader of a `sere pretrain` checkpoint.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sere.errors import SereError
-from sere.io.checkpoint import load_checkpoint
 from sere.io.export import timm_model_args, timm_state_dict
-from sere.io.weights import LoadedBackbone, backbone_from_state
-from sere.config import config_from_dict
 from sere.models.backbone import ViTBackbone
 
 HEAD_INIT_STD = 2e-5  # the new head starts near zero (MAE's fine-tuning init)
-FINETUNE_KIND = "sere-finetune"  # the `kind` entry of a fine-tuned classifier's checkpoint
-
-
-def load_pretrained(path: str | Path, which: str = "teacher") -> LoadedBackbone:
-    """The teacher (default) or student backbone of a `sere pretrain` checkpoint, in eval mode.
-
-    Raises SereError when the file is missing, damaged, not a checkpoint, or a checkpoint of
-    another kind (a fine-tuned classifier, say).
-    """
-    if which not in ("teacher", "student"):
-        raise SereError(f"which = {which!r}: choose 'teacher' or 'student'")
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or state.get("kind") == FINETUNE_KIND:
-        raise SereError(f"{path} is a fine-tuned classifier, not a pretraining checkpoint; "
-                        "fine-tune from a `sere pretrain` checkpoint such as runs/demo/last.pt")
-    if "config" not in state or which not in state:
-        raise SereError(f"{path} is not a `sere pretrain` checkpoint (it has no {which} network "
-                        "and configuration); give one such as runs/demo/last.pt")
-    cfg = config_from_dict(state["config"])
-    backbone = backbone_from_state(cfg, state[which], f"checkpoint {path}")
-    return LoadedBackbone(backbone.eval(), cfg, int(state.get("step", 0)))
 
 
 def build_classifier(backbone: ViTBackbone, num_classes: int, image_size: int,

@@ -18,9 +18,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from sere.finetune.config import FinetuneOptimConfig
-# The one remaining sere.train import: cosine_schedule is to move below sere.train (see
-# FINETUNE_NOTE.md); sere.finetune will import it from there.
-from sere.train.schedules import cosine_schedule
+from sere.schedules import cosine_schedule
 
 
 def build_optimizer(model: nn.Module, o: FinetuneOptimConfig) -> torch.optim.Optimizer:

@@ -27,7 +27,7 @@ from sere.finetune.config import FinetuneConfig, validate_finetune
 from sere.finetune.data import build_data, make_loader
 from sere.finetune.evaluate import evaluate
 from sere.finetune.mixing import build_criterion, build_mixup
-from sere.finetune.model import FINETUNE_KIND, build_classifier, load_pretrained
+from sere.finetune.model import build_classifier
 from sere.finetune.optim import LrSchedule, build_optimizer, set_lr
 from sere.finetune.outputs import (
     CHECKPOINT_NAME,
@@ -36,7 +36,8 @@ from sere.finetune.outputs import (
     start_run_folder,
     write_results,
 )
-from sere.io.checkpoint import save_checkpoint
+from sere.io.checkpoint import FINETUNE_KIND, save_checkpoint
+from sere.io.weights import load_backbone
 from sere.runtime import autocast_context, check_writable, resolve_device, resolve_precision
 
 
@@ -82,7 +83,7 @@ class Finetuner:
         self.precision = resolve_precision(t.precision, self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
             raise SereError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        self.pretrained = load_pretrained(checkpoint, which)
+        self.pretrained = load_backbone(checkpoint, which)
         pre = self.pretrained.config
         _check_image_size(d.image_size, pre.model.patch_size)
         self.mean, self.std = tuple(pre.data.normalize_mean), tuple(pre.data.normalize_std)
