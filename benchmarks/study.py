@@ -46,7 +46,7 @@ from sere.config import Config, load_config
 from sere.data.datasets import ImageSource, subset_indices
 from sere.errors import SereError
 from sere.eval.knn import knn_classify_many, top1_accuracy
-from sere.eval.knn_eval import eval_sources, knn_top1
+from sere.eval.knn_eval import eval_sources, knn_top1, periodic_knn
 from sere.eval.linear import (
     FeatureSplit,
     cached_probe_features,
@@ -384,7 +384,7 @@ def do_run(plan: StudyPlan, method: Method, seed: int) -> RunRecord | None:
     if checkpoint_step(last) != plan.steps:
         start = time.perf_counter()
         try:
-            result = Pretrainer(cfg, resume="auto").run()
+            result = Pretrainer(cfg, resume="auto", evaluate=periodic_knn(cfg)).run()
         finally:
             add_seconds(folder, "pretrain_seconds", time.perf_counter() - start)
         if result.preempted:

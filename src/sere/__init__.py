@@ -2,7 +2,7 @@
 
 from sere.api import LoadedRun, compute_losses, load_run
 from sere.config import Config, apply_overrides, config_from_dict, load_config
-from sere.data.geometry import CropBox, overlap_grids
+from sere.geometry import CropBox, overlap_grids
 from sere.errors import SereError
 from sere.io.export import export_backbone
 from sere.io.pretrained import load_pretrained_weights

@@ -44,12 +44,19 @@ def _pretrain_config(args: argparse.Namespace):
     return load_config([resolve_config_path(c) for c in args.config], args.overrides)
 
 
+def _periodic_eval(cfg):
+    """The k-NN callback of pretraining when `eval.knn_every` asks for one, else None."""
+    from sere.eval.knn_eval import periodic_knn
+
+    return periodic_knn(cfg) if cfg.eval.knn_every is not None else None
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Run pretraining."""
     from sere.train.loop import Pretrainer
 
     cfg = _pretrain_config(args)
-    result = Pretrainer(cfg, resume=args.resume).run()
+    result = Pretrainer(cfg, resume=args.resume, evaluate=_periodic_eval(cfg)).run()
     if not result.preempted:
         print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
     return 0
@@ -117,7 +124,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     overrides = [f"train.output_dir={args.output_dir}", *args.overrides]
     cfg = load_config([resolve_config_path("demo")], overrides)
-    result = Pretrainer(cfg, resume="auto").run()
+    result = Pretrainer(cfg, resume="auto", evaluate=_periodic_eval(cfg)).run()
     if result.preempted:
         return 0  # the loop said how to continue: run `sere demo` again
     pretrain_minutes = (time.perf_counter() - start) / 60

@@ -111,6 +111,26 @@ class LossConfig:
     local_grid: int | None = None  # S for local-global pairs; None: local patch grid (6 at 96/16)
 
 
+@dataclass(frozen=True)
+class Switches:
+    """Which parts of the objective run; a term with weight 0 is not computed.
+
+    Read by the losses and by the networks (which build and run only the heads a term needs).
+    """
+
+    cls: bool
+    patch: bool
+    spatial: bool
+    channel: bool
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "Switches":
+        """Switches that follow from the loss weights."""
+        w = cfg.loss
+        return cls(cls=w.lambda1 > 0, patch=w.lambda2 > 0, spatial=w.alpha > 0,
+                   channel=w.beta > 0)
+
+
 @dataclass
 class OptimConfig:
     """AdamW and the schedules (section 7)."""

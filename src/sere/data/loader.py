@@ -88,6 +88,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
         self.strict, self.seed = cfg.data.strict, cfg.train.seed
         self.jpeg_draft = cfg.data.jpeg_draft
 
+    def finish_batch(self, batch: MultiCropBatch) -> MultiCropBatch:
+        """Apply the photometric part deferred to the device (a no-op otherwise)."""
+        return batch.finish(self.augment)
+
     def __len__(self) -> int:
         return len(self.indices)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from sere.config import Config
 from sere.data.datasets import (
@@ -105,3 +107,24 @@ def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: Image
                                num_classes=len(train.classes))
     by_k = {k: top1_accuracy(scores[k], test_y) for k in all_ks}
     return KnnResult(by_k[e.k], by_k, len(train_f), len(test_f))
+
+
+def periodic_knn(cfg: Config) -> Callable[[ViTBackbone, torch.device, int], dict[str, float]]:
+    """The k-NN evaluation that pretraining runs every `eval.knn_every` steps.
+
+    Returns a function of (teacher backbone, device, step) that prints the k-NN top-1 on
+    `eval.knn_max_train` / `eval.knn_max_test` images of `eval_sources(cfg)` (built at the first
+    call) and returns it as `{"knn_top1": percent}` for the metrics.
+    """
+    sources: list[tuple[ImageSource, ImageSource]] = []
+
+    def evaluate(backbone: ViTBackbone, device: torch.device, step: int) -> dict[str, float]:
+        if not sources:
+            sources.append(eval_sources(cfg))
+        train, test = sources[0]
+        e = cfg.eval
+        result = knn_top1(backbone, cfg, train, test, device, e.knn_max_train, e.knn_max_test)
+        tqdm.write(f"step {step}: k-NN top-1 {result.top1:.1f} %")
+        return {"knn_top1": result.top1}
+
+    return evaluate
