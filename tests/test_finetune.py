@@ -375,3 +375,19 @@ def test_finetune_sits_above_io_and_eval_and_below_the_command_line():
         if any(path == p or p in path.parents for p in above):
             continue
         assert not any(n.startswith("sere.finetune") for n in _sere_imports(path)), path
+
+
+def test_folder_sources_must_share_their_classes(tmp_path):
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "dog")),
+                           ("other", ("cat", "eel"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / split / name / "a.png")
+    cfg = ftc.load_finetune_config([], [f"data.train_path={tmp_path / 'train'}",
+                                        f"data.test_path={tmp_path / 'val'}"])
+    train, test = ftd.build_sources(cfg, in_chans=3)
+    assert tuple(train.classes) == tuple(test.classes) == ("cat", "dog")
+    assert len(train) == len(test) == 2
+    cfg.data.test_path = str(tmp_path / "other")
+    with pytest.raises(sere.SereError, match="data.test_path .* other class folders"):
+        ftd.build_sources(cfg, in_chans=3)

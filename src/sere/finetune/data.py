@@ -11,13 +11,12 @@ from torch import Tensor
 
 from sere.data.datasets import (
     MAX_CONSECUTIVE_BAD_IMAGES,
-    FashionMNISTSource,
-    ImageFolderSource,
     ImageSource,
     SyntheticSource,
     UnreadableImage,
     subset_indices,
 )
+from sere.data.labelled import labelled_sources
 from sere.errors import SereError
 from sere.finetune.config import FinetuneConfig
 from sere.finetune.transforms import test_transform, to_pil, train_transform
@@ -55,24 +54,24 @@ class FinetuneImages(torch.utils.data.Dataset):
 
 
 def build_sources(cfg: FinetuneConfig, in_chans: int) -> tuple[ImageSource, ImageSource]:
-    """The labelled (train, test) sources that `cfg.data` names, checked to share classes."""
+    """The labelled (train, test) sources that `cfg.data` names (`sere.data.labelled`), an
+    image folder pair checked to share its classes."""
     d = cfg.data
-    if d.dataset == "folder":
-        train, test = (ImageFolderSource(d.train_path, in_chans),
-                       ImageFolderSource(d.test_path, in_chans))
-        if not train.classes:
-            raise SereError(f"data.train_path {d.train_path} has no classes: put the images in "
-                            "one sub-folder per class")
-        if tuple(test.classes) != tuple(train.classes):
-            raise SereError(f"data.test_path {d.test_path} has other class folders than "
-                            f"data.train_path ({len(test.classes)} vs {len(train.classes)}); "
-                            "both need the same sub-folder names")
-        return train, test
+    if d.dataset == "synthetic":
+        return (SyntheticSource(d.synthetic_images, d.synthetic_size, in_chans, seed=0),
+                SyntheticSource(d.synthetic_images, d.synthetic_size, in_chans, seed=1))
     if d.dataset == "fashion_mnist":
-        return (FashionMNISTSource(d.path, train=True, in_chans=in_chans),
-                FashionMNISTSource(d.path, train=False, in_chans=in_chans))
-    return (SyntheticSource(d.synthetic_images, d.synthetic_size, in_chans, seed=0),
-            SyntheticSource(d.synthetic_images, d.synthetic_size, in_chans, seed=1))
+        return labelled_sources(in_chans, fashion_mnist_dir=d.path)
+    train, test = labelled_sources(in_chans, d.train_path, d.test_path,
+                                   names=("data.train_path", "data.test_path"))
+    if not train.classes:
+        raise SereError(f"data.train_path {d.train_path} has no classes: put the images in "
+                        "one sub-folder per class")
+    if tuple(test.classes) != tuple(train.classes):
+        raise SereError(f"data.test_path {d.test_path} has other class folders than "
+                        f"data.train_path ({len(test.classes)} vs {len(train.classes)}); "
+                        "both need the same sub-folder names")
+    return train, test
 
 
 @dataclass
