@@ -146,7 +146,7 @@ def test_ranks_with_different_configurations_refuse_to_start(tiny, monkeypatch):
 
 
 def test_periodic_knn_is_logged_and_plotted(tiny):
-    from sere.eval.knn_eval import periodic_knn
+    from sere.eval.knn_accuracy import periodic_knn
 
     cfg = tiny("train.max_steps=4", "eval.knn_every=2", "eval.knn_max_train=32",
                "eval.knn_max_test=16")

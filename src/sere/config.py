@@ -176,7 +176,7 @@ class EvalConfig:
 
     k: int = 20
     temperature: float = 0.07
-    features: Literal["cls", "cls_avgpool"] = "cls"  # [CLS], or [CLS] and mean patch token
+    features: Literal["cls", "cls_avgpool", "cls4_avgpool"] = "cls"  # sere.eval.features kinds
     batch_size: int = 256
     knn_every: int | None = None  # steps between k-NN evaluations of the teacher in pretraining
     knn_max_train: int | None = 10000  # labelled images that vote (a fixed subset)
@@ -378,7 +378,14 @@ def _check_scale(name: str, scale: tuple[float, float]) -> None:
 
 def validate(cfg: Config) -> None:
     """Refuse values that would fail or silently compute nonsense later."""
-    m, d, k, lo, o, t, e = cfg.model, cfg.data, cfg.mask, cfg.loss, cfg.optim, cfg.train, cfg.eval
+    for check in (_validate_model, _validate_data, _validate_mask, _validate_loss,
+                  _validate_optim, _validate_train_eval):
+        check(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    """Check the model section."""
+    m = cfg.model
     _require(m.arch in ARCHITECTURES,
              f"model.arch = {m.arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
     dims = m.resolved()
@@ -393,6 +400,10 @@ def validate(cfg: Config) -> None:
     for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive")
 
+
+def _validate_data(cfg: Config) -> None:
+    """Check the data section."""
+    m, d = cfg.model, cfg.data
     for key in ("global_crop_size", "local_crop_size"):
         size = getattr(d, key)
         _require(size > 0 and size % m.patch_size == 0,
@@ -414,6 +425,10 @@ def validate(cfg: Config) -> None:
         _require(d.path is not None, "data.path is required for data.dataset=folder; "
                  "set it to a folder of images, e.g. data.path=/data/imagenet/train")
 
+
+def _validate_mask(cfg: Config) -> None:
+    """Check the mask section."""
+    k = cfg.mask
     _require(len(k.ratio) == len(k.ratio_jitter) and len(k.ratio) > 0,
              "mask.ratio and mask.ratio_jitter must be lists of the same, non-zero length")
     for r, v in zip(k.ratio, k.ratio_jitter):
@@ -422,6 +437,10 @@ def validate(cfg: Config) -> None:
                  "more patches masked than there are")
     _require(0 < k.min_aspect <= 1, "mask.min_aspect must be in (0, 1]")
 
+
+def _validate_loss(cfg: Config) -> None:
+    """Check the loss section and the overlap grids it needs."""
+    m, d, lo = cfg.model, cfg.data, cfg.loss
     for key in ("lambda1", "lambda2", "alpha", "beta"):
         _require(getattr(lo, key) >= 0, f"loss.{key} = {getattr(lo, key)} must be >= 0")
     _require(lo.lambda1 + lo.lambda2 + lo.alpha + lo.beta > 0,
@@ -444,6 +463,10 @@ def validate(cfg: Config) -> None:
                  "the local patch grid is 1 x 1, too small for an overlap grid: raise "
                  "data.local_crop_size or set loss.local_grid")
 
+
+def _validate_optim(cfg: Config) -> None:
+    """Check the optim section."""
+    o = cfg.optim
     _require(o.epochs > 0, "optim.epochs must be positive")
     _require(o.batch_size > 0, "optim.batch_size must be positive")
     _require(o.accum_steps > 0, "optim.accum_steps must be positive")
@@ -455,6 +478,10 @@ def validate(cfg: Config) -> None:
     _require(o.freeze_last_layer >= 0, "optim.freeze_last_layer must be >= 0")
     _require(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher must be in [0, 1]")
 
+
+def _validate_train_eval(cfg: Config) -> None:
+    """Check the train and eval sections."""
+    d, t, e = cfg.data, cfg.train, cfg.eval
     _require(t.save_every > 0, "train.save_every must be positive")
     _require(t.keep_last >= 0, "train.keep_last must be >= 0")
     _require(t.keep_every is None or (t.keep_every > 0 and t.keep_every % t.save_every == 0),

@@ -29,6 +29,7 @@ class BackboneOutput:
     patch: Tensor  # (B, N, C) patch tokens after the final LayerNorm
     patch_prenorm: Tensor  # (B, N, C) patch tokens of the last block, before the final LayerNorm
     grid: tuple[int, int]  # (h, w) patch grid, N = h * w
+    last_blocks: tuple[Tensor, ...] = ()  # (B, 1 + N, C) pre-norm outputs of the last blocks
 
     def feature_map(self) -> Tensor:
         """The pre-norm patch tokens laid out as (B, C, h, w), the relation heads' input."""
@@ -80,8 +81,13 @@ class ViTBackbone(nn.Module):
         """Recompute block activations in backward to save memory."""
         self.vit.set_grad_checkpointing(enable)
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> BackboneOutput:
-        """Run the ViT on (B, C, H, W) images; `mask` (B, h, w) bool marks patches to mask."""
+    def forward(self, images: Tensor, mask: Tensor | None = None,
+                keep_last: int = 0) -> BackboneOutput:
+        """Run the ViT on (B, C, H, W) images; `mask` (B, h, w) bool marks patches to mask.
+
+        `keep_last` > 0 also returns the pre-norm outputs of the last `keep_last` blocks (for
+        evaluation features; the blocks then run one by one, which computes the same numbers).
+        """
         vit = self.vit
         x = vit.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
         b, h, w, c = x.shape
@@ -93,16 +99,23 @@ class ViTBackbone(nn.Module):
         x = vit._pos_embed(x)  # (B, 1 + N, C)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
+        kept: list[Tensor] = []
         if vit.grad_checkpointing and torch.is_grad_enabled():
             from timm.models._manipulate import checkpoint_seq
 
             x = checkpoint_seq(vit.blocks, x)
+        elif keep_last:
+            for i, block in enumerate(vit.blocks):
+                x = block(x)  # (B, 1 + N, C) pre-norm
+                if i >= len(vit.blocks) - keep_last:
+                    kept.append(x)
         else:
             x = vit.blocks(x)  # (B, 1 + N, C) pre-norm
         normed = vit.norm(x)
         prefix = vit.num_prefix_tokens
         return BackboneOutput(cls=normed[:, 0], patch=normed[:, prefix:],
-                              patch_prenorm=x[:, prefix:], grid=(h, w))
+                              patch_prenorm=x[:, prefix:], grid=(h, w),
+                              last_blocks=tuple(kept))
 
     def forward_tokens(self, images: Tensor) -> Tensor:
         """All normed tokens (B, 1 + N, C) without masking: for evaluation and export."""

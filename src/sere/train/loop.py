@@ -46,7 +46,7 @@ MOSTLY_BAD_MIN_READS = 64  # files read before judging whether a folder is mostl
 
 # A periodic evaluation of the teacher's backbone (`eval.knn_every`), run on rank 0: it gets the
 # backbone, the device and the step, prints what it wants and returns metrics to log. The
-# command builds it (sere.eval.knn.periodic_knn): training never imports evaluation.
+# command builds it (sere.eval.knn_accuracy.periodic_knn): training never imports evaluation.
 PeriodicEval = Callable[[ViTBackbone, torch.device, int], dict[str, float]]
 
 
@@ -107,8 +107,8 @@ class Pretrainer:
                  evaluate: PeriodicEval | None = None):
         self.cfg = cfg
         if cfg.eval.knn_every is not None and evaluate is None:
-            raise SereError("eval.knn_every needs a k-NN evaluation: run `sere pretrain`, or "
-                            "pass evaluate=sere.eval.knn.periodic_knn(cfg) to Pretrainer")
+            raise SereError("eval.knn_every needs a k-NN evaluation: run `sere pretrain`, or pass "
+                            "evaluate=sere.eval.knn_accuracy.periodic_knn(cfg) to Pretrainer")
         self.evaluate = evaluate
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)

@@ -1,4 +1,5 @@
-"""k-NN top-1 of a backbone on a labelled train/test pair, next to random initialisation."""
+"""k-NN top-1 accuracy of a backbone on a labelled train/test pair, and the periodic k-NN of
+pretraining (a callback the command hands to the trainer)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,11 @@ import torch
 from tqdm import tqdm
 
 from sere.config import Config
-from sere.data.datasets import (
-    FashionMNISTSource,
-    ImageFolderSource,
-    ImageSource,
-    SyntheticSource,
-    subset_indices,
-)
+from sere.data.datasets import ImageSource, subset_indices
+from sere.data.labelled import pretraining_eval_sources
 from sere.errors import SereError
-from sere.eval.feature_cache import FeatureSplit, cached_split
-from sere.eval.features import EvalImages, extract_features
-from sere.eval.knn import knn_classify_many, top1_accuracy
+from sere.eval.feature_cache import cached_features
+from sere.eval.knn_classifier import knn_classify_many, top1_accuracy
 from sere.models.backbone import ViTBackbone
 
 
@@ -32,30 +27,6 @@ class KnnResult:
     by_k: dict[int, float]  # at every k asked for
     train_images: int
     test_images: int
-
-
-def eval_sources(cfg: Config) -> tuple[ImageSource, ImageSource]:
-    """The labelled (train, test) pair for k-NN during pretraining.
-
-    Fashion-MNIST and synthetic data use their own train and test splits; an image folder run
-    needs `eval.knn_train_path` and `eval.knn_test_path` (folders with one sub-folder per class).
-    """
-    chans = cfg.model.in_chans
-    e = cfg.eval
-    if e.knn_train_path or e.knn_test_path:
-        if not (e.knn_train_path and e.knn_test_path):
-            raise SereError("set both eval.knn_train_path and eval.knn_test_path")
-        return ImageFolderSource(e.knn_train_path, chans), ImageFolderSource(e.knn_test_path,
-                                                                             chans)
-    d = cfg.data
-    if d.dataset == "fashion_mnist":
-        return (FashionMNISTSource(d.path, train=True, in_chans=chans),
-                FashionMNISTSource(d.path, train=False, in_chans=chans))
-    if d.dataset == "synthetic":
-        return (SyntheticSource(d.synthetic_images, d.synthetic_size, chans, seed=0),
-                SyntheticSource(d.synthetic_images, d.synthetic_size, chans, seed=1))
-    raise SereError("k-NN during pretraining on an image folder needs labelled sets: set "
-                    "eval.knn_train_path and eval.knn_test_path")
 
 
 @dataclass(frozen=True)
@@ -81,22 +52,13 @@ def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: Image
     if len(train.classes) == 0:
         raise SereError("the k-NN training set has no labels (put images in one sub-folder per "
                         "class)")
-    size, d, e = cfg.data.global_crop_size, cfg.data, cfg.eval
-    backbone = backbone.to(device)
-    kind = f"knn-{e.features}"
+    e = cfg.eval
     folder, model_key = (cache.folder, cache.model_key) if cache is not None else (None, "")
-    sets = []
-    for name, source, limit in (("train", train, max_train), ("test", test, max_test)):
-        indices = subset_indices(len(source), limit, seed=1)
-
-        def extract() -> FeatureSplit:  # called at once, inside this iteration
-            images = EvalImages(source, size, d.normalize_mean, d.normalize_std, indices)
-            features, labels = extract_features(backbone, images, e.features, e.batch_size,
-                                                device, num_workers, desc=f"k-NN {name} features")
-            return FeatureSplit(features, labels)
-
-        sets.append(cached_split(folder, model_key, kind, name, source, indices, cfg,
-                                 extract).split)
+    sets = [cached_features(backbone, model_key, cfg, source,
+                            subset_indices(len(source), limit, seed=1), e.features, device,
+                            folder, num_workers=num_workers, name=name, normalize=True,
+                            purpose="k-NN").split
+            for name, source, limit in (("train", train, max_train), ("test", test, max_test))]
     (train_f, train_y), (test_f, test_y) = ((s.features, s.labels) for s in sets)
     unseen = set(test_y.tolist()) - set(train_y.tolist())
     if unseen:
@@ -113,14 +75,14 @@ def periodic_knn(cfg: Config) -> Callable[[ViTBackbone, torch.device, int], dict
     """The k-NN evaluation that pretraining runs every `eval.knn_every` steps.
 
     Returns a function of (teacher backbone, device, step) that prints the k-NN top-1 on
-    `eval.knn_max_train` / `eval.knn_max_test` images of `eval_sources(cfg)` (built at the first
-    call) and returns it as `{"knn_top1": percent}` for the metrics.
+    `eval.knn_max_train` / `eval.knn_max_test` images of `pretraining_eval_sources(cfg)` (built
+    at the first call) and returns it as `{"knn_top1": percent}` for the metrics.
     """
     sources: list[tuple[ImageSource, ImageSource]] = []
 
     def evaluate(backbone: ViTBackbone, device: torch.device, step: int) -> dict[str, float]:
         if not sources:
-            sources.append(eval_sources(cfg))
+            sources.append(pretraining_eval_sources(cfg))
         train, test = sources[0]
         e = cfg.eval
         result = knn_top1(backbone, cfg, train, test, device, e.knn_max_train, e.knn_max_test)
