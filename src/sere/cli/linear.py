@@ -141,10 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "rate chosen on held-out training images")
     p.add_argument("--checkpoint", required=True, help="a `sere pretrain` checkpoint")
     p.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
-    p.add_argument("--train-dir", help="labelled image folder (one sub-folder per class)")
-    p.add_argument("--test-dir", help="labelled image folder with the same classes")
-    p.add_argument("--fashion-mnist-dir", default=None,
-                   help="folder of Fashion-MNIST IDX files (default: the system package)")
+    add_labelled_flags(p)
     p.add_argument("--features", choices=GLOBAL_KINDS, default="cls",
                    help="last [CLS] (cls), with the mean patch token (cls_avgpool), or last-4 "
                         "[CLS] + mean patch token (cls4_avgpool)")

@@ -39,13 +39,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
-from sere.config import Config
-from sere.data.datasets import ImageSource, subset_indices
 from sere.errors import SereError
-from sere.eval.feature_cache import cached_features, checkpoint_model_key, random_model_key
-from sere.eval.features import GLOBAL_KINDS, FeatureSplit, check_feature_kind
+from sere.eval.features import FeatureSplit
 
 NORMS = ("batchnorm", "none")
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # per 256 images
