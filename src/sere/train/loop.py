@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sere.config import Config, save_config
+from sere.data.datasets import MOSTLY_BAD_MIN_READS
 from sere.data.loader import EpochBatchSampler, build_dataset, collate, worker_init
 from sere.errors import SereError
 from sere.io.pretrained import load_pretrained_weights
@@ -42,7 +43,6 @@ from sere.train.optim import (
 )
 from sere.train.schedules import Schedules
 
-MOSTLY_BAD_MIN_READS = 64  # files read before judging whether a folder is mostly bad
 
 # A periodic evaluation of the teacher's backbone (`eval.knn_every`), run on rank 0: it gets the
 # backbone, the device and the step, prints what it wants and returns metrics to log. The
