@@ -13,6 +13,15 @@ from sere.eval.dense_metrics import (IGNORE_INDEX, apply_matching, confusion_mat
                                      hungarian_match, per_class_iou, segmentation_scores)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The probes' many tiny steps are much slower with threads fighting over a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def naive_scores(pred: list[int], target: list[int], k: int) -> tuple[float, float, list]:
     """mIoU over classes present in target or prediction, pixel accuracy, per-class IoU."""
     pairs = [(p, t) for p, t in zip(pred, target) if t != IGNORE_INDEX]
@@ -106,3 +115,81 @@ def test_unmatched_cluster_is_an_error():
     mapped = apply_matching(clusters, mapping, 2)
     assert mapped.tolist() == [0, 2, 1, 1]
     assert math.isclose(int((mapped == target).sum()) / 4, 0.75)
+
+
+def synthetic_segmentation(n: int, seed: int, informative: bool, grid: int = 4, patch: int = 4,
+                           k: int = 4, dim: int = 12):
+    """Masks whose classes are constant per patch, and features that encode the patch's class
+    (one-hot plus noise) or are pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    patch_classes = torch.randint(k, (n, grid, grid), generator=g)  # (N, h, w)
+    masks = patch_classes.repeat_interleave(patch, 1).repeat_interleave(patch, 2)  # (N, H, W)
+    masks[torch.rand(masks.shape, generator=g) < 0.05] = IGNORE_INDEX
+    noise = torch.randn(n, grid, grid, dim, generator=g)
+    if informative:
+        onehot = torch.nn.functional.one_hot(patch_classes, dim).float()  # (N, h, w, D)
+        return (3 * onehot + 0.3 * noise).half(), masks
+    return noise.half(), masks
+
+
+
+
+def fast_settings():
+    from sere.eval.segment import ProbeSettings
+
+    return ProbeSettings(lrs=(1e-2, 1e-1), epochs=15, batch_size=16, seed=0)
+
+
+def test_linear_probe_reads_class_features():
+    from sere.eval.segment import format_report, linear_segmentation
+
+    train = synthetic_segmentation(80, 0, informative=True)
+    test = synthetic_segmentation(30, 1, informative=True)
+    run = linear_segmentation(*train, *test, 4, ["a", "b", "c", "d"], fast_settings())
+    assert run.result.miou > 0.85 and run.result.pixel_accuracy > 0.9
+    assert run.result.lr in (1e-2, 1e-1) and set(run.result.val_miou) == {"0.01", "0.1"}
+    last = format_report(run.result).splitlines()[-1]
+    assert last == (f"mIoU: {100 * run.result.miou:.1f} % "
+                    f"(pixel accuracy {100 * run.result.pixel_accuracy:.1f} %)")
+
+
+def test_linear_probe_near_chance_on_noise():
+    from sere.eval.segment import linear_segmentation
+
+    train = synthetic_segmentation(80, 0, informative=False)
+    test = synthetic_segmentation(30, 1, informative=False)
+    run = linear_segmentation(*train, *test, 4, ["a", "b", "c", "d"], fast_settings())
+    assert run.result.pixel_accuracy < 0.4  # chance is 0.25 with 4 balanced classes
+    assert run.result.miou < 0.3
+
+
+def test_linear_probe_deterministic():
+    import json
+
+    from sere.eval.segment import linear_segmentation
+
+    train = synthetic_segmentation(30, 0, informative=True)
+    test = synthetic_segmentation(10, 1, informative=True)
+    a = linear_segmentation(*train, *test, 4, list("abcd"), fast_settings()).result
+    b = linear_segmentation(*train, *test, 4, list("abcd"), fast_settings()).result
+    assert a.to_json() == b.to_json()
+    assert json.loads(a.to_json())["miou"] == pytest.approx(a.miou)
+
+
+def test_kmeans_matches_clusters_to_classes():
+    from sere.eval.segment import format_report, kmeans_segmentation
+
+    features, masks = synthetic_segmentation(20, 2, informative=True)
+    run = kmeans_segmentation(features, masks, 4, list("abcd"), seed=0)
+    assert run.result.miou > 0.85 and run.predictions.shape == masks.shape
+    noise, masks = synthetic_segmentation(20, 2, informative=False)
+    assert kmeans_segmentation(noise, masks, 4, list("abcd")).result.miou < 0.35
+    assert "k-means" in format_report(run.result).splitlines()[0]
+
+
+def test_probe_rejects_bad_shapes():
+    from sere.errors import SereError
+    from sere.eval.segment import kmeans_segmentation
+
+    with pytest.raises(SereError, match="features"):
+        kmeans_segmentation(torch.zeros(2, 4, 4), torch.zeros(2, 8, 8), 3, list("abc"))
