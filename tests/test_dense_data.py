@@ -133,3 +133,21 @@ def test_write_dense_folder_round_trip(tmp_path):
     images, masks = source.batch([0, 1, 2, 3])
     assert torch.equal(dense.images, images) and torch.equal(dense.masks, masks)
     assert not list((tmp_path / "d").rglob("*.tmp"))
+
+
+def test_dense_pictures(tmp_path):
+    from sere.data.scenes import SCENE_CLASSES
+    from sere.eval.dense_pictures import CLASS_COLOURS, colourise, save_dense_pictures
+
+    items, labels = tiny_pool()
+    images, masks = SceneSource(items, labels, 3, SceneSpec(size=32, scale=(10, 20))).batch(
+        [0, 1, 2])
+    path = save_dense_pictures(images, masks, masks, masks, tmp_path / "dense.png",
+                               list(SCENE_CLASSES))
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.size[0] > 100
+    colours = colourise(torch.tensor([[0, 3, 255]]))
+    assert colours[0, 1].tolist() == CLASS_COLOURS[3].tolist()
+    assert colours[0, 2].tolist() == [255, 255, 255]
+    with pytest.raises(SereError, match="same N, H, W"):
+        save_dense_pictures(images, masks, masks[:2], masks, tmp_path / "bad.png")
