@@ -151,3 +151,31 @@ def test_dense_pictures(tmp_path):
     assert colours[0, 2].tolist() == [255, 255, 255]
     with pytest.raises(SereError, match="same N, H, W"):
         save_dense_pictures(images, masks, masks[:2], masks, tmp_path / "bad.png")
+
+
+def test_scene_source_from_config():
+    from sere.config import load_config
+
+    cfg = load_config([], ["data.dataset=fashion_mnist_scenes", "data.scenes=5",
+                           "data.scene_size=40"])
+    assert cfg.data.scenes == 5
+    with pytest.raises(SereError, match="data.scene_size"):
+        load_config([], ["data.dataset=fashion_mnist_scenes", "data.scene_size=20"])
+
+
+@pytest.mark.slow
+def test_pretrain_on_scenes(tmp_path):
+    """Two pretraining steps of the tiny model on real Fashion-MNIST scenes."""
+    from sere.cli import main
+    from sere.config import load_config
+    from sere.data.datasets import build_source
+
+    from conftest import TINY
+
+    overrides = [*TINY, "data.dataset=fashion_mnist_scenes", "data.scenes=64",
+                 "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}"]
+    source = build_source(load_config([], overrides).data, 3)
+    image, label = source[0]
+    assert image.shape == (3, 56, 56) and label == -1
+    assert main(["pretrain", *overrides]) in (0, None)
+    assert (tmp_path / "run" / "last.pt").is_file()
