@@ -179,3 +179,15 @@ def test_pretrain_on_scenes(tmp_path):
     assert image.shape == (3, 56, 56) and label == -1
     assert main(["pretrain", *overrides]) in (0, None)
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_real_scene_design_numbers():
+    """The design of docs/dense.md holds on real Fashion-MNIST test scenes."""
+    from sere.data.scenes import fashion_mnist_scenes, scene_statistics
+
+    stats = scene_statistics(fashion_mnist_scenes(None, False, 300, seed=1), 300, patch=4)
+    assert 2.8 < stats.items_per_scene < 3.2
+    assert 0.65 < stats.background_fraction < 0.8
+    assert 0.15 < stats.boundary_patch_fraction < 0.3
+    assert 0.9 < stats.patch_oracle_accuracy < 0.97

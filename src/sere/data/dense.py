@@ -91,13 +91,13 @@ def read_pair(image_path: Path, mask_path: Path, size: int,
     return resized[0].round().clamp(0, 255).to(torch.uint8), target[0, 0].long()
 
 
-def check_classes(masks: Tensor, num_classes: int, stems: list[str], root: Path) -> None:
+def check_classes(masks: Tensor, num_classes: int, mask_names: list[str], root: Path) -> None:
     """Raise SereError naming the first mask with an index that is neither < K nor 255."""
-    bad = (masks >= num_classes) & (masks != IGNORE_INDEX) | (masks < 0)
+    bad = ((masks >= num_classes) & (masks != IGNORE_INDEX)) | (masks < 0)
     if bool(bad.any()):
         first = int(bad.flatten(1).any(dim=1).nonzero()[0])
         value = int(masks[first][bad[first]][0])
-        raise SereError(f"mask {root / 'masks' / stems[first]} holds class {value}, outside "
+        raise SereError(f"mask {root / 'masks' / mask_names[first]} holds class {value}, outside "
                         f"0..{num_classes - 1} (and not 255, ignore): fix the mask or raise the "
                         "number of classes")
 
@@ -115,11 +115,11 @@ def read_dense_folder(root: str | Path, size: int, in_chans: int = 3,
     read = [read_pair(image, mask, size, in_chans) for image, mask in pairs]
     images = torch.stack([r[0] for r in read])  # (N, C, S, S)
     masks = torch.stack([r[1] for r in read])  # (N, S, S)
-    stems = [mask.name for _, mask in pairs]
+    mask_names = [mask.name for _, mask in pairs]
     if num_classes is None:
         valid = masks[masks != IGNORE_INDEX]
         num_classes = int(valid.max()) + 1 if len(valid) else 1
-    check_classes(masks, num_classes, stems, root)
+    check_classes(masks, num_classes, mask_names, root)
     return DenseSet(images, masks, num_classes, [image.stem for image, _ in pairs])
 
 
