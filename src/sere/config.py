@@ -176,6 +176,9 @@ class InitConfig:
     from_: str | None = None  # written `init.from` in YAML and overrides
     which: Literal["teacher", "student"] = "teacher"  # network of a student/teacher checkpoint
     head: bool = True  # also load the projection head when the file has one
+    # Also read files holding Python objects besides tensors (the authors' full training
+    # checkpoints, say): only for files from a source you trust, since unpickling can run code.
+    trust_pickle: bool = False
 
 
 @dataclass

@@ -127,6 +127,28 @@ def _resolve_file(path: Path) -> Path:
     return path
 
 
+class UntrustedPickle(SereError):
+    """A weight file that holds Python objects besides tensors, read without trusting it.
+
+    The message names how to trust the file from Python and the commands with --trust-pickle;
+    `advice` rewords it for another way in (a configuration key, say).
+
+    Args:
+        path: the file.
+        what: the first Python object found in it, as PyTorch names it.
+        how: the way to trust the file, as the message should say it.
+    """
+
+    def __init__(self, path: Path, what: str, how: str = "pass trust_pickle=True (--trust-pickle)"):
+        super().__init__(f"{path} holds {what} besides tensors, which can run code when loaded; "
+                         f"if you trust its source, {how}")
+        self.path, self.what = path, what
+
+    def advice(self, how: str) -> "UntrustedPickle":
+        """The same error, saying `how` to trust the file."""
+        return UntrustedPickle(self.path, self.what, how)
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """torch.load, refusing arbitrary Python objects unless `trust_pickle`."""
     if trust_pickle:
@@ -139,9 +161,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         if "Unsupported global" in str(err):
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
             what = found.group(1) if found else "Python objects"
-            raise SereError(f"{path} holds {what} besides tensors, which can run code when "
-                            "loaded; if you trust its source, pass trust_pickle=True "
-                            "(--trust-pickle)") from None
+            raise UntrustedPickle(path, what) from None
         raise SereError(f"{path} is not a PyTorch checkpoint ({_first_line(err)}); give a .pth/.pt "
                         "or .safetensors weight file") from None
     except Exception as err:  # a text file, a truncated zip, ...

@@ -16,9 +16,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sere.config import Config, save_config
-from sere.data.loader import EpochBatchSampler, build_dataset, collate, worker_init
+from sere.data.loader import (EpochBatchSampler, build_dataset, collate, loader_batches,
+                              worker_init)
 from sere.errors import SereError
-from sere.eval.import_weights import load_pretrained_weights
+from sere.eval.import_weights import UntrustedPickle, load_pretrained_weights
 from sere.eval.knn_eval import eval_sources, knn_top1
 from sere.losses.objective import LossTerms, SERELoss
 from sere.models.backbone import fused_attention_pays
@@ -28,6 +29,7 @@ from sere.train.checkpoint import (
     latest_valid_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    refuse_earlier_run,
     save_checkpoint,
 )
 from sere.train.metrics import MetricsWriter, plot_losses
@@ -154,6 +156,8 @@ class Pretrainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.output_dir = Path(cfg.train.output_dir)
+        if resume is None:  # a fresh run never overwrites another one
+            refuse_earlier_run(self.output_dir)
         where = cfg.data.photometric_on
         self.dataset = build_dataset(cfg, defer_photometric=where == "device" or (
             where == "auto" and self.device.type == "cuda"))
@@ -251,9 +255,13 @@ class Pretrainer:
     def _init_from(self, path: str) -> None:
         """Load published or earlier weights into the student; the teacher starts as a copy.
         Heads that the file lacks (relation heads, say) stay freshly initialised."""
-        report = load_pretrained_weights(path, self.student.backbone,
-                                         self.student.head if self.cfg.init.head else None,
-                                         which=self.cfg.init.which)
+        init = self.cfg.init
+        try:
+            report = load_pretrained_weights(path, self.student.backbone,
+                                             self.student.head if init.head else None,
+                                             which=init.which, trust_pickle=init.trust_pickle)
+        except UntrustedPickle as err:
+            raise err.advice("pass init.trust_pickle=true") from None
         self.teacher.load_state_dict(self.student.state_dict(), strict=False)
         if self.dist.is_main:
             print(f"initialised from {path}:\n{report.table()}")
@@ -302,7 +310,7 @@ class Pretrainer:
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         start_batch = in_epoch * accum
         while True:
-            yield from self._loader(epoch, start_batch)
+            yield from loader_batches(self._loader(epoch, start_batch))
             epoch, start_batch = epoch + 1, 0
 
     def train_step(self, micro_batches: list) -> StepOutput:
@@ -394,6 +402,7 @@ class Pretrainer:
         finally:
             stop.uninstall()
             bar.close()
+            batches.close()  # DataLoader workers stop now, whatever ended the loop
         last_checkpoint = self.save()
         if preempted:
             if self.dist.is_main:
