@@ -250,10 +250,13 @@ class Pretrainer:
 
     def _init_from(self, path: str) -> None:
         """Load published or earlier weights into the student; the teacher starts as a copy.
-        Heads that the file lacks (relation heads, say) stay freshly initialised."""
+        With `init.head` the projection and relation heads load too; what the file lacks stays
+        freshly initialised and is listed as missing in the report."""
+        heads = self.cfg.init.head
         report = load_pretrained_weights(path, self.student.backbone,
-                                         self.student.head if self.cfg.init.head else None,
-                                         which=self.cfg.init.which)
+                                         self.student.head if heads else None,
+                                         which=self.cfg.init.which,
+                                         relation=self.student.relation if heads else None)
         self.teacher.load_state_dict(self.student.state_dict(), strict=False)
         if self.dist.is_main:
             print(f"initialised from {path}:\n{report.table()}")
