@@ -9,7 +9,10 @@ Accepted files (a folder is read through the `model.safetensors` or `backbone.pt
   `pos_embed`, `patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, `norm.weight`, ...) and full
   training checkpoints with `student` / `teacher` entries whose keys carry `module.`, `backbone.`
   and `head.` prefixes; iBOT's mask token `masked_embed` and patch head `head.last_layer2.*` map to
-  sere's `mask_token` and `head.last_layer_patch.*`.
+  sere's `mask_token` and `head.last_layer_patch.*` (with a shared head the file lists the one
+  last layer twice, as `last_layer` and `last_layer2`: both fill sere's `head.last_layer`), and
+  SERE's relation heads `backbone.{pixel,channel}_sere[_local].{projection,predictor}.*` map to
+  sere's `relation.{spatial,channel}[_local].{projector,predictor}.*`.
 
 The position embedding is resampled (bicubic, as timm does) when the file's patch grid differs
 from the model's. Any other shape difference means the file holds another architecture, and the
@@ -36,7 +39,7 @@ from torch import Tensor, nn
 from sere.config import ARCHITECTURES
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
-from sere.models.heads import ProjectionHead
+from sere.models.heads import ProjectionHead, RelationHeads
 from sere.train.checkpoint import FORMAT, load_checkpoint
 
 # Folder contents tried in order when a folder is given.
@@ -45,6 +48,10 @@ FOLDER_FILES = ("model.safetensors", "backbone.pth", "pytorch_model.bin", "model
 STATE_ENTRIES = ("state_dict", "model", "state_dict_ema", "model_ema")
 # Key components that wrappers insert (DistributedDataParallel, torch.compile).
 WRAPPER_PARTS = ("module", "_orig_mod")
+# The SERE authors' relation heads (inside their backbone) and their parts, in sere's names.
+AUTHORS_RELATION_HEADS = {"pixel_sere": "spatial", "pixel_sere_local": "spatial_local",
+                          "channel_sere": "channel", "channel_sere_local": "channel_local"}
+AUTHORS_RELATION_PARTS = {"projection": "projector", "predictor": "predictor"}
 
 
 @dataclass
@@ -236,7 +243,9 @@ def canonical_name(key: str) -> str:
 
     Examples: `module.backbone.blocks.0.attn.qkv.weight` -> `backbone.vit.blocks.0.attn.qkv.weight`,
     `masked_embed` -> `backbone.mask_token`, `module.head.last_layer2.weight_g` ->
-    `head.last_layer_patch.weight_g`, `cls_token` -> `backbone.vit.cls_token`.
+    `head.last_layer_patch.weight_g`, `cls_token` -> `backbone.vit.cls_token`,
+    `module.backbone.pixel_sere_local.predictor.1.running_mean` ->
+    `relation.spatial_local.predictor.1.running_mean`.
     """
     parts = [p for p in key.split(".") if p not in WRAPPER_PARTS]
     if parts and parts[0] == "head":
@@ -247,6 +256,10 @@ def canonical_name(key: str) -> str:
         return ".".join(parts)
     if parts and parts[0] == "backbone":
         parts = parts[1:]
+    if len(parts) > 2 and parts[0] in AUTHORS_RELATION_HEADS \
+            and parts[1] in AUTHORS_RELATION_PARTS:  # same layers, same order: 1-to-1 below
+        return ".".join(["relation", AUTHORS_RELATION_HEADS[parts[0]],
+                         AUTHORS_RELATION_PARTS[parts[1]], *parts[2:]])
     if parts and parts[0] == "vit":
         parts = parts[1:]
     rest = ".".join(parts)
@@ -306,9 +319,51 @@ def _heads_note(state: dict[str, Tensor], backbone: ViTBackbone) -> str | None:
     return None
 
 
+def _match_names(raw: dict[str, Tensor], model_state: dict[str, Tensor], report: LoadReport,
+                 file: Path, asked: set[str]) -> dict[str, tuple[str, Tensor]]:
+    """Pair the file's tensors with the model's names: {model name: (file key, tensor)}.
+
+    File tensors of parts not asked for (`asked` holds the model prefixes being filled) go to
+    `report.ignored`, the rest that fit nothing to `report.unexpected`. A shared last layer that
+    the file lists twice (`head.last_layer` and `head.last_layer2` equal) fills the model's one
+    `head.last_layer`; a different `last_layer2` has no place in a shared head: unexpected.
+    """
+    canonical: dict[str, tuple[str, Tensor]] = {}
+    patch_layers: dict[str, tuple[str, Tensor]] = {}  # shared-head alias -> the file's last_layer2
+    for key, value in raw.items():
+        name = canonical_name(key)
+        alias = name.replace("head.last_layer_patch.", "head.last_layer.", 1)
+        if name not in model_state and alias != name and alias in model_state:
+            patch_layers[alias] = (key, value)
+        elif name in model_state:
+            if name in canonical:
+                raise SereError(f"{file} has two tensors for {name} ({canonical[name][0]} and "
+                                f"{key}); keep one network's weights in it")
+            canonical[name] = (key, value)
+        elif name.split(".", 1)[0] + "." not in asked or name == "backbone.mask_token":
+            report.ignored.append(key)  # parts of the network not asked for (or not built)
+        else:
+            report.unexpected.append(key)
+            report.shapes[key] = _shape(value)
+    for alias, (key, value) in patch_layers.items():
+        if alias not in canonical:
+            canonical[alias] = (key, value)
+        elif not torch.equal(canonical[alias][1], value):
+            report.unexpected.append(key)
+            report.shapes[key] = _shape(value)
+    if patch_layers and not any(k in report.unexpected for k, _ in patch_layers.values()):
+        report.notes.append("the file lists the shared last layer twice (head.last_layer and "
+                            "head.last_layer2, equal); it was loaded once")
+    elif patch_layers:
+        report.notes.append("the file has a separate patch last layer (head.last_layer2) that a "
+                            "shared head cannot hold; set model.shared_head=false to load it")
+    return canonical
+
+
 def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
                             head: ProjectionHead | None = None, which: str = "teacher",
-                            strict: bool = True, trust_pickle: bool = False) -> LoadReport:
+                            strict: bool = True, trust_pickle: bool = False,
+                            relation: RelationHeads | None = None) -> LoadReport:
     """Load a weight file into `backbone` (and `head`), in place, and say what happened.
 
     Args:
@@ -321,6 +376,8 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
         strict: raise SereError when the file lacks part of the ViT (not counting the mask token
             and the head) or has blocks the model does not; False only reports it.
         trust_pickle: allow files holding arbitrary Python objects (they can run code on load).
+        relation: the SERE relation heads to fill as well (pretraining from a SERE checkpoint);
+            None leaves them out (the file's relation heads are then reported as ignored).
 
     Raises:
         SereError: the file is missing or not a checkpoint, holds no ViT weights, or holds a
@@ -331,23 +388,12 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
     targets: dict[str, nn.Module] = {"backbone.": backbone}
     if head is not None:
         targets["head."] = head
+    if relation is not None:
+        targets["relation."] = relation
     model_state = {f"{prefix}{k}": v for prefix, module in targets.items()
                    for k, v in module.state_dict().items()}
 
-    canonical: dict[str, tuple[str, Tensor]] = {}  # model name -> (file name, tensor)
-    for key, value in raw.items():
-        name = canonical_name(key)
-        if name in model_state:
-            if name in canonical:
-                raise SereError(f"{file} has two tensors for {name} ({canonical[name][0]} and "
-                                f"{key}); keep one network's weights in it")
-            canonical[name] = (key, value)
-        elif (name.startswith("relation.") or (name.startswith("head.") and head is None)
-              or (name == "backbone.mask_token" and backbone.mask_token is None)):
-            report.ignored.append(key)  # parts of the network not asked for
-        else:
-            report.unexpected.append(key)
-            report.shapes[key] = _shape(value)
+    canonical = _match_names(raw, model_state, report, file, asked=set(targets))
     file_view = {canonical_name(k): v for k, v in raw.items()}
     if not any(n.startswith("backbone.vit.") for n in canonical):
         sample = ", ".join(list(raw)[:4])
@@ -376,7 +422,8 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
             raise SereError(f"{file}: the projection head has another size ({mismatched[0][1]}); "
                             "load the backbone alone (head=None, --no-head) or set model.out_dim/"
                             "hidden_dim/bottleneck_dim to match")
-        example = next(text for n, text in mismatched if n.startswith("backbone."))
+        example = next((text for n, text in mismatched if n.startswith("backbone.")),
+                       mismatched[0][1])
         raise SereError(f"{file} holds a ViT with {_vit_description(file_view)} but the model has "
                         f"{_model_description(backbone)} ({_count(len(mismatched))} differ, e.g. "
                         f"{example}); set model.arch/embed_dim/depth/num_heads/patch_size/"
@@ -404,6 +451,8 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
     if head is not None and not any(n.startswith("head.") for n in to_load):
         report.notes.append("the file has no projection head: the head keeps its random "
                             "initialisation")
+    if relation is not None and any(n.startswith("relation.") for n in report.missing):
+        report.notes.append("relation heads listed as missing keep their initial values")
     heads_note = _heads_note(file_view, backbone)
     if heads_note:
         report.notes.append(heads_note)
@@ -425,8 +474,10 @@ def cmd_import_check(args: argparse.Namespace) -> int:
     cfg = load_config([resolve_config_path(c) for c in args.config], overrides)
     network = SERENetwork(cfg, is_student=True)
     head = None if args.no_head else network.head
+    relation = None if args.no_head else network.relation
     report = load_pretrained_weights(args.weights, network.backbone, head, which=args.backbone,
-                                     strict=False, trust_pickle=args.trust_pickle)
+                                     strict=False, trust_pickle=args.trust_pickle,
+                                     relation=relation)
     print(report.table())
     if not report.backbone_complete:
         count = sum(k.startswith("backbone.vit.") for k in report.missing)
@@ -446,7 +497,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="YAML file or preset name; repeat to layer")
     p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
                    help="network to read from a checkpoint with both")
-    p.add_argument("--no-head", action="store_true", help="load the backbone only")
+    p.add_argument("--no-head", action="store_true",
+                   help="load the backbone only (no projection or relation heads)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow files holding Python objects besides tensors (they can run code)")
     p.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. model.arch=vit_base "

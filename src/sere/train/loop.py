@@ -254,12 +254,14 @@ class Pretrainer:
 
     def _init_from(self, path: str) -> None:
         """Load published or earlier weights into the student; the teacher starts as a copy.
-        Heads that the file lacks (relation heads, say) stay freshly initialised."""
+        With `init.head` the projection and relation heads load too; what the file lacks stays
+        freshly initialised and is listed as missing in the report."""
         init = self.cfg.init
         try:
             report = load_pretrained_weights(path, self.student.backbone,
                                              self.student.head if init.head else None,
-                                             which=init.which, trust_pickle=init.trust_pickle)
+                                             which=init.which, trust_pickle=init.trust_pickle,
+                                             relation=self.student.relation if init.head else None)
         except UntrustedPickle as err:
             raise err.advice("pass init.trust_pickle=true") from None
         self.teacher.load_state_dict(self.student.state_dict(), strict=False)
