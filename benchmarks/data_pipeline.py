@@ -63,8 +63,9 @@ def measure_loader(cfg, workers: int, device: str, batch: int, batches: int) -> 
     photometric changes done where `cfg.data.photometric_on` says (`device`: batched there
     after the transfer, as `sere pretrain` on a GPU does), pinned memory on a GPU.
 
-    The rate is over batches 2 .. `batches` (the first one holds the workers' start); the
-    images are visited in order, epoch after epoch, so few files serve many batches.
+    The rate is over the batches after the workers' first round (each worker's first batch
+    holds its start, and they all arrive together); the images are visited in order, epoch
+    after epoch, so few files serve many batches.
     """
     target = torch.device(device)
     dataset = build_dataset(cfg, defer_photometric=cfg.data.photometric_on == "device")
@@ -79,10 +80,23 @@ def measure_loader(cfg, workers: int, device: str, batch: int, batches: int) -> 
         if target.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
-    rate = batch * (len(times) - 1) / (times[-1] - times[0])
+    first = max(1, min(workers, batches - 1))  # batches of the first round
+    rate = batch * (len(times) - first) / (times[-1] - times[first - 1])
     return dict(path=f"loader_{workers}_workers", images_per_second=rate, workers=workers,
                 device=device, photometric_on=cfg.data.photometric_on, batch=batch,
                 batches=batches)
+
+
+def report_loader(args: argparse.Namespace, cfg) -> int:
+    """Print `measure_loader`'s result for the command line's settings."""
+    cfg = apply_overrides(cfg, [f"data.photometric_on={args.photometric_on}"])
+    row = measure_loader(cfg, args.loader_workers, args.device, args.batch, args.batches)
+    row["setting"] = (f"2 x {args.global_size} + {args.local_crops} x {args.local_size} "
+                      f"crops, JPEGs of {args.images}")
+    print(json.dumps(row) if args.json else
+          f"{row['setting']}; {row['path']} to {args.device} (photometric on "
+          f"{args.photometric_on}): {row['images_per_second']:.1f} images/s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,14 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "data.dataset=folder", f"data.path={folder}", f"data.global_crop_size={args.global_size}",
         f"data.local_crop_size={args.local_size}", f"data.local_crops_number={args.local_crops}"])
     if args.loader_workers is not None:
-        cfg = apply_overrides(cfg, [f"data.photometric_on={args.photometric_on}"])
-        row = measure_loader(cfg, args.loader_workers, args.device, args.batch, args.batches)
-        row["setting"] = (f"2 x {args.global_size} + {args.local_crops} x {args.local_size} "
-                          f"crops, JPEGs of {folder}")
-        print(json.dumps(row) if args.json else
-              f"{row['setting']}; {row['path']} to {args.device} (photometric on "
-              f"{args.photometric_on}): {row['images_per_second']:.1f} images/s")
-        return 0
+        return report_loader(args, cfg)
     ours = build_dataset(cfg)
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     needed = args.count + args.warmup

@@ -47,17 +47,17 @@ if [ "$DRY" = 1 ]; then
   STEP_ARGS=(--arch vit_tiny --patch 8 --global-size 32 --local-size 16 --local-crops 2
              --batch 2 --device cpu --warmup 1 --steps 1)
   DATA_ARGS=(--make-images 16 --global-size 64 --local-size 32 --local-crops 2 --batch 4
-             --batches 4)
+             --batches 6)
 else
   DEVICE=cuda; WORKERS=14
-  T_TESTS=70; T_PRETRAIN=80; T_COMPILE=130; T_STEP=150; T_DATA=45  # 475 s in all at most
+  T_TESTS=60; T_PRETRAIN=80; T_COMPILE=120; T_STEP=170; T_DATA=45  # 475 s in all at most
   MODEL=(data.synthetic_images=2560 data.synthetic_size=256)  # the recipe's batch 128 per GPU
   STEPS=50; LOG_EVERY=10
   COMPILE_BACKEND=()
   STEP_PRESET=vit_small_ibot_sere
   STEP_ARGS=(--arch vit_small --patch 16 --global-size 224 --local-size 96 --local-crops 10
-             --device cuda --warmup 2 --steps 3 --batch 128 --max-batch --batch-limit 1024)
-  DATA_ARGS=(--make-images 256 --batch 128 --batches 24)
+             --device cuda --warmup 2 --steps 3 --batch 256 --max-batch --batch-limit 1024)  # 256, 512, 1024: at most 6 children
+  DATA_ARGS=(--make-images 256 --batch 64 --batches 84)  # 6 rounds of the 14 workers
 fi
 
 # run_part NAME SECONDS COMMAND...: the command's output to logs/NAME.log, its exit code (124 on

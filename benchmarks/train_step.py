@@ -152,13 +152,7 @@ def child(args: argparse.Namespace, path: str) -> dict:
         losses.append(step())
         times.append(synced_time() - start)
     seconds = statistics.median(times)
-    flops = None
-    if args.flops:  # one more step, counted (after the timing, which the counter would slow)
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
+    flops = count_flops(step) if args.flops else None
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -171,6 +165,25 @@ def child(args: argparse.Namespace, path: str) -> dict:
                 images_per_second=images / seconds,
                 peak_memory_mb=peak_mb, step_memory_mb=step_mb, first_loss=losses[0],
                 steps=args.steps, flops_per_step=flops)
+
+
+def count_flops(step) -> int:
+    """FLOP of one more `step()`, counted by PyTorch (after the timing, which it would slow)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def add_utilisation(results: dict[str, dict], peak_tflops: float | None) -> None:
+    """TFLOP/s of each counted path and, given the device's peak, its FLOP utilisation."""
+    for r in results.values():
+        if r.get("flops_per_step"):
+            r["tflops_per_second"] = r["flops_per_step"] / r["seconds_per_step"] / 1e12
+            if peak_tflops:
+                r["peak_tflops"] = peak_tflops
+                r["mfu"] = r["tflops_per_second"] / peak_tflops
 
 
 class ChildFailed(RuntimeError):
@@ -304,12 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailed as failure:
         sys.stderr.write(f"{failure}\n")
         return 1
-    for r in results.values():
-        if r.get("flops_per_step"):
-            r["tflops_per_second"] = r["flops_per_step"] / r["seconds_per_step"] / 1e12
-            if args.peak_tflops:
-                r["peak_tflops"] = args.peak_tflops
-                r["mfu"] = r["tflops_per_second"] / args.peak_tflops
+    add_utilisation(results, args.peak_tflops)
     if "ours" in results and "ours_no_sere" in results:
         ours = results["ours"]
         ours["sere_share"] = 1 - results["ours_no_sere"]["seconds_per_step"] / ours[

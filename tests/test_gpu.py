@@ -128,7 +128,7 @@ def test_fused_adamw_matches_the_loop_version(tiny, tmp_path):
     for (name, p), q, p0 in zip(student.named_parameters(), twin.parameters(),
                                 initial.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
-        moved = max(moved, float((p - p0).abs().max()))
+        moved = max(moved, float((p - p0).detach().abs().max()))
     assert moved > 1e-3  # the steps really changed the weights (5 steps of rate >= 1e-3)
 
 
@@ -151,8 +151,12 @@ def test_device_photometric_matches_the_worker_version(tiny, tmp_path, no_tf32):
     for got, want in zip(finished.global_crops + finished.local_crops,
                          expected.global_crops + expected.local_crops):
         assert got.device.type == "cuda" and got.dtype == torch.float32
-        diff = (got.cpu() - want).abs()
-        assert float(diff.max()) < 1e-3  # normalised units; 2e-5 on the CPU
+        diff = (got.cpu() - want).abs()  # normalised units; 2e-5 on the CPU
+        # solarisation is a step at 128/255: a pixel that rounding puts on the other side
+        # differs by up to 0.02 here, so a few such pixels may stray, no more
+        assert float(diff.mean()) < 1e-4
+        assert float((diff > 1e-3).float().mean()) < 1e-3
+        assert float(diff.max()) < 0.05
     # the draws differ between crops: a batch where nothing happened would fail here
     raw = batch.global_crops[0].float() / 255
     assert float((finished.global_crops[0] * deferred.augment.std.cuda()
