@@ -140,7 +140,7 @@ def train_step_result(out: Path, peak_tflops: float) -> tuple[str, dict]:
     speedup = ours["images_per_second"] / base["images_per_second"]
     text = (f"batch {ours['batch']}: ours {ours['images_per_second']:.1f} images/s, baseline "
             f"{base['images_per_second']:.1f} ({speedup:.2f} x, target >= {TARGET_SPEEDUP:g}); "
-            f"peak GPU/step memory ours {ours['step_memory_mb']:.0f} MiB, baseline "
+            f"step memory (GPU peak on a GPU) ours {ours['step_memory_mb']:.0f} MiB, baseline "
             f"{base['step_memory_mb']:.0f} MiB")
     mfu = ours.get("mfu")
     if mfu is not None:
@@ -148,7 +148,8 @@ def train_step_result(out: Path, peak_tflops: float) -> tuple[str, dict]:
                  f"{peak_tflops:g} TFLOP/s (target >= {TARGET_MFU:.0%})")
     for path in ("ours@max", "baseline@max"):
         if path in rows:
-            text += f"; {path}: batch {rows[path]['batch']}, {rows[path]['images_per_second']:.1f} images/s"
+            row = rows[path]
+            text += f"; {path}: batch {row['batch']}, {row['images_per_second']:.1f} images/s"
     return text, dict(speedup=speedup, mfu=mfu, batch=ours["batch"])
 
 

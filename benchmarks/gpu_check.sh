@@ -55,8 +55,9 @@ else
   STEPS=50; LOG_EVERY=10
   COMPILE_BACKEND=()
   STEP_PRESET=vit_small_ibot_sere
+  # batches 256, 512, 1024: at most 6 child processes
   STEP_ARGS=(--arch vit_small --patch 16 --global-size 224 --local-size 96 --local-crops 10
-             --device cuda --warmup 2 --steps 3 --batch 256 --max-batch --batch-limit 1024)  # 256, 512, 1024: at most 6 children
+             --device cuda --warmup 2 --steps 3 --batch 256 --max-batch --batch-limit 1024)
   DATA_ARGS=(--make-images 256 --batch 64 --batches 84)  # 6 rounds of the 14 workers
 fi
 
