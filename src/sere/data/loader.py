@@ -50,6 +50,15 @@ class MultiCropBatch:
                               [move(m) for m in self.masks], move(self.labels), self.skipped,
                               None if self.photometric is None else move(self.photometric))
 
+    def pin_memory(self) -> "MultiCropBatch":
+        """The same batch in page-locked memory (called by a DataLoader with `pin_memory=True`,
+        which leaves objects without this method unpinned), so that `to(cuda)` is asynchronous."""
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        return MultiCropBatch([pin(t) for t in self.global_crops],
+                              [pin(t) for t in self.local_crops], pin(self.boxes),
+                              [pin(m) for m in self.masks], pin(self.labels), self.skipped,
+                              None if self.photometric is None else pin(self.photometric))
+
     def finish(self, augment: MultiCropAugmentation) -> "MultiCropBatch":
         """Apply deferred photometric changes where the crops are now (a no-op otherwise)."""
         if self.photometric is None:
