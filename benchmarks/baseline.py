@@ -31,7 +31,7 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from sere.config import Config
-from sere.data.geometry import overlap_grids
+from sere.geometry import overlap_grids
 from sere.losses.objective import SERELoss
 from sere.losses.relation import relation_cross_entropy, spatial_relation
 from sere.models.network import Networks, PatchLogits, SERENetwork, build_networks

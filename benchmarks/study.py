@@ -44,20 +44,18 @@ import torch.nn.functional as F
 from sere.cli import resolve_config_path
 from sere.config import Config, load_config
 from sere.data.datasets import ImageSource, subset_indices
+from sere.data.labelled import pretraining_eval_sources
 from sere.errors import SereError
-from sere.eval.knn import knn_classify_many, top1_accuracy
-from sere.eval.knn_eval import eval_sources, knn_top1
-from sere.eval.linear import (
-    FeatureSplit,
-    cached_probe_features,
-    checkpoint_model_key,
-    random_model_key,
-    run_probe,
-)
-from sere.eval.weights import load_backbone, random_backbone
+from sere.eval.feature_cache import cached_features, checkpoint_model_key, random_model_key
+from sere.eval.features import FeatureSplit
+from sere.eval.knn_accuracy import knn_top1, periodic_knn
+from sere.eval.knn_classifier import knn_classify_many, top1_accuracy
+from sere.eval.linear import run_probe
+from sere.io.weights import load_backbone, random_backbone
 from sere.models.backbone import ViTBackbone
-from sere.train.checkpoint import load_checkpoint
-from sere.train.loop import Pretrainer, resolve_device
+from sere.io.checkpoint import load_checkpoint
+from sere.runtime import resolve_device
+from sere.train.loop import Pretrainer
 from sere.train.metrics import read_metrics
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +331,8 @@ def evaluate(backbone: ViTBackbone, model_key: str, cfg: Config, plan: StudyPlan
     for name, source, limit in (("train", train_src, plan.max_train),
                                 ("test", test_src, plan.max_test)):
         indices = subset_indices(len(source), limit, seed=SUBSET_SEED)
-        got = cached_probe_features(backbone, model_key, cfg, source, indices, FEATURES, device,
-                                    cache_dir, name=name)
+        got = cached_features(backbone, model_key, cfg, source, indices, FEATURES, device,
+                              cache_dir, name=name)
         splits.append(got.split)
     train, test = splits
     classes = len(train_src.classes)
@@ -383,7 +381,7 @@ def do_run(plan: StudyPlan, method: Method, seed: int) -> RunRecord | None:
     if checkpoint_step(last) != plan.steps:
         start = time.perf_counter()
         try:
-            result = Pretrainer(cfg, resume="auto").run()
+            result = Pretrainer(cfg, resume="auto", evaluate=periodic_knn(cfg)).run()
         finally:
             add_seconds(folder, "pretrain_seconds", time.perf_counter() - start)
         if result.preempted:
@@ -393,7 +391,7 @@ def do_run(plan: StudyPlan, method: Method, seed: int) -> RunRecord | None:
     start = time.perf_counter()
     loaded = load_backbone(last, which="teacher")
     evaluation = evaluate(loaded.backbone, checkpoint_model_key(last, "teacher"), loaded.config,
-                          plan, seed, eval_sources(cfg), folder / "linear_cache")
+                          plan, seed, pretraining_eval_sources(cfg), folder / "linear_cache")
     eval_seconds = time.perf_counter() - start
     record = RunRecord(
         method=method.key, seed=seed, steps=loaded.step, knn_top1=evaluation.knn_top1,
@@ -417,7 +415,7 @@ def do_floor(plan: StudyPlan, seed: int) -> RunRecord:
     check_settings(folder, settings)
     cfg = floor_config(plan, seed)
     start = time.perf_counter()
-    sources = eval_sources(cfg)
+    sources = pretraining_eval_sources(cfg)
     backbone = random_backbone(cfg, seed)
     evaluation = evaluate(backbone, random_model_key(cfg, seed), cfg, plan, seed, sources,
                           folder / "linear_cache")

@@ -44,7 +44,7 @@ from sere.data.loader import MultiCropDataset, collate  # noqa: E402
 from sere.losses.objective import SERELoss  # noqa: E402
 from sere.models.backbone import fused_attention_pays  # noqa: E402
 from sere.models.network import build_networks  # noqa: E402
-from sere.train.loop import autocast_context  # noqa: E402
+from sere.runtime import autocast_context  # noqa: E402
 from sere.train.optim import TeacherEMA, build_optimizer, clip_per_parameter, set_rates  # noqa: E402
 
 PATHS = ("baseline", "ours", "ours_no_sere")

@@ -18,7 +18,7 @@ from baseline import (  # noqa: E402
     BaselinePipeline, BaselineSERELoss, baseline_clip, baseline_ema, baseline_networks,
     baseline_optimizer, resample_relation,
 )
-from sere.data.geometry import overlap_grids  # noqa: E402
+from sere.geometry import overlap_grids  # noqa: E402
 from sere.data.loader import build_dataset, collate  # noqa: E402
 from sere.losses.objective import SERELoss  # noqa: E402
 from sere.losses.relation import sample_features, spatial_relation  # noqa: E402

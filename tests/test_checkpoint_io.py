@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sere.errors import SereError
-from sere.train.checkpoint import (
+from sere.io.checkpoint import (
     latest_valid_checkpoint,
     load_checkpoint,
     prune_checkpoints,

@@ -13,11 +13,12 @@ from timm.layers import resample_abs_pos_embed
 
 import sere
 from sere.api import load_run
-from sere.eval import export as export_mod
-from sere.eval import import_weights as import_mod
-from sere.eval.export import export_backbone
-from sere.eval.import_weights import load_pretrained_weights
-from sere.eval.weights import load_backbone
+from sere.cli import weights as weights_cli
+from sere.io import export as export_mod
+from sere.io import pretrained as import_mod
+from sere.io.export import export_backbone
+from sere.io.pretrained import load_pretrained_weights
+from sere.io.weights import load_backbone
 from sere.models.backbone import ViTBackbone
 from sere.models.network import SERENetwork
 from sere.train.loop import Pretrainer
@@ -322,8 +323,8 @@ def test_wrong_size_and_non_checkpoints_raise_clear_errors(tmp_path):
 def test_cli_export_and_import_check(run, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="sere")
     sub = parser.add_subparsers(dest="command", required=True)
-    export_mod.register(sub)
-    import_mod.register(sub)
+    weights_cli.register_export(sub)
+    weights_cli.register_import_check(sub)
     out = tmp_path / "cli_export"
     args = parser.parse_args(["export", "--checkpoint", str(run), "--output", str(out),
                               "--img-size", "32"])

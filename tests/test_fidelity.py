@@ -19,7 +19,7 @@ from torch import Tensor
 
 import sere
 from sere.config import Config, load_config
-from sere.eval.import_weights import load_pretrained_weights
+from sere.io.pretrained import load_pretrained_weights
 from sere.models.backbone import ViTBackbone, interpolate_pos_embed
 from sere.models.network import SERENetwork, build_networks
 from sere.train.loop import Pretrainer

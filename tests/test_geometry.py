@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from reference import grid_to_source, overlap_grid  # noqa: E402
-from sere.data.geometry import overlap_grids  # noqa: E402
+from sere.geometry import overlap_grids  # noqa: E402
 
 
 def _grid(xs, ys):

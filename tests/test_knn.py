@@ -13,8 +13,8 @@ from PIL import Image
 from sere.config import load_config
 from sere.data.datasets import ImageFolderSource
 from sere.errors import SereError
-from sere.eval.knn import knn_classify, top1_accuracy
-from sere.eval.knn_eval import knn_top1
+from sere.eval.knn_classifier import knn_classify, top1_accuracy
+from sere.eval.knn_accuracy import knn_top1
 
 
 def clusters(per_class: int, classes: int, dim: int, noise: float, seed: int):
@@ -104,9 +104,9 @@ def test_knn_top1_refuses_an_unlabelled_image_folder(tmp_path):
 
 def test_cached_features_answer_other_k_without_the_backbone(tmp_path, monkeypatch):
     from sere.data.datasets import SyntheticSource
-    from sere.eval import knn_eval
-    from sere.eval.knn_eval import FeatureCacheSpec
-    from sere.eval.weights import random_backbone
+    from sere.eval import features
+    from sere.eval.knn_accuracy import FeatureCacheSpec
+    from sere.io.weights import random_backbone
 
     cfg = load_config([], ["model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                            "model.patch_size=4", "data.dataset=synthetic",
@@ -120,7 +120,7 @@ def test_cached_features_answer_other_k_without_the_backbone(tmp_path, monkeypat
     def no_backbone(*args, **kwargs):
         raise AssertionError("the backbone ran although the features were cached")
 
-    monkeypatch.setattr(knn_eval, "extract_features", no_backbone)
+    monkeypatch.setattr(features, "batch_features", no_backbone)
     again = knn_top1(backbone, cfg, train, test, torch.device("cpu"), ks=(5, 3), cache=cache)
     assert again.by_k[5] == first.by_k[5] and again.top1 == first.top1
     assert set(again.by_k) == {3, 5, cfg.eval.k}

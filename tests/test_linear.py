@@ -16,19 +16,20 @@ from safetensors.torch import load_file
 import sere
 from sere.data.datasets import SyntheticSource
 from sere.errors import SereError
-from sere.eval import linear
+from sere.cli import linear as linear_cli
+from sere.eval import feature_cache, features, linear
+from sere.eval.feature_cache import cached_features as cached_probe_features
+from sere.eval.features import FeatureSplit
+from sere.eval.features import batch_features as probe_features
 from sere.eval.linear import (
-    FeatureSplit,
     align_test_labels,
-    cached_probe_features,
-    probe_features,
     run_probe,
     split_train_val,
     train_sweep,
 )
-from sere.eval.weights import random_backbone
+from sere.io.weights import random_backbone
 from sere.models.backbone import ViTBackbone
-from sere.train.checkpoint import save_checkpoint
+from sere.io.checkpoint import save_checkpoint
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
         "data.dataset=synthetic", "data.synthetic_size=16", "data.global_crop_size=16",
@@ -73,7 +74,7 @@ def test_feature_kinds_match_the_backbone_and_have_the_expected_size():
     assert cls.shape == (3, 32)
     blocks_out.clear()
     four = probe_features(backbone, images, "cls4_avgpool")
-    assert four.shape == (3, 4 * 32 + 32) == (3, linear.feature_dim(32, "cls4_avgpool"))
+    assert four.shape == (3, 4 * 32 + 32) == (3, features.feature_dim(32, "cls4_avgpool"))
     out = backbone(images)
     torch.testing.assert_close(cls, out.cls)
     norm = backbone.vit.norm
@@ -129,11 +130,11 @@ def test_second_call_reads_the_cache_without_a_backbone_pass(tmp_path):
 def test_checkpoint_key_follows_the_file_bytes(tmp_path):
     path = tmp_path / "c.pt"
     path.write_bytes(b"one")
-    key = linear.checkpoint_model_key(path, "teacher")
-    assert key == linear.checkpoint_model_key(path, "teacher")
-    assert key != linear.checkpoint_model_key(path, "student")
+    key = feature_cache.checkpoint_model_key(path, "teacher")
+    assert key == feature_cache.checkpoint_model_key(path, "teacher")
+    assert key != feature_cache.checkpoint_model_key(path, "student")
     path.write_bytes(b"two")
-    assert key != linear.checkpoint_model_key(path, "teacher")
+    assert key != feature_cache.checkpoint_model_key(path, "teacher")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def make_checkpoint(path, cfg: sere.Config, seed: int) -> None:
 
 def linear_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sere")
-    linear.register(parser.add_subparsers(dest="command", required=True))
+    linear_cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -304,8 +305,8 @@ def folders(tmp_path):
 
 def test_command_caches_features_and_writes_the_classifier(folders, capsys, monkeypatch):
     calls: list[int] = []
-    real = linear.probe_features
-    monkeypatch.setattr(linear, "probe_features",
+    real = features.batch_features
+    monkeypatch.setattr(features, "batch_features",
                         lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     ckpt = folders / "run" / "last.pt"
     argv = ["linear", "--checkpoint", str(ckpt), "--train-dir", str(folders / "train"),

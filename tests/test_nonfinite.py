@@ -34,7 +34,7 @@ def test_stop_names_the_step_and_keeps_the_checkpoint(tiny):
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
     assert "step 3" in (run / "STOPPED_NONFINITE.txt").read_text()
     assert sorted(p.name for p in run.glob("checkpoint-*.pt")) == ["checkpoint-00000002.pt"]
-    from sere.train.checkpoint import load_checkpoint
+    from sere.io.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "last.pt")["step"] == 2
 

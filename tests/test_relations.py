@@ -16,7 +16,7 @@ from reference import (  # noqa: E402
     aligned_spatial_relation, bilinear_matrix, channel_relation_full, channel_relation_loops,
     overlap_grid, spatial_relation_full,
 )
-from sere.data.geometry import overlap_grids  # noqa: E402
+from sere.geometry import overlap_grids  # noqa: E402
 from sere.losses.relation import (  # noqa: E402
     channel_relation, sample_features, spatial_relation,
 )

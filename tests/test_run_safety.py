@@ -125,7 +125,7 @@ def test_init_from_a_pickled_checkpoint_needs_init_trust_pickle(tiny, tmp_path, 
 
 
 def test_library_and_import_check_still_name_trust_pickle(tmp_path):
-    from sere.eval.import_weights import read_weights
+    from sere.io.pretrained import read_weights
 
     pickled = tmp_path / "pickled.pth"
     torch.save({"model": {"w": torch.zeros(2)}, "extra": Opaque()}, pickled)

@@ -17,7 +17,8 @@ from sere.train.optim import (
     is_decayed,
     set_rates,
 )
-from sere.train.schedules import Schedules, cosine_schedule, warmup_then_constant
+from sere.schedules import cosine_schedule, warmup_then_constant
+from sere.train.schedules import Schedules
 
 DATA = ["data.path=/some/images"]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sere.cli import main
-from sere.train.checkpoint import load_checkpoint
+from sere.io.checkpoint import load_checkpoint
 from sere.train.loop import Pretrainer
 
 from conftest import TINY

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sere.train.checkpoint import load_checkpoint
+from sere.io.checkpoint import load_checkpoint
 from sere.train.loop import Pretrainer
 
 
@@ -134,7 +134,7 @@ def test_tagged_checkpoints_survive_pruning(tiny):
 
 def test_ranks_with_different_configurations_refuse_to_start(tiny, monkeypatch):
     from sere.errors import SereError
-    from sere.train import distributed
+    from sere.runtime import distributed
 
     cfg = tiny("train.max_steps=1")
     other = {**cfg.to_dict(), "optim": {**cfg.to_dict()["optim"], "lr": 1.0}}
@@ -146,8 +146,11 @@ def test_ranks_with_different_configurations_refuse_to_start(tiny, monkeypatch):
 
 
 def test_periodic_knn_is_logged_and_plotted(tiny):
-    result = Pretrainer(tiny("train.max_steps=4", "eval.knn_every=2", "eval.knn_max_train=32",
-                             "eval.knn_max_test=16")).run()
+    from sere.eval.knn_accuracy import periodic_knn
+
+    cfg = tiny("train.max_steps=4", "eval.knn_every=2", "eval.knn_max_train=32",
+               "eval.knn_max_test=16")
+    result = Pretrainer(cfg, evaluate=periodic_knn(cfg)).run()
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").open()]
     knn = [r for r in records if "knn_top1" in r]
     assert [r["step"] for r in knn] == [2, 4]
@@ -187,3 +190,10 @@ def test_photometric_changes_on_the_device_train_like_in_the_workers(tiny, tmp_p
         losses[where] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
     assert len(losses["worker"]) == 3
     assert losses["device"] == pytest.approx(losses["worker"], rel=1e-4)
+
+
+def test_knn_every_without_an_evaluation_is_refused(tiny):
+    from sere.errors import SereError
+
+    with pytest.raises(SereError, match="eval.knn_every needs a k-NN evaluation"):
+        Pretrainer(tiny("train.max_steps=1", "eval.knn_every=1"))

@@ -2,10 +2,10 @@
 
 from sere.api import LoadedRun, compute_losses, load_run
 from sere.config import Config, apply_overrides, config_from_dict, load_config
-from sere.data.geometry import CropBox, overlap_grids
+from sere.geometry import CropBox, overlap_grids
 from sere.errors import SereError
-from sere.eval.export import export_backbone
-from sere.eval.import_weights import load_pretrained_weights
+from sere.io.export import export_backbone
+from sere.io.pretrained import load_pretrained_weights
 from sere.losses.objective import LossTerms, SERELoss
 from sere.losses.relation import channel_relation, spatial_relation
 from sere.models.backbone import BackboneOutput, ViTBackbone

@@ -125,6 +125,26 @@ class LossConfig:
     local_grid: int | None = None  # S for local-global pairs; None: local patch grid (6 at 96/16)
 
 
+@dataclass(frozen=True)
+class Switches:
+    """Which parts of the objective run; a term with weight 0 is not computed.
+
+    Read by the losses and by the networks (which build and run only the heads a term needs).
+    """
+
+    cls: bool
+    patch: bool
+    spatial: bool
+    channel: bool
+
+    @classmethod
+    def from_config(cls, cfg: "Config") -> "Switches":
+        """Switches that follow from the loss weights."""
+        w = cfg.loss
+        return cls(cls=w.lambda1 > 0, patch=w.lambda2 > 0, spatial=w.alpha > 0,
+                   channel=w.beta > 0)
+
+
 @dataclass
 class OptimConfig:
     """AdamW and the schedules (section 7)."""
@@ -172,7 +192,7 @@ class EvalConfig:
 
     k: int = 20
     temperature: float = 0.07
-    features: Literal["cls", "cls_avgpool"] = "cls"  # [CLS], or [CLS] and mean patch token
+    features: Literal["cls", "cls_avgpool", "cls4_avgpool"] = "cls"  # sere.eval.features kinds
     batch_size: int = 256
     knn_every: int | None = None  # steps between k-NN evaluations of the teacher in pretraining
     knn_max_train: int | None = 10000  # labelled images that vote (a fixed subset)
@@ -377,7 +397,14 @@ def _check_scale(name: str, scale: tuple[float, float]) -> None:
 
 def validate(cfg: Config) -> None:
     """Refuse values that would fail or silently compute nonsense later."""
-    m, d, k, lo, o, t, e = cfg.model, cfg.data, cfg.mask, cfg.loss, cfg.optim, cfg.train, cfg.eval
+    for check in (_validate_model, _validate_data, _validate_mask, _validate_loss,
+                  _validate_optim, _validate_train_eval):
+        check(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    """Check the model section."""
+    m = cfg.model
     _require(m.arch in ARCHITECTURES,
              f"model.arch = {m.arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
     dims = m.resolved()
@@ -392,6 +419,10 @@ def validate(cfg: Config) -> None:
     for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive")
 
+
+def _validate_data(cfg: Config) -> None:
+    """Check the data section."""
+    m, d = cfg.model, cfg.data
     for key in ("global_crop_size", "local_crop_size"):
         size = getattr(d, key)
         _require(size > 0 and size % m.patch_size == 0,
@@ -416,6 +447,10 @@ def validate(cfg: Config) -> None:
         _require(d.path is not None, "data.path is required for data.dataset=folder; "
                  "set it to a folder of images, e.g. data.path=/data/imagenet/train")
 
+
+def _validate_mask(cfg: Config) -> None:
+    """Check the mask section."""
+    k = cfg.mask
     _require(len(k.ratio) == len(k.ratio_jitter) and len(k.ratio) > 0,
              "mask.ratio and mask.ratio_jitter must be lists of the same, non-zero length")
     for r, v in zip(k.ratio, k.ratio_jitter):
@@ -424,6 +459,10 @@ def validate(cfg: Config) -> None:
                  "more patches masked than there are")
     _require(0 < k.min_aspect <= 1, "mask.min_aspect must be in (0, 1]")
 
+
+def _validate_loss(cfg: Config) -> None:
+    """Check the loss section and the overlap grids it needs."""
+    m, d, lo = cfg.model, cfg.data, cfg.loss
     for key in ("lambda1", "lambda2", "alpha", "beta"):
         _require(getattr(lo, key) >= 0, f"loss.{key} = {getattr(lo, key)} must be >= 0")
     _require(lo.lambda1 + lo.lambda2 + lo.alpha + lo.beta > 0,
@@ -446,6 +485,10 @@ def validate(cfg: Config) -> None:
                  "the local patch grid is 1 x 1, too small for an overlap grid: raise "
                  "data.local_crop_size or set loss.local_grid")
 
+
+def _validate_optim(cfg: Config) -> None:
+    """Check the optim section."""
+    o = cfg.optim
     _require(o.epochs > 0, "optim.epochs must be positive")
     _require(o.batch_size > 0, "optim.batch_size must be positive")
     _require(o.accum_steps > 0, "optim.accum_steps must be positive")
@@ -457,6 +500,10 @@ def validate(cfg: Config) -> None:
     _require(o.freeze_last_layer >= 0, "optim.freeze_last_layer must be >= 0")
     _require(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher must be in [0, 1]")
 
+
+def _validate_train_eval(cfg: Config) -> None:
+    """Check the train and eval sections."""
+    d, t, e = cfg.data, cfg.train, cfg.eval
     _require(t.save_every > 0, "train.save_every must be positive")
     _require(t.keep_last >= 0, "train.keep_last must be >= 0")
     _require(t.keep_every is None or (t.keep_every > 0 and t.keep_every % t.save_every == 0),
@@ -475,3 +522,34 @@ def validate(cfg: Config) -> None:
         _require(e.knn_train_path is not None and e.knn_test_path is not None,
                  "eval.knn_every on an image folder needs eval.knn_train_path and "
                  "eval.knn_test_path (labelled folders, one sub-folder per class)")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Any command's settings (fine-tuning, say) from the same files and overrides.
+
+
+def load_settings(settings: Any, paths: list[str | Path] = (), overrides: list[str] = (),
+                  what: str = "configuration file") -> Any:
+    """Fill a settings dataclass in place: its defaults, then each YAML file in order, then each
+    `a.b=c` override, with the keys, coercion and errors of `load_config` (`what` names the
+    kind of file in errors). Not validated: the caller runs its own validator.
+
+    Returns:
+        `settings`, filled.
+    """
+    sections = ", ".join(f"{_yaml_key(f.name)}:" for f in dataclasses.fields(settings))
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise SereError(f"{what} {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SereError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise SereError(f"{path} must hold a mapping of sections ({sections})")
+        merge_into(settings, values)
+    for text in overrides:
+        merge_into(settings, parse_override(text))
+    return settings

@@ -22,7 +22,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from sere.config import DataConfig
-from sere.data.geometry import CropBox
+from sere.geometry import CropBox
 from sere.data.photometric import PhotometricDraw, apply_batch, apply_one
 
 

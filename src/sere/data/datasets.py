@@ -25,6 +25,12 @@ FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 
+# Unreadable images in a row that a training loader replaces by their neighbours before it
+# judges the data folder mostly bad and stops (pretraining and fine-tuning alike).
+MAX_CONSECUTIVE_BAD_IMAGES = 50
+# Files read before a run judges whether the data is mostly bad (more than half undecodable).
+MOSTLY_BAD_MIN_READS = 64
+
 EXIF_ORIENTATION = 0x0112
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 

@@ -16,12 +16,16 @@ from torch import Tensor
 
 from sere.config import Config
 from sere.data.augment import MultiCropAugmentation, RenderedCrops
-from sere.data.datasets import ImageSource, UnreadableImage, build_source, subset_indices
+from sere.data.datasets import (
+    MAX_CONSECUTIVE_BAD_IMAGES,
+    ImageSource,
+    UnreadableImage,
+    build_source,
+    subset_indices,
+)
 from sere.data.masking import block_mask, draw_mask_ratio
 from sere.errors import SereError
-from sere.train.preemption import SIGNALS as STOP_SIGNALS
-
-MAX_CONSECUTIVE_BAD = 50  # unreadable images in a row before the folder is judged mostly bad
+from sere.runtime.stop import SIGNALS as STOP_SIGNALS
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -93,6 +97,10 @@ class MultiCropDataset(torch.utils.data.Dataset):
         self.strict, self.seed = cfg.data.strict, cfg.train.seed
         self.jpeg_draft = cfg.data.jpeg_draft
 
+    def finish_batch(self, batch: MultiCropBatch) -> MultiCropBatch:
+        """Apply the photometric part deferred to the device (a no-op otherwise)."""
+        return batch.finish(self.augment)
+
     def __len__(self) -> int:
         return len(self.indices)
 
@@ -101,7 +109,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
         skipped = []
         # Each file is tried at most once: a small folder cannot claim more failures than files.
-        for attempt in range(min(MAX_CONSECUTIVE_BAD, len(self.indices))):
+        for attempt in range(min(MAX_CONSECUTIVE_BAD_IMAGES, len(self.indices))):
             index = self.indices[(position + attempt) % len(self.indices)]
             try:
                 views, label = self._views(index, generator)
@@ -218,7 +226,7 @@ def build_dataset(cfg: Config, defer_photometric: bool = False) -> MultiCropData
 
 def worker_init(_: int) -> None:
     """DataLoader workers use one thread each (the main process keeps the cores for compute)
-    and ignore the stop signals, which the main process handles (`sere.train.preemption`)."""
+    and ignore the stop signals, which the main process handles (`sere.runtime.stop`)."""
     torch.set_num_threads(1)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -1,4 +1,5 @@
-"""A cache of extracted features, shared by `sere linear` and `sere knn`.
+"""A cache of extracted features, shared by `sere linear` and `sere knn`; `cached_features`
+extracts through it.
 
 A split's features are stored in one file whose key hashes everything they depend on: the
 backbone's weights (`checkpoint_model_key`: the checkpoint file's SHA-256 and which backbone;
@@ -22,16 +23,10 @@ from torch import Tensor
 
 from sere.config import Config
 from sere.data.datasets import FashionMNISTSource, ImageFolderSource, ImageSource, SyntheticSource
+from sere.eval.features import EvalImages, FeatureSplit, check_feature_kind, extract_features
+from sere.models.backbone import ViTBackbone
 
 CACHE_FORMAT = "sere-linear-features-v1"
-
-
-@dataclass
-class FeatureSplit:
-    """The features of one labelled split."""
-
-    features: Tensor  # (N, D) float32, CPU
-    labels: Tensor  # (N,) int64; -1 for unlabelled images
 
 
 @dataclass
@@ -150,3 +145,39 @@ def cached_split(folder: str | Path | None, model_key: str, kind: str, name: str
                                    "source": source_fingerprint(source)[:200],
                                    "images": len(indices)})
     return CachedFeatures(split, path, False)
+
+
+def cached_features(backbone: ViTBackbone, model_key: str, cfg: Config, source: ImageSource,
+                    indices: list[int], kind: str, device: torch.device,
+                    cache_dir: str | Path | None, batch_size: int | None = None,
+                    num_workers: int = 0, name: str = "train", normalize: bool = False,
+                    purpose: str = "linear-probe") -> CachedFeatures:
+    """Features of `source[indices]`, from `cache_dir` when this exact extraction was cached.
+
+    Args:
+        backbone: the frozen backbone; only run when the cache misses.
+        model_key: identifies the backbone's weights (`checkpoint_model_key`,
+            `random_model_key`); two different backbones must never share a key.
+        cfg: gives the evaluation size and normalisation (`cfg.data`) and, when `batch_size`
+            is None, the batch size (`cfg.eval.batch_size`).
+        source, indices: the images.
+        kind: a global feature kind (`sere.eval.features.GLOBAL_KINDS`).
+        device: where the backbone runs.
+        cache_dir: folder of cache files, or None to extract without caching.
+        batch_size, num_workers: of the extraction DataLoader.
+        name: the split's name, for the file name and the progress bar.
+        normalize: unit-norm features (k-NN); the cache files of k-NN are named `knn-KIND`.
+        purpose: the progress bar's label.
+    """
+    check_feature_kind(backbone, kind)
+    d = cfg.data
+
+    def extract() -> FeatureSplit:
+        images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
+                            indices)
+        return extract_features(backbone, images, kind, batch_size or cfg.eval.batch_size,
+                                device, num_workers, desc=f"{purpose} {name} features",
+                                normalize=normalize)
+
+    cache_kind = f"knn-{kind}" if normalize else kind
+    return cached_split(cache_dir, model_key, cache_kind, name, source, indices, cfg, extract)

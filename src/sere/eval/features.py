@@ -1,6 +1,24 @@
-"""Frozen-backbone features of a labelled image set, for k-NN and probes."""
+"""The one feature extractor of a frozen backbone, for k-NN, the linear probe and dense tasks.
+
+Every image is resized to the evaluation size (`EvalImages`, no augmentation) and run once
+through `ViTBackbone`; a feature kind picks what of its outputs to keep:
+
+- "cls": the last block's [CLS] token after the final LayerNorm, (C,);
+- "cls_avgpool": that [CLS] token and the mean of the last block's normed patch tokens, (2C,);
+- "cls4_avgpool": the [CLS] token of each of the last 4 blocks, each through the final
+  LayerNorm, concatenated, then the mean of the last block's normed patch tokens, (5C,)
+  (DINO's linear-probe choice for ViT-S; needs at least 4 blocks);
+- "patch": the last block's normed patch tokens on their grid, (h, w, C);
+- "patch4": the patch tokens of each of the last 4 blocks, each through the final LayerNorm,
+  concatenated per patch, (h, w, 4C).
+
+The k-NN evaluation (`eval.features`) and the linear probe (`--features`) accept the same
+global kinds; the per-patch kinds are for dense evaluation.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +26,20 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sere.data.datasets import ImageSource
+from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
+
+GLOBAL_KINDS = ("cls", "cls_avgpool", "cls4_avgpool")  # one vector per image
+PATCH_KINDS = ("patch", "patch4")  # one vector per patch, (B, h, w, D)
+LAST_BLOCKS = 4  # blocks that "cls4_avgpool" and "patch4" read
+
+
+@dataclass
+class FeatureSplit:
+    """The features of one labelled split."""
+
+    features: Tensor  # (N, D) float32, CPU
+    labels: Tensor  # (N,) int64; -1 for unlabelled images
 
 
 class EvalImages(torch.utils.data.Dataset):
@@ -40,35 +71,77 @@ class EvalImages(torch.utils.data.Dataset):
         return (image / 255.0 - self.mean) / self.std, label
 
 
+def feature_dim(embed_dim: int, kind: str) -> int:
+    """Length of one feature vector of `kind` (per image, or per patch) for width `embed_dim`."""
+    dims = {"cls": 1, "cls_avgpool": 2, "cls4_avgpool": LAST_BLOCKS + 1, "patch": 1,
+            "patch4": LAST_BLOCKS}
+    if kind not in dims:
+        raise SereError(f"features = {kind!r} is unknown; choose one of "
+                        f"{', '.join(GLOBAL_KINDS + PATCH_KINDS)}")
+    return dims[kind] * embed_dim
+
+
+def check_feature_kind(backbone: ViTBackbone, kind: str) -> None:
+    """Refuse a feature kind that the backbone cannot give."""
+    feature_dim(backbone.embed_dim, kind)
+    depth = len(backbone.vit.blocks)
+    if kind in ("cls4_avgpool", "patch4") and depth < LAST_BLOCKS:
+        raise SereError(f"features {kind} needs at least {LAST_BLOCKS} transformer blocks "
+                        f"but this backbone has {depth}; use --features cls")
+
+
 @torch.no_grad()
-def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch_size: int,
-                     device: torch.device, num_workers: int = 0,
-                     desc: str = "features") -> tuple[Tensor, Tensor]:
-    """L2-normalised features and labels of every image.
+def batch_features(backbone: ViTBackbone, images: Tensor, kind: str) -> Tensor:
+    """Features of a batch of normalised images (see the module docstring for the kinds).
 
     Args:
-        backbone: the frozen ViT (in eval mode while extracting; its mode is restored).
-        images: the labelled images.
-        kind: "cls" for the [CLS] token, "cls_avgpool" for [CLS] and the mean patch token.
-        batch_size: images per forward pass.
-        device: where to run.
-        num_workers: DataLoader workers.
-        desc: progress-bar label.
+        backbone: the ViT (call in eval mode; no masking, no dropped paths).
+        images: (B, in_chans, H, W), H and W multiples of the patch size.
+        kind: one of GLOBAL_KINDS or PATCH_KINDS.
 
     Returns:
-        features (N, D) float32 on the CPU, unit norm; labels (N,) int64.
+        (B, D) for a global kind, (B, h, w, D) for a per-patch kind, in the backbone's dtype.
     """
+    check_feature_kind(backbone, kind)
+    out = backbone(images, keep_last=LAST_BLOCKS if kind in ("cls4_avgpool", "patch4") else 0)
+    b, n, c = out.patch.shape
+    h, w = out.grid
+    if kind == "cls":
+        return out.cls  # (B, C)
+    if kind == "cls_avgpool":
+        return torch.cat([out.cls, out.patch.mean(dim=1)], dim=-1)  # (B, 2C)
+    if kind == "patch":
+        return out.patch.reshape(b, h, w, c)  # (B, h, w, C)
+    norm, prefix = backbone.vit.norm, backbone.vit.num_prefix_tokens
+    if kind == "patch4":
+        normed = [norm(tokens)[:, prefix:] for tokens in out.last_blocks]  # 4 x (B, N, C)
+        return torch.cat(normed, dim=-1).reshape(b, h, w, LAST_BLOCKS * c)  # (B, h, w, 4C)
+    cls_tokens = [norm(tokens[:, 0]) for tokens in out.last_blocks]  # 4 x (B, C), per token
+    return torch.cat([*cls_tokens, out.patch.mean(dim=1)], dim=-1)  # (B, 5C)
+
+
+def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch_size: int,
+                     device: torch.device, num_workers: int = 0, desc: str = "features",
+                     normalize: bool = False) -> FeatureSplit:
+    """`batch_features` of every image of `images`, float32 on the CPU, with the labels.
+
+    The backbone runs in eval mode on `device`; its mode is restored after. `normalize` scales
+    each feature vector to unit L2 norm (k-NN's cosine similarity).
+    """
+    check_feature_kind(backbone, kind)
     was_training = backbone.training
-    backbone.eval()
+    backbone.eval().to(device)
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers)
     feats, labels = [], []
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
-        out = backbone(x.to(device))
-        f = out.cls
-        if kind == "cls_avgpool":
-            f = torch.cat([out.cls, out.patch.mean(dim=1)], dim=-1)
-        feats.append(F.normalize(f.float(), dim=-1).cpu())
-        labels.append(y)
-    backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    try:
+        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+            f = batch_features(backbone, x.to(device), kind).float()
+            feats.append((F.normalize(f, dim=-1) if normalize else f).cpu())
+            labels.append(torch.as_tensor(y, dtype=torch.int64))
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        return FeatureSplit(torch.zeros(0, feature_dim(backbone.embed_dim, kind)),
+                            torch.zeros(0, dtype=torch.int64))
+    return FeatureSplit(torch.cat(feats), torch.cat(labels))

@@ -3,11 +3,8 @@
 Protocol (DINO/iBOT linear evaluation, adapted to run cheaply and without test-set selection):
 
 1. Features. Every image is resized to the evaluation size (`data.global_crop_size`, as
-   `EvalImages`, no augmentation) and passed once through the frozen backbone:
-   - "cls": the last block's [CLS] token after the final LayerNorm, (C,);
-   - "cls4_avgpool": the [CLS] token of each of the last 4 blocks, each through the final
-     LayerNorm, concatenated, followed by the mean of the last block's normed patch tokens,
-     (4C + C,) (DINO's choice for ViT-S; needs at least 4 blocks).
+   `EvalImages`, no augmentation) and passed once through the frozen backbone; the kinds
+   ("cls", "cls_avgpool", "cls4_avgpool") are those of `sere.eval.features`.
    The features of each split are saved in a cache folder, keyed by the SHA-256 of the
    checkpoint's bytes (or the random initialisation's description), the backbone, the feature
    kind, the data source, the image subset and the preprocessing; a learning-rate sweep and a
@@ -33,7 +30,6 @@ Protocol (DINO/iBOT linear evaluation, adapted to run cheaply and without test-s
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -43,131 +39,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
-from sere.config import Config
-from sere.data.datasets import ImageSource, subset_indices
 from sere.errors import SereError
-from sere.eval.feature_cache import (
-    CachedFeatures,
-    FeatureSplit,
-    cached_split,
-    checkpoint_model_key,
-    random_model_key,
-)
-from sere.eval.features import EvalImages
-from sere.models.backbone import ViTBackbone
+from sere.eval.features import FeatureSplit
 
-FEATURE_KINDS = ("cls", "cls4_avgpool")
 NORMS = ("batchnorm", "none")
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # per 256 images
-LAST_BLOCKS = 4  # blocks whose [CLS] tokens "cls4_avgpool" concatenates
-
-
-# ---------------------------------------------------------------------------------------------
-# Features.
-
-
-def feature_dim(embed_dim: int, kind: str) -> int:
-    """Length of one feature vector of `kind` for a backbone of width `embed_dim`."""
-    if kind == "cls":
-        return embed_dim
-    if kind == "cls4_avgpool":
-        return (LAST_BLOCKS + 1) * embed_dim
-    raise SereError(f"features = {kind!r} is unknown; choose one of {', '.join(FEATURE_KINDS)}")
-
-
-def check_feature_kind(backbone: ViTBackbone, kind: str) -> None:
-    """Refuse a feature kind that the backbone cannot give."""
-    feature_dim(backbone.embed_dim, kind)
-    depth = len(backbone.vit.blocks)
-    if kind == "cls4_avgpool" and depth < LAST_BLOCKS:
-        raise SereError(f"features cls4_avgpool needs at least {LAST_BLOCKS} transformer blocks "
-                        f"but this backbone has {depth}; use --features cls")
-
-
-@torch.no_grad()
-def probe_features(backbone: ViTBackbone, images: Tensor, kind: str) -> Tensor:
-    """Frozen features of normalised images, running the blocks one by one.
-
-    Args:
-        backbone: the ViT (call in eval mode; no masking, no dropped paths).
-        images: (B, in_chans, H, W), H and W multiples of the patch size.
-        kind: "cls" or "cls4_avgpool" (see the module docstring).
-
-    Returns:
-        (B, C) for "cls", (B, 5C) for "cls4_avgpool", in the backbone's dtype.
-    """
-    check_feature_kind(backbone, kind)
-    vit = backbone.vit
-    x = vit.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))  # (B, 1 + N, C), as ViTBackbone.forward
-    kept: list[Tensor] = []
-    first_kept = len(vit.blocks) - (LAST_BLOCKS if kind == "cls4_avgpool" else 1)
-    for i, block in enumerate(vit.blocks):
-        x = block(x)  # (B, 1 + N, C) pre-norm
-        if i >= first_kept:
-            kept.append(x)
-    last = vit.norm(kept[-1])  # (B, 1 + N, C)
-    if kind == "cls":
-        return last[:, 0]  # (B, C)
-    prefix = vit.num_prefix_tokens
-    cls_tokens = [vit.norm(tokens[:, 0]) for tokens in kept]  # 4 x (B, C), LayerNorm per token
-    return torch.cat([*cls_tokens, last[:, prefix:].mean(dim=1)], dim=-1)  # (B, 5C)
-
-
-def extract_probe_features(backbone: ViTBackbone, images: EvalImages, kind: str,
-                           batch_size: int, device: torch.device, num_workers: int = 0,
-                           desc: str = "features") -> FeatureSplit:
-    """`probe_features` of every image of `images` (the backbone's mode is restored after)."""
-    check_feature_kind(backbone, kind)
-    was_training = backbone.training
-    backbone.eval().to(device)
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
-    feats, labels = [], []
-    try:
-        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
-            feats.append(probe_features(backbone, x.to(device), kind).float().cpu())  # (B, D)
-            labels.append(torch.as_tensor(y, dtype=torch.int64))
-    finally:
-        backbone.train(was_training)
-    if not feats:
-        return FeatureSplit(torch.zeros(0, feature_dim(backbone.embed_dim, kind)),
-                            torch.zeros(0, dtype=torch.int64))
-    return FeatureSplit(torch.cat(feats), torch.cat(labels))
-
-
-def cached_probe_features(backbone: ViTBackbone, model_key: str, cfg: Config,
-                          source: ImageSource, indices: list[int], kind: str,
-                          device: torch.device, cache_dir: str | Path | None,
-                          batch_size: int | None = None, num_workers: int = 0,
-                          name: str = "train") -> CachedFeatures:
-    """Features of `source[indices]`, from `cache_dir` when this exact extraction was cached.
-
-    Args:
-        backbone: the frozen backbone; only run when the cache misses.
-        model_key: identifies the backbone's weights (`checkpoint_model_key`,
-            `random_model_key`); two different backbones must never share a key.
-        cfg: gives the evaluation size and normalisation (`cfg.data`) and, when `batch_size`
-            is None, the batch size (`cfg.eval.batch_size`).
-        source, indices: the images.
-        kind: "cls" or "cls4_avgpool".
-        device: where the backbone runs.
-        cache_dir: folder of cache files, or None to extract without caching.
-        batch_size, num_workers: of the extraction DataLoader.
-        name: the split's name, for the file name and the progress bar.
-    """
-    check_feature_kind(backbone, kind)
-    d = cfg.data
-
-    def extract() -> FeatureSplit:
-        images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
-                            indices)
-        return extract_probe_features(backbone, images, kind, batch_size or cfg.eval.batch_size,
-                                      device, num_workers, desc=f"linear-probe {name} features")
-
-    return cached_split(cache_dir, model_key, kind, name, source, indices, cfg, extract)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,114 +347,3 @@ def align_test_labels(train_classes: tuple[str, ...], test_classes: tuple[str, .
     labelled = out >= 0
     out[labelled] = mapping[out[labelled]]
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The command.
-
-
-def cmd_linear(args: argparse.Namespace) -> int:
-    """`sere linear`: the probe on a checkpoint's backbone, or on a random one of its shape."""
-    from sere.cli import labelled_sources
-    from sere.eval.weights import load_backbone, random_backbone
-    from sere.train.loop import resolve_device
-
-    if args.epochs < 1 or args.batch_size < 1:
-        raise SereError("--epochs and --batch-size must be at least 1")
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
-        raise SereError(f"--lrs {args.lrs}: every learning rate must be a positive number")
-    for flag, value in (("--max-train", args.max_train), ("--max-test", args.max_test)):
-        if value is not None and value < 1:
-            raise SereError(f"{flag} must be at least 1")
-    loaded = load_backbone(args.checkpoint, which=args.backbone)
-    cfg = loaded.config
-    if args.random_init:
-        backbone, model_key = random_backbone(cfg, args.seed), random_model_key(cfg, args.seed)
-        who = "random init"
-    else:
-        backbone = loaded.backbone
-        model_key = checkpoint_model_key(args.checkpoint, args.backbone)
-        who = f"{args.backbone} backbone"
-    check_feature_kind(backbone, args.features)
-    train_src, test_src = labelled_sources(args, cfg.model.in_chans)
-    if not train_src.classes:
-        raise SereError("the linear probe's training set has no labels: give an image folder "
-                        "with one sub-folder per class (--train-dir)")
-    if not test_src.classes:
-        raise SereError("the linear probe's test set has no labels: give an image folder with "
-                        "one sub-folder per class (--test-dir)")
-    align_test_labels(train_src.classes, test_src.classes, torch.zeros(0, dtype=torch.int64))
-    device = resolve_device(args.device)
-    ckpt_dir = Path(args.checkpoint).resolve().parent
-    cache_dir = Path(args.cache_dir) if args.cache_dir else ckpt_dir / "linear_cache"
-    splits = {}
-    for name, source, limit in (("train", train_src, args.max_train),
-                                ("test", test_src, args.max_test)):
-        got = cached_probe_features(backbone, model_key, cfg, source,
-                                    subset_indices(len(source), limit, seed=1), args.features,
-                                    device, cache_dir, num_workers=args.workers, name=name)
-        how = "read from" if got.from_cache else "extracted, cached in"
-        print(f"{name} features ({len(got.split.labels)} images): {how} {got.path}")
-        splits[name] = got.split
-    train, test = splits["train"], splits["test"]
-    test = FeatureSplit(test.features,
-                        align_test_labels(train_src.classes, test_src.classes, test.labels))
-    result, classifier = run_probe(train, test, len(train_src.classes), tuple(args.lrs),
-                                   args.epochs, args.batch_size, args.norm, seed=args.seed,
-                                   features=args.features, device=device)
-    result.extra = {"checkpoint": str(args.checkpoint), "backbone": who,
-                    "step": loaded.step, "cache_dir": str(cache_dir)}
-    out = Path(args.output) if args.output else ckpt_dir / (
-        "linear_random_init" if args.random_init else "linear")
-    weights_path, result_path = save_linear(out, result, classifier)
-    print(f"{who}, features={result.features} (dim {result.feature_dim}), norm={result.norm}; "
-          f"{result.fit_images} fit / {result.val_images} held-out / {result.test_images} test "
-          f"images, {result.epochs} epochs, batch {result.batch_size}")
-    print(f"{'lr/256':>8}  {'lr':>8}  {'held-out top-1':>14}  {'held-out loss':>13}  "
-          f"{'train loss':>10}")
-    for row in result.rows:
-        mark = "  <- chosen" if row.lr == result.best_lr else ""
-        print(f"{row.lr:>8g}  {row.scaled_lr:>8g}  {row.val_top1:>12.1f} %  "
-              f"{row.val_loss:>13.4f}  {row.train_loss:>10.4f}{mark}")
-    edge = [r.lr for r in result.rows if not math.isnan(r.val_top1)]
-    if len(edge) > 1 and result.best_lr in (min(edge), max(edge)):
-        print(f"note: the chosen rate {result.best_lr:g} is at the edge of the sweep; extend "
-              "--lrs beyond it to check that the optimum is inside")
-    print(f"wrote {weights_path} and {result_path}")
-    print(f"linear top-1: {result.test_top1:.1f} % (top-5 {result.test_top5:.1f} %)")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `sere linear` to the `sere` command's sub-commands."""
-    p = subparsers.add_parser("linear", help="linear probe on cached frozen features, learning "
-                              "rate chosen on held-out training images")
-    p.add_argument("--checkpoint", required=True, help="a `sere pretrain` checkpoint")
-    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
-    p.add_argument("--train-dir", help="labelled image folder (one sub-folder per class)")
-    p.add_argument("--test-dir", help="labelled image folder with the same classes")
-    p.add_argument("--fashion-mnist-dir", default=None,
-                   help="folder of Fashion-MNIST IDX files (default: the system package)")
-    p.add_argument("--features", choices=FEATURE_KINDS, default="cls",
-                   help="last [CLS] (cls) or last-4 [CLS] + mean patch token (cls4_avgpool)")
-    p.add_argument("--norm", choices=NORMS, default="batchnorm",
-                   help="standardise the features first (a non-affine BatchNorm with frozen "
-                        "training statistics), or not")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS),
-                   help="learning rates per 256 images to sweep (scaled by batch-size/256)")
-    p.add_argument("--max-train", type=int, default=None, help="a fixed subset of training "
-                   "images (10 %% of them choose the learning rate)")
-    p.add_argument("--max-test", type=int, default=None)
-    p.add_argument("--random-init", action="store_true",
-                   help="probe a randomly initialised backbone of the same shape (the floor)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="held-out split, classifier initialisation, batch order, random init")
-    p.add_argument("--output", default=None, help="folder for classifier.safetensors and "
-                   "result.json (default: linear/ or linear_random_init/ beside the checkpoint)")
-    p.add_argument("--cache-dir", default=None,
-                   help="feature cache folder (default: linear_cache/ beside the checkpoint)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for extraction")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_linear)

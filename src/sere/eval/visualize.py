@@ -26,9 +26,8 @@ from sere.models.network import SERENetwork
 def cls_attention(backbone: ViTBackbone, images: Tensor) -> Tensor:
     """The last block's attention from [CLS] to every patch: (B, H, h, w), rows sum to <= 1."""
     vit = backbone.vit
-    x = vit.patch_embed(images)  # (B, h, w, C)
-    b, h, w, c = x.shape
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+    x, (h, w) = backbone.embed(images)  # (B, 1 + N, C)
+    b = x.shape[0]
     for block in vit.blocks[:-1]:
         x = block(x)
     last = vit.blocks[-1]
@@ -95,6 +94,16 @@ def _show_image(ax, image: Tensor, mean: Tensor, std: Tensor) -> None:
         ax.imshow(img.permute(1, 2, 0).numpy())
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def draw_pictures(network: SERENetwork, images: Tensor, mean: tuple[float, ...],
                   std: tuple[float, ...], out_dir: str | Path, tau_spatial: float,
                   tau_channel: float) -> Pictures:
@@ -107,14 +116,22 @@ def draw_pictures(network: SERENetwork, images: Tensor, mean: tuple[float, ...],
         out_dir: folder for the PNG files (created).
         tau_spatial, tau_channel: relation temperatures.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     network = network.eval()
+    overview = _draw_overview(network, images, mean, std, tau_spatial, out_dir / "overview.png")
+    channel_path = None
+    if network.relation.channel is not None:
+        channel_path = _draw_channel_relation(network, images[0], tau_channel,
+                                              out_dir / "channel_relation.png")
+    return Pictures(overview=overview, channel_relation=channel_path)
+
+
+def _draw_overview(network: SERENetwork, images: Tensor, mean: tuple[float, ...],
+                   std: tuple[float, ...], tau_spatial: float, path: Path) -> Path:
+    """One row per image: the image, [CLS] attention per head, the spatial relation of the
+    centre patch (when the network has a spatial head) and the patch PCA colours."""
+    plt = _pyplot()
     size = images.shape[-2:]
     attention = cls_attention(network.backbone, images)  # (B, H, h, w)
     colours = patch_pca_colours(network.backbone, images)  # (B, h, w, 3)
@@ -146,30 +163,37 @@ def draw_pictures(network: SERENetwork, images: Tensor, mean: tuple[float, ...],
     titles = (["image"] + [f"[CLS] attn, head {k}" for k in range(heads)]
               + (["spatial relation\nof the + patch"] if relation is not None else [])
               + ["patch PCA"])
+    _finish_grid(fig, axes, titles, path)
+    return path
+
+
+def _finish_grid(fig, axes, titles: list[str], path: Path) -> None:
+    """Column titles, no ticks, then save and close."""
     for c, title in enumerate(titles):
         axes[0, c].set_title(title, fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    overview = out_dir / "overview.png"
-    fig.savefig(overview, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
 
-    channel_path = None
-    if network.relation.channel is not None:
-        matrix = channel_relation_matrix(network, images[0], tau_channel)
-        fig, ax = plt.subplots(figsize=(4, 3.6))
-        shown = ax.imshow(matrix.numpy(), cmap="magma")
-        ax.set_title("channel self-relation (softmax, tau_c)", fontsize=8)
-        ax.set_xlabel("channel")
-        ax.set_ylabel("channel")
-        fig.colorbar(shown, ax=ax)
-        fig.tight_layout()
-        channel_path = out_dir / "channel_relation.png"
-        fig.savefig(channel_path, dpi=120)
-        plt.close(fig)
-    return Pictures(overview=overview, channel_relation=channel_path)
+
+def _draw_channel_relation(network: SERENetwork, image: Tensor, tau_channel: float,
+                           path: Path) -> Path:
+    """The (C, C) channel self-relation of one (C, H, W) image."""
+    plt = _pyplot()
+    matrix = channel_relation_matrix(network, image, tau_channel)
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    shown = ax.imshow(matrix.numpy(), cmap="magma")
+    ax.set_title("channel self-relation (softmax, tau_c)", fontsize=8)
+    ax.set_xlabel("channel")
+    ax.set_ylabel("channel")
+    fig.colorbar(shown, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def tsne_embedding(features: Tensor, seed: int = 0) -> Tensor:

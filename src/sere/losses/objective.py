@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from sere.config import Config
+from sere.config import Config, Switches
 from sere.losses.distillation import DistillationLoss
 from sere.losses.relation import channel_loss, spatial_loss
-from sere.models.network import NetworkOutputs, Switches
+from sere.models.network import NetworkOutputs, Networks
 
 
 @dataclass
@@ -22,6 +22,7 @@ class LossTerms:
     patch: Tensor
     spatial: Tensor
     channel: Tensor
+    teacher: NetworkOutputs | None = field(default=None, repr=False)  # set by compute_losses
 
     def as_floats(self) -> dict[str, float]:
         """Every term as a Python float, keyed `loss`, `loss_cls`, ... for logging."""
@@ -125,3 +126,33 @@ class SERELoss(nn.Module):
         cls = torch.cat([t.globals.cls_logits for t in teachers]) if on.cls else None
         patch = torch.cat([t.globals.patch_logits_mean for t in teachers]) if on.patch else None
         self.distillation.update_centers(cls, patch)
+
+
+def compute_losses(networks: Networks, loss_fn: SERELoss, global_crops: list[Tensor],
+                   local_crops: list[Tensor], masks: list[Tensor], boxes: Tensor,
+                   teacher_temp: float, teacher_patch_temp: float) -> LossTerms:
+    """Every loss term of one batch: the function the training step calls.
+
+    The teacher runs without gradients; the student's graph is kept, so `terms.total.backward()`
+    works. Centers are not updated (call `loss_fn.update_centers(terms.teacher)` for that).
+
+    Args:
+        networks: student and teacher (in training mode: BatchNorm uses batch statistics); the
+            student may be wrapped (DistributedDataParallel, torch.compile).
+        loss_fn: holds the weights, temperatures and centers.
+        global_crops: 2 x (B, C, Hg, Wg).
+        local_crops: L x (B, C, Hl, Wl), possibly empty.
+        masks: 2 x (B, Hg/p, Wg/p) bool, True where the student sees the mask token.
+        boxes: (B, 2 + L, 5) rows (x, y, w, h, flipped) in source pixels, globals first.
+        teacher_temp: teacher temperature for the [CLS] term.
+        teacher_patch_temp: teacher temperature for the patch term.
+
+    Returns:
+        the terms, with the teacher's outputs in `terms.teacher` (for the centers and monitors).
+    """
+    with torch.no_grad():
+        teacher_out = networks.teacher(global_crops, masks=masks)
+    student_out = networks.student(global_crops, local_crops, masks)
+    terms = loss_fn(student_out, teacher_out, boxes, masks, teacher_temp, teacher_patch_temp)
+    terms.teacher = teacher_out
+    return terms

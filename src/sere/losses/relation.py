@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sere.data.geometry import overlap_grids
+from sere.geometry import overlap_grids
 from sere.losses.distillation import soft_cross_entropy
 
 

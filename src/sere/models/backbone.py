@@ -56,6 +56,7 @@ class BackboneOutput:
     patch: Tensor  # (B, N, C) patch tokens after the final LayerNorm
     patch_prenorm: Tensor  # (B, N, C) patch tokens of the last block, before the final LayerNorm
     grid: tuple[int, int]  # (h, w) patch grid, N = h * w
+    last_blocks: tuple[Tensor, ...] = ()  # (B, 1 + N, C) pre-norm outputs of the last blocks
 
     def feature_map(self) -> Tensor:
         """The pre-norm patch tokens laid out as (B, C, h, w), the relation heads' input."""
@@ -114,8 +115,36 @@ class ViTBackbone(nn.Module):
         """Recompute block activations in backward to save memory."""
         self.vit.set_grad_checkpointing(enable)
 
-    def forward(self, images: Tensor, mask: Tensor | None = None) -> BackboneOutput:
-        """Run the ViT on (B, C, H, W) images; `mask` (B, h, w) bool marks patches to mask."""
+    def forward(self, images: Tensor, mask: Tensor | None = None,
+                keep_last: int = 0) -> BackboneOutput:
+        """Run the ViT on (B, C, H, W) images; `mask` (B, h, w) bool marks patches to mask.
+
+        `keep_last` > 0 also returns the pre-norm outputs of the last `keep_last` blocks (for
+        evaluation features; the blocks then run one by one, which computes the same numbers).
+        """
+        vit = self.vit
+        x, (h, w) = self.embed(images, mask)  # (B, 1 + N, C)
+        kept: list[Tensor] = []
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            from timm.models._manipulate import checkpoint_seq
+
+            x = checkpoint_seq(vit.blocks, x)
+        elif keep_last:
+            for i, block in enumerate(vit.blocks):
+                x = block(x)  # (B, 1 + N, C) pre-norm
+                if i >= len(vit.blocks) - keep_last:
+                    kept.append(x)
+        else:
+            x = vit.blocks(x)  # (B, 1 + N, C) pre-norm
+        normed = vit.norm(x)
+        prefix = vit.num_prefix_tokens
+        return BackboneOutput(cls=normed[:, 0], patch=normed[:, prefix:],
+                              patch_prenorm=x[:, prefix:], grid=(h, w),
+                              last_blocks=tuple(kept))
+
+    def embed(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """The tokens that enter the first block, (B, 1 + N, C), and the (h, w) patch grid:
+        patch embedding, mask token where `mask` (B, h, w) is True, [CLS], position embedding."""
         vit = self.vit
         x = vit.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
         b, h, w, c = x.shape
@@ -125,18 +154,7 @@ class ViTBackbone(nn.Module):
             token = self.mask_token.to(x.dtype).view(1, 1, 1, c)
             x = torch.where(mask[..., None], token, x)
         x = self._pos_embed(x)  # (B, 1 + N, C)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        if vit.grad_checkpointing and torch.is_grad_enabled():
-            from timm.models._manipulate import checkpoint_seq
-
-            x = checkpoint_seq(vit.blocks, x)
-        else:
-            x = vit.blocks(x)  # (B, 1 + N, C) pre-norm
-        normed = vit.norm(x)
-        prefix = vit.num_prefix_tokens
-        return BackboneOutput(cls=normed[:, 0], patch=normed[:, prefix:],
-                              patch_prenorm=x[:, prefix:], grid=(h, w))
+        return vit.norm_pre(vit.patch_drop(x)), (h, w)
 
     def _pos_embed(self, x: Tensor) -> Tensor:
         """(B, h, w, C) patch embeddings to (B, 1 + N, C) tokens: [CLS] prepended, position

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sere.config import Config
+from sere.config import Config, Switches
 from sere.models.backbone import BackboneOutput, ViTBackbone
 from sere.models.heads import ProjectionHead, RelationHeads
 
@@ -34,23 +34,6 @@ class NetworkOutputs:
 
     globals: ViewOutputs  # the 2 global views
     locals: ViewOutputs | None  # the L local views (student only, when L > 0)
-
-
-@dataclass(frozen=True)
-class Switches:
-    """Which parts of the objective run; a term with weight 0 is not computed."""
-
-    cls: bool
-    patch: bool
-    spatial: bool
-    channel: bool
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "Switches":
-        """Switches that follow from the loss weights."""
-        w = cfg.loss
-        return cls(cls=w.lambda1 > 0, patch=w.lambda2 > 0, spatial=w.alpha > 0,
-                   channel=w.beta > 0)
 
 
 class PatchLogits(NamedTuple):

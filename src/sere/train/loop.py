@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,16 +16,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sere.config import Config, save_config
+from sere.data.datasets import MOSTLY_BAD_MIN_READS
 from sere.data.loader import (EpochBatchSampler, build_dataset, collate, loader_batches,
                               worker_init)
 from sere.errors import SereError
-from sere.eval.import_weights import UntrustedPickle, load_pretrained_weights
-from sere.eval.knn_eval import eval_sources, knn_top1
-from sere.losses.objective import LossTerms, SERELoss
-from sere.models.backbone import fused_attention_pays
-from sere.models.network import NetworkOutputs, build_networks
-from sere.train import distributed as dist_utils
-from sere.train.checkpoint import (
+from sere.io.pretrained import UntrustedPickle, load_pretrained_weights
+from sere.losses.objective import LossTerms, SERELoss, compute_losses
+from sere.models.backbone import ViTBackbone, fused_attention_pays
+from sere.models.network import NetworkOutputs, Networks, build_networks
+from sere.runtime import autocast_context, check_writable, resolve_device, resolve_precision
+from sere.runtime import distributed as dist_utils
+from sere.io.checkpoint import (
     latest_valid_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -34,7 +35,7 @@ from sere.train.checkpoint import (
 )
 from sere.train.metrics import MetricsWriter, plot_losses
 from sere.train.monitor import CollapseStats, collapse_stats
-from sere.train.preemption import StopRequest
+from sere.runtime.stop import StopRequest
 from sere.train.optim import (
     TeacherEMA,
     build_optimizer,
@@ -44,49 +45,11 @@ from sere.train.optim import (
 )
 from sere.train.schedules import Schedules
 
-MOSTLY_BAD_MIN_READS = 64  # files read before judging whether a folder is mostly bad
 
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one; asking for `cuda` without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SereError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` is fp16 on a GPU (as the recipes) and bf16 on the CPU."""
-    if name == "auto":
-        return "fp16" if device.type == "cuda" else "bf16"
-    return name
-
-
-def autocast_context(precision: str, device: torch.device):
-    """The autocast context for `precision` (fp32 is a no-op)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def check_writable(folder: Path, checkpoint_bytes: int) -> None:
-    """Before any work: `folder` can be created and written, and has room for two checkpoints
-    (one being written beside the last one)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as err:
-        raise SereError(f"cannot write to the output folder {folder} ({err.strerror}); "
-                        "choose another with train.output_dir=...") from None
-    free = shutil.disk_usage(folder).free
-    if free < 2 * checkpoint_bytes:
-        raise SereError(f"the output folder {folder} has {free / 2**20:.0f} MiB free, less than "
-                        f"two checkpoints ({2 * checkpoint_bytes / 2**20:.0f} MiB); free some "
-                        "space or choose another train.output_dir")
+# A periodic evaluation of the teacher's backbone (`eval.knn_every`), run on rank 0: it gets the
+# backbone, the device and the step, prints what it wants and returns metrics to log. The
+# command builds it (sere.eval.knn_accuracy.periodic_knn): training never imports evaluation.
+PeriodicEval = Callable[[ViTBackbone, torch.device, int], dict[str, float]]
 
 
 def checkpoint_size(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
@@ -142,10 +105,39 @@ class Pretrainer:
             checkpoint in `cfg.train.output_dir` (a fresh run when there is none).
     """
 
-    def __init__(self, cfg: Config, resume: str | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None,
+                 evaluate: PeriodicEval | None = None):
         self.cfg = cfg
+        if cfg.eval.knn_every is not None and evaluate is None:
+            raise SereError("eval.knn_every needs a k-NN evaluation: run `sere pretrain`, or pass "
+                            "evaluate=sere.eval.knn_accuracy.periodic_knn(cfg) to Pretrainer")
+        self.evaluate = evaluate
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        self._start_runtime()
+        if resume is None:  # a fresh run never overwrites another one
+            refuse_earlier_run(self.output_dir)
+        self._build_data()
+        nets = self._build_networks()
+        self._build_optimisation(nets)
+        self.step = 0
+        self.skipped_images: list[str] = []
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_steps = 0
+        self.images_read = 0  # files read by this process, decodable or not
+        resumed_from = self._resume(resume) if resume else None
+        if resumed_from is None and cfg.init.from_:
+            self._init_from(cfg.init.from_)
+        self._wrap_networks()
+        self.metrics = None
+        if self.dist.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+            self.metrics = MetricsWriter(self.output_dir,
+                                         resume_step=self.step if resumed_from else None)
+
+    def _start_runtime(self) -> None:
+        """Device, precision and the process group."""
+        cfg = self.cfg
         self.device = resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
@@ -156,8 +148,10 @@ class Pretrainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.output_dir = Path(cfg.train.output_dir)
-        if resume is None:  # a fresh run never overwrites another one
-            refuse_earlier_run(self.output_dir)
+
+    def _build_data(self) -> None:
+        """The multi-crop data set, its sampler and the schedules that follow from its size."""
+        cfg = self.cfg
         where = cfg.data.photometric_on
         self.dataset = build_dataset(cfg, defer_photometric=where == "device" or (
             where == "auto" and self.device.type == "cuda"))
@@ -171,9 +165,13 @@ class Pretrainer:
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    def _build_networks(self) -> Networks:
+        """Student and teacher on the device (the same initial weights on every rank), then the
+        per-rank random state (drop path)."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
         nets = build_networks(cfg)
-        seed = cfg.train.seed + self.dist.rank  # then per-rank randomness (drop path)
+        seed = cfg.train.seed + self.dist.rank
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -184,32 +182,25 @@ class Pretrainer:
         fused = fused_attention_pays(self.device, self.precision)
         self.student.backbone.set_fused_attention(fused)
         self.teacher.backbone.set_fused_attention(fused)
-        self.loss_fn = SERELoss(cfg, self.student.backbone.num_heads).to(self.device)
+        return nets
+
+    def _build_optimisation(self, nets: Networks) -> None:
+        """Loss (with its centers), optimizer, gradient scaler and the teacher's EMA."""
+        self.loss_fn = SERELoss(self.cfg, self.student.backbone.num_heads).to(self.device)
         self.optimizer = build_optimizer(self.student)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.ema = TeacherEMA(self.student, self.teacher)
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
-        self.step = 0
-        self.skipped_images: list[str] = []
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_steps = 0
-        self.images_read = 0  # files read by this process, decodable or not
-        self.knn_sources = None  # labelled (train, test) sources, built at the first k-NN
-        resumed_from = self._resume(resume) if resume else None
-        if resumed_from is None and cfg.init.from_:
-            self._init_from(cfg.init.from_)
 
-        if cfg.train.compile:
+    def _wrap_networks(self) -> None:
+        """torch.compile and DistributedDataParallel, as configured."""
+        if self.cfg.train.compile:
             self.student.compile()
             self.teacher.compile()
         self.model = (DistributedDataParallel(self.student, device_ids=[self.dist.local_rank]
                                               if self.device.type == "cuda" else None)
                       if self.dist.world_size > 1 else self.student)
-        self.metrics = None
-        if self.dist.is_main:
-            save_config(cfg, self.output_dir / "config.yaml")
-            self.metrics = MetricsWriter(self.output_dir,
-                                         resume_step=self.step if resumed_from else None)
+        self.networks = Networks(student=self.model, teacher=self.teacher)
 
     # -----------------------------------------------------------------------------------------
 
@@ -326,15 +317,14 @@ class Pretrainer:
         set_rates(self.optimizer, values.lr, values.weight_decay)
         teacher_outs = []
         for i, batch in enumerate(micro_batches):
-            batch = batch.to(self.device).finish(self.dataset.augment)
+            batch = self.dataset.finish_batch(batch.to(self.device))
             sync = (i == len(micro_batches) - 1 or self.dist.world_size == 1)
             no_sync = contextlib.nullcontext() if sync else self.model.no_sync()
             with no_sync, autocast_context(self.precision, self.device):
-                with torch.no_grad():
-                    teacher_out = self.teacher(batch.global_crops, masks=batch.masks)
-                student_out = self.model(batch.global_crops, batch.local_crops, batch.masks)
-                terms = self.loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
-                                     values.teacher_temp, values.teacher_patch_temp)
+                terms = compute_losses(self.networks, self.loss_fn, batch.global_crops,
+                                       batch.local_crops, batch.masks, batch.boxes,
+                                       values.teacher_temp, values.teacher_patch_temp)
+                teacher_out = terms.teacher
                 if not self._all_finite(terms):
                     return StepOutput(self._nonfinite(terms), teacher_out)
                 loss = terms.total / len(micro_batches)
@@ -444,29 +434,23 @@ class Pretrainer:
                     if self.dist.is_main:
                         tqdm.write(f"warning at step {self.step}: {'; '.join(warnings)}")
                 bar.set_postfix(**postfix)
-            if self._knn_due():
-                self._periodic_knn()
+            if self._eval_due():
+                self._periodic_eval()
             if stop.agreed(self.device):
                 return self.step < self.total_steps
             if self.step % cfg.train.save_every == 0 and self.step < self.total_steps:
                 self.save()
         return False
 
-    def _knn_due(self) -> bool:
+    def _eval_due(self) -> bool:
         every = self.cfg.eval.knn_every
         return every is not None and (self.step % every == 0 or self.step == self.total_steps)
 
-    def _periodic_knn(self) -> None:
-        """k-NN top-1 of the teacher on the held-out set (rank 0; the others wait)."""
+    def _periodic_eval(self) -> None:
+        """The periodic evaluation of the teacher (rank 0; the others wait), logged."""
         if self.dist.is_main:
-            if self.knn_sources is None:
-                self.knn_sources = eval_sources(self.cfg)
-            train, test = self.knn_sources
-            e = self.cfg.eval
-            result = knn_top1(self.teacher.backbone, self.cfg, train, test, self.device,
-                              e.knn_max_train, e.knn_max_test)
-            self.metrics.write({"step": self.step, "knn_top1": result.top1})
-            tqdm.write(f"step {self.step}: k-NN top-1 {result.top1:.1f} %")
+            values = self.evaluate(self.teacher.backbone, self.device, self.step)
+            self.metrics.write({"step": self.step, **values})
         dist_utils.barrier()
 
     def _check_mostly_bad(self) -> None:

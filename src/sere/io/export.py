@@ -15,7 +15,6 @@ new size matches sere's backbone run at that size.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ from torch import Tensor
 from sere.config import ARCHITECTURES, Config
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
-from sere.train.checkpoint import atomic_write_bytes
+from sere.io.checkpoint import atomic_write_bytes
+from sere.io.weights import load_backbone
 
 WEIGHTS_NAME = "model.safetensors"
 TORCH_NAME = "backbone.pth"
@@ -221,36 +221,6 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, which: str = "t
         img_size: resample the position embedding for this input size (a multiple of the patch
             size); None keeps the run's global crop size.
     """
-    from sere.eval.weights import load_backbone
-
     loaded = load_backbone(checkpoint, which=which)
     return write_timm_folder(loaded.backbone, loaded.config, out_dir, img_size, which,
                              loaded.step, str(Path(checkpoint).resolve()))
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """The `sere export` command."""
-    result = export_backbone(args.checkpoint, args.output, args.backbone, args.img_size)
-    print(f"exported the {result.which} backbone of step {result.step} as {result.architecture} "
-          f"({result.img_size} px) to {result.out_dir}:")
-    for path in (result.weights, result.config, result.torch_weights):
-        print(f"  {path.name}")
-    print("load it in timm:")
-    print(f"  {result.timm_one_liner()}")
-    print("or by name, pointing at the weight file:")
-    print(f"  {result.overlay_one_liner()}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `sere export` to the `sere` command's subparsers."""
-    p = subparsers.add_parser("export", help="write a backbone as timm weights "
-                              "(model.safetensors + config.json) and a plain backbone.pth")
-    p.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
-                   "runs/demo/last.pt")
-    p.add_argument("--output", required=True, help="folder to write the export into")
-    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="resample the position embedding for this input size (a multiple of the "
-                        "patch size); default: the run's global crop size")
-    p.set_defaults(func=cmd_export)

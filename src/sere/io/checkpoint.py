@@ -19,6 +19,7 @@ import torch
 from sere.errors import SereError
 
 FORMAT = "sere-checkpoint-v1"
+FINETUNE_KIND = "sere-finetune"  # the "kind" entry of a fine-tuned classifier's checkpoint
 STEP_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 

@@ -40,7 +40,8 @@ from sere.config import ARCHITECTURES
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
 from sere.models.heads import ProjectionHead, RelationHeads
-from sere.train.checkpoint import FORMAT, load_checkpoint
+from sere.io.checkpoint import FORMAT
+from sere.io.weights import read_run_checkpoint
 
 # Folder contents tried in order when a folder is given.
 FOLDER_FILES = ("model.safetensors", "backbone.pth", "pytorch_model.bin", "model.pth")
@@ -207,7 +208,7 @@ def read_weights(path: str | Path, which: str = "teacher",
                             "export it again") from None
     obj = _torch_load(file, trust_pickle)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        obj = load_checkpoint(file)  # a sere checkpoint: verify the checksum, unwrap the payload
+        obj = read_run_checkpoint(file).state  # a sere checkpoint: verify, unwrap the payload
     if _is_state_dict(obj):
         return obj, "", file
     if not isinstance(obj, dict):
@@ -392,14 +393,37 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
         targets["relation."] = relation
     model_state = {f"{prefix}{k}": v for prefix, module in targets.items()
                    for k, v in module.state_dict().items()}
-
-    canonical = _match_names(raw, model_state, report, file, asked=set(targets))
     file_view = {canonical_name(k): v for k, v in raw.items()}
+    canonical = _match_names(raw, model_state, report, file, asked=set(targets))
+    _check_has_vit(canonical, raw, file)
+    to_load = _fitting_tensors(canonical, model_state, backbone, report, file, file_view)
+    report.missing = [n for n in model_state if n not in to_load]
+    report.shapes.update({n: _shape(model_state[n]) for n in report.missing})
+    if strict:
+        _check_complete(report, backbone, file, file_view)
+    for prefix, module in targets.items():
+        part = {n[len(prefix):]: v for n, v in to_load.items() if n.startswith(prefix)}
+        module.load_state_dict(part, strict=False)  # copies into the existing parameters
+    report.loaded = list(to_load)
+    _add_notes(report, head is not None, relation is not None, file_view, backbone)
+    return report
+
+
+
+def _check_has_vit(canonical: dict[str, tuple[str, Tensor]], raw: dict[str, Tensor],
+                   file: Path) -> None:
+    """Refuse a file in which no tensor is one of the ViT's."""
     if not any(n.startswith("backbone.vit.") for n in canonical):
         sample = ", ".join(list(raw)[:4])
         raise SereError(f"{file} holds no ViT backbone weights sere recognises (keys like "
                         f"{sample}); give a ViT checkpoint in sere, timm, DINO or iBOT layout")
 
+
+def _fitting_tensors(canonical: dict[str, tuple[str, Tensor]], model_state: dict[str, Tensor],
+                     backbone: ViTBackbone, report: LoadReport, file: Path,
+                     file_view: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors to load, the position embedding resampled to the model's grid; any other
+    shape difference is a SereError that names both architectures."""
     to_load: dict[str, Tensor] = {}
     mismatched: list[tuple[str, str]] = []  # (model name, what differs)
     for name, (key, value) in canonical.items():
@@ -415,92 +439,47 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
                                      f"{_shape(target)} here"))
             continue
         to_load[name] = value
-    if mismatched:
-        order = {name: i for i, name in enumerate(model_state)}
-        mismatched.sort(key=lambda item: order[item[0]])
-        if all(n.startswith("head.") for n, _ in mismatched):
-            raise SereError(f"{file}: the projection head has another size ({mismatched[0][1]}); "
-                            "load the backbone alone (head=None, --no-head) or set model.out_dim/"
-                            "hidden_dim/bottleneck_dim to match")
-        example = next((text for n, text in mismatched if n.startswith("backbone.")),
-                       mismatched[0][1])
-        raise SereError(f"{file} holds a ViT with {_vit_description(file_view)} but the model has "
-                        f"{_model_description(backbone)} ({_count(len(mismatched))} differ, e.g. "
-                        f"{example}); set model.arch/embed_dim/depth/num_heads/patch_size/"
-                        "in_chans to match the weights")
+    if not mismatched:
+        return to_load
+    order = {name: i for i, name in enumerate(model_state)}
+    mismatched.sort(key=lambda item: order[item[0]])
+    if all(n.startswith("head.") for n, _ in mismatched):
+        raise SereError(f"{file}: the projection head has another size ({mismatched[0][1]}); "
+                        "load the backbone alone (head=None, --no-head) or set model.out_dim/"
+                        "hidden_dim/bottleneck_dim to match")
+    example = next((text for n, text in mismatched if n.startswith("backbone.")),
+                   mismatched[0][1])
+    raise SereError(f"{file} holds a ViT with {_vit_description(file_view)} but the model has "
+                    f"{_model_description(backbone)} ({_count(len(mismatched))} differ, e.g. "
+                    f"{example}); set model.arch/embed_dim/depth/num_heads/patch_size/"
+                    "in_chans to match the weights")
 
-    report.missing = [n for n in model_state if n not in to_load]
-    report.shapes.update({n: _shape(model_state[n]) for n in report.missing})
+
+def _check_complete(report: LoadReport, backbone: ViTBackbone, file: Path,
+                    file_view: dict[str, Tensor]) -> None:
+    """Strict loading: the file has every ViT tensor of the model and no extra blocks."""
     extra_blocks = [k for k in report.unexpected
                     if canonical_name(k).startswith("backbone.vit.blocks.")]
     vit_missing = [n for n in report.missing if n.startswith("backbone.vit.")]
-    if strict and (vit_missing or extra_blocks):
+    if vit_missing or extra_blocks:
         example = vit_missing[0] if vit_missing else f"{extra_blocks[0]} (not in the model)"
         raise SereError(f"{file} holds a ViT with {_vit_description(file_view)} but the model has "
                         f"{_model_description(backbone)} ({_count(len(vit_missing))} missing, "
                         f"{len(extra_blocks)} extra, e.g. {example}); set model.depth "
                         "and the other model.* keys to match the weights")
 
-    for prefix, module in targets.items():
-        part = {n[len(prefix):]: v for n, v in to_load.items() if n.startswith(prefix)}
-        module.load_state_dict(part, strict=False)  # copies into the existing parameters
-    report.loaded = list(to_load)
+
+def _add_notes(report: LoadReport, with_head: bool, with_relation: bool,
+               file_view: dict[str, Tensor], backbone: ViTBackbone) -> None:
+    """Lines worth knowing: a missing mask token or head, relation heads in the file."""
     if "backbone.mask_token" in report.missing:
         report.notes.append("the file has no mask token: it stays at its initial value "
                             "(expected for DINO weights and exported backbones)")
-    if head is not None and not any(n.startswith("head.") for n in to_load):
+    if with_head and not any(n.startswith("head.") for n in report.loaded):
         report.notes.append("the file has no projection head: the head keeps its random "
                             "initialisation")
-    if relation is not None and any(n.startswith("relation.") for n in report.missing):
+    if with_relation and any(n.startswith("relation.") for n in report.missing):
         report.notes.append("relation heads listed as missing keep their initial values")
     heads_note = _heads_note(file_view, backbone)
     if heads_note:
         report.notes.append(heads_note)
-    return report
-
-
-# ---------------------------------------------------------------------------------------------
-# `sere import-check`
-
-
-def cmd_import_check(args: argparse.Namespace) -> int:
-    """The `sere import-check` command: load weights into the configured student and report."""
-    from sere.cli import resolve_config_path
-    from sere.config import load_config
-    from sere.models.network import SERENetwork
-
-    # Only the model is built: a synthetic data source spares the data paths a preset requires.
-    overrides = ["data.dataset=synthetic", *args.overrides]
-    cfg = load_config([resolve_config_path(c) for c in args.config], overrides)
-    network = SERENetwork(cfg, is_student=True)
-    head = None if args.no_head else network.head
-    relation = None if args.no_head else network.relation
-    report = load_pretrained_weights(args.weights, network.backbone, head, which=args.backbone,
-                                     strict=False, trust_pickle=args.trust_pickle,
-                                     relation=relation)
-    print(report.table())
-    if not report.backbone_complete:
-        count = sum(k.startswith("backbone.vit.") for k in report.missing)
-        raise SereError(f"{count} backbone tensors are missing from {report.source}: these "
-                        "weights do not fit the configured model (see the table above)")
-    print(f"ok: the weights fit this configuration ({len(report.loaded)} tensors loaded)")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `sere import-check` to the `sere` command's subparsers."""
-    p = subparsers.add_parser("import-check", help="dry run: load pretrained weights into the "
-                              "configured model and list missing/unexpected tensors")
-    p.add_argument("--weights", required=True, help="sere checkpoint, sere export folder, timm "
-                   "state dict, or SERE/iBOT/DINO checkpoint")
-    p.add_argument("--config", action="append", required=True,
-                   help="YAML file or preset name; repeat to layer")
-    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
-                   help="network to read from a checkpoint with both")
-    p.add_argument("--no-head", action="store_true",
-                   help="load the backbone only (no projection or relation heads)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow files holding Python objects besides tensors (they can run code)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. model.arch=vit_base "
-                   "(only model.* and data.global_crop_size matter here)")
-    p.set_defaults(func=cmd_import_check)

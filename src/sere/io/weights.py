@@ -1,16 +1,46 @@
-"""Loading backbones out of training checkpoints."""
+"""The one loader of a `sere pretrain` checkpoint, and the backbones in it.
+
+Every command that reads a sere checkpoint (k-NN, linear probe, pictures, export, fine-tuning,
+`sere.load_run`, `init.from`) goes through `read_run_checkpoint`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sere.config import Config, config_from_dict
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
-from sere.train.checkpoint import load_checkpoint
+from sere.io.checkpoint import FINETUNE_KIND, load_checkpoint
+
+
+@dataclass
+class RunCheckpoint:
+    """A verified `sere pretrain` checkpoint: its configuration, step and saved state."""
+
+    config: Config
+    step: int
+    state: dict[str, Any]  # "student", "teacher", "loss", "optimizer", "rng", ... as saved
+
+
+def read_run_checkpoint(path: str | Path, which: str = "teacher") -> RunCheckpoint:
+    """Load, verify (checksum) and unwrap a `sere pretrain` checkpoint, with its configuration.
+
+    Raises SereError for a fine-tuned classifier's checkpoint and for one without the `which`
+    network or a configuration.
+    """
+    state = load_checkpoint(path)
+    if state.get("kind") == FINETUNE_KIND:
+        raise SereError(f"{path} is a fine-tuned classifier, not a pretraining checkpoint; "
+                        "fine-tune from a `sere pretrain` checkpoint such as runs/demo/last.pt")
+    if "config" not in state or which not in state:
+        raise SereError(f"{path} is not a `sere pretrain` checkpoint (it has no {which} network "
+                        "and configuration); give one such as runs/demo/last.pt")
+    return RunCheckpoint(config_from_dict(state["config"]), int(state["step"]), state)
 
 
 @dataclass
@@ -39,10 +69,9 @@ def load_backbone(path: str | Path, which: str = "teacher") -> LoadedBackbone:
     """The teacher (default) or student backbone of a `sere pretrain` checkpoint, in eval mode."""
     if which not in ("teacher", "student"):
         raise SereError(f"which = {which!r}: choose 'teacher' or 'student'")
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    backbone = backbone_from_state(cfg, state[which], f"checkpoint {path}")
-    return LoadedBackbone(backbone.eval(), cfg, int(state["step"]))
+    run = read_run_checkpoint(path, which)
+    backbone = backbone_from_state(run.config, run.state[which], f"checkpoint {path}")
+    return LoadedBackbone(backbone.eval(), run.config, run.step)
 
 
 def random_backbone(cfg: Config, seed: int = 0) -> ViTBackbone:

@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sere.train.distributed import is_distributed
+from sere.runtime.distributed import is_distributed
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

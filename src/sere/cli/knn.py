@@ -1,0 +1,68 @@
+"""`sere knn`: k-NN top-1 of a checkpoint's backbone next to random initialisation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sere.cli.common import add_labelled_flags, sources_from_args
+from sere.config import apply_overrides
+from sere.eval.feature_cache import checkpoint_model_key, random_model_key
+from sere.eval.knn_accuracy import FeatureCacheSpec, KnnResult, knn_top1
+from sere.io.weights import load_backbone, random_backbone
+from sere.runtime import resolve_device
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    """k-NN top-1 of a checkpoint's backbone, and of random initialisation."""
+    loaded = load_backbone(args.checkpoint, which=args.backbone)
+    cfg = apply_overrides(loaded.config, args.overrides)
+    train, test = sources_from_args(args, cfg.model.in_chans)
+    device = resolve_device(args.device)
+    ks = tuple(args.k or ())
+    folder = Path(args.cache_dir) if args.cache_dir else Path(args.checkpoint).parent / "knn_cache"
+    cache = None if args.no_cache else FeatureCacheSpec(
+        folder, checkpoint_model_key(args.checkpoint, args.backbone))
+    result = knn_top1(loaded.backbone, cfg, train, test, device, args.max_train, args.max_test,
+                      args.workers, ks, cache)
+    floor = None
+    if not args.no_random:
+        floor_cache = None if args.no_cache else FeatureCacheSpec(folder,
+                                                                   random_model_key(cfg, 0))
+        floor = knn_top1(random_backbone(cfg, 0), cfg, train, test, device, args.max_train,
+                         args.max_test, args.workers, ks, floor_cache)
+    print(f"{result.train_images} train / {result.test_images} test images, "
+          f"features={cfg.eval.features}, {args.backbone} backbone")
+    print_table(result, floor, args.backbone)
+    return 0
+
+
+def print_table(result: KnnResult, floor: KnnResult | None, backbone: str) -> None:
+    """Top-1 per k, pretrained next to the random-init floor, and the summary line."""
+    print(f"{'k':>5}  {'pretrained':>10}" + ("  random init" if floor else ""))
+    for k, top1 in result.by_k.items():
+        print(f"{k:>5}  {top1:>9.1f}%" + (f"  {floor.by_k[k]:>10.1f}%" if floor else ""))
+    if floor:
+        print(f"k-NN top-1: pretrained {result.top1:.1f} %, random init {floor.top1:.1f} %")
+    else:
+        print(f"k-NN top-1: {backbone} {result.top1:.1f} %")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `sere knn`."""
+    k = sub.add_parser("knn", help="k-NN top-1 of a checkpoint's backbone (DINO protocol)")
+    k.add_argument("--checkpoint", required=True)
+    k.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    add_labelled_flags(k)
+    k.add_argument("--k", type=int, nargs="+", help="neighbour counts to report besides "
+                   "eval.k, e.g. --k 10 20 100")
+    k.add_argument("--max-train", type=int, default=None)
+    k.add_argument("--max-test", type=int, default=None)
+    k.add_argument("--workers", type=int, default=0)
+    k.add_argument("--device", default="auto")
+    k.add_argument("--no-random", action="store_true", help="skip the random-init floor")
+    k.add_argument("--cache-dir", default=None, help="folder for cached features (default: "
+                   "knn_cache/ next to the checkpoint)")
+    k.add_argument("--no-cache", action="store_true", help="extract features without caching")
+    k.add_argument("overrides", nargs="*", help="eval.* settings, e.g. eval.k=10")
+    k.set_defaults(func=cmd_knn)

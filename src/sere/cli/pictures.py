@@ -1,0 +1,65 @@
+"""`sere visualize`: attention, self-relation, PCA and t-SNE pictures of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from sere.api import load_run
+from sere.data.datasets import FashionMNISTSource, ImageFolderSource, ImageSource, subset_indices
+from sere.eval.features import EvalImages, extract_features
+from sere.eval.visualize import Pictures, draw_embedding, draw_pictures
+from sere.io.weights import load_backbone
+
+
+def draw(checkpoint: str, which: str, source: ImageSource, count: int, out_dir: str | Path,
+         embedding_images: int = 2000) -> Pictures:
+    """Draw the pictures of `count` images of `source` with a checkpoint's network, and a t-SNE
+    map of the [CLS] features of up to `embedding_images` images when `source` has labels."""
+    run = load_run(checkpoint)
+    cfg = run.config
+    network = run.networks.teacher if which == "teacher" else run.networks.student
+    d = cfg.data
+    images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
+                        list(range(min(count, len(source)))))
+    batch = torch.stack([images[i][0] for i in range(len(images))])
+    pictures = draw_pictures(network, batch, d.normalize_mean, d.normalize_std, out_dir,
+                             cfg.loss.tau_spatial, cfg.loss.tau_channel)
+    if not source.classes or embedding_images <= 0:
+        return pictures
+    chosen = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
+                        subset_indices(len(source), embedding_images, seed=2))
+    feats = extract_features(network.backbone, chosen, "cls", cfg.eval.batch_size,
+                             torch.device("cpu"), desc="t-SNE features", normalize=True)
+    path = draw_embedding(feats.features, feats.labels, source.classes,
+                          Path(out_dir) / "tsne_cls.png",
+                          f"t-SNE of {which} [CLS] features, {len(feats.features)} images")
+    return dataclasses.replace(pictures, embedding=path)
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    """Attention, relation and PCA pictures of a checkpoint's network."""
+    chans = load_backbone(args.checkpoint).config.model.in_chans
+    if args.images:
+        source = ImageFolderSource(args.images, chans)
+    else:
+        source = FashionMNISTSource(args.fashion_mnist_dir, train=False, in_chans=chans)
+    pictures = draw(args.checkpoint, args.backbone, source, args.count, args.output)
+    written = [p for p in (pictures.overview, pictures.channel_relation, pictures.embedding) if p]
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `sere visualize`."""
+    v = sub.add_parser("visualize", help="attention, self-relation and PCA pictures (PNG)")
+    v.add_argument("--checkpoint", required=True)
+    v.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    v.add_argument("--images", help="image folder (default: the Fashion-MNIST test set)")
+    v.add_argument("--fashion-mnist-dir", default=None)
+    v.add_argument("--count", type=int, default=6, help="images to draw")
+    v.add_argument("--output", default="pictures", help="folder for the PNG files")
+    v.set_defaults(func=cmd_visualize)

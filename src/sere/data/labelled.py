@@ -1,0 +1,52 @@
+"""The one builder of labelled (train, test) image sources, for k-NN, the probe and fine-tuning.
+
+A pair comes from two labelled image folders (one sub-folder per class), else from a data set
+with its own splits: Fashion-MNIST (train/test files) or synthetic images (seeds 0 and 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sere.config import Config
+from sere.data.datasets import FashionMNISTSource, ImageFolderSource, ImageSource, SyntheticSource
+from sere.errors import SereError
+
+
+def labelled_sources(in_chans: int, train_dir: str | Path | None = None,
+                     test_dir: str | Path | None = None, fashion_mnist_dir: str | None = None,
+                     names: tuple[str, str] = ("--train-dir", "--test-dir"),
+                     ) -> tuple[ImageSource, ImageSource]:
+    """(train, test) from two labelled image folders, else Fashion-MNIST's two splits.
+
+    Args:
+        in_chans: channels the images are read with.
+        train_dir, test_dir: labelled image folders; give both or neither.
+        fashion_mnist_dir: folder of Fashion-MNIST IDX files (None: the system package).
+        names: how the user gave the two folders (flags or config keys), for the error.
+    """
+    if train_dir or test_dir:
+        if not (train_dir and test_dir):
+            raise SereError(f"give both {names[0]} and {names[1]} (labelled image folders)")
+        return ImageFolderSource(train_dir, in_chans), ImageFolderSource(test_dir, in_chans)
+    return (FashionMNISTSource(fashion_mnist_dir, train=True, in_chans=in_chans),
+            FashionMNISTSource(fashion_mnist_dir, train=False, in_chans=in_chans))
+
+
+def pretraining_eval_sources(cfg: Config) -> tuple[ImageSource, ImageSource]:
+    """The labelled (train, test) pair for k-NN during pretraining.
+
+    Fashion-MNIST and synthetic data use their own train and test splits; an image folder run
+    needs `eval.knn_train_path` and `eval.knn_test_path` (folders with one sub-folder per class).
+    """
+    chans, e, d = cfg.model.in_chans, cfg.eval, cfg.data
+    if e.knn_train_path or e.knn_test_path:
+        return labelled_sources(chans, e.knn_train_path, e.knn_test_path,
+                                names=("eval.knn_train_path", "eval.knn_test_path"))
+    if d.dataset == "fashion_mnist":
+        return labelled_sources(chans, fashion_mnist_dir=d.path)
+    if d.dataset == "synthetic":
+        return (SyntheticSource(d.synthetic_images, d.synthetic_size, chans, seed=0),
+                SyntheticSource(d.synthetic_images, d.synthetic_size, chans, seed=1))
+    raise SereError("k-NN during pretraining on an image folder needs labelled sets: set "
+                    "eval.knn_train_path and eval.knn_test_path")

@@ -1,0 +1,115 @@
+"""Fine-tuning's labelled images: the train / test sources, their transforms and loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sere.data.datasets import (
+    MAX_CONSECUTIVE_BAD_IMAGES,
+    ImageSource,
+    SyntheticSource,
+    UnreadableImage,
+    subset_indices,
+)
+from sere.data.labelled import labelled_sources
+from sere.errors import SereError
+from sere.finetune.config import FinetuneConfig
+from sere.finetune.transforms import test_transform, to_pil, train_transform
+
+
+class FinetuneImages(torch.utils.data.Dataset):
+    """Labelled images of a source through a PIL transform.
+
+    An unreadable image is replaced by the next readable one (with a warning), so one bad file
+    does not end a long run; `MAX_CONSECUTIVE_BAD_IMAGES` in a row raise SereError.
+
+    Args:
+        source: labelled uint8 images.
+        transform: PIL image -> float tensor (C, S, S).
+        indices: the subset of `source` used.
+    """
+
+    def __init__(self, source: ImageSource, transform: Callable, indices: list[int]):
+        self.source, self.transform, self.indices = source, transform, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        for attempt in range(MAX_CONSECUTIVE_BAD_IMAGES):
+            index = self.indices[(i + attempt) % len(self.indices)]
+            try:
+                image, label = self.source[index]  # uint8 (C, H, W), int
+            except UnreadableImage as err:
+                print(f"warning: skipping unreadable image {err}")
+                continue
+            return self.transform(to_pil(image)), label
+        raise SereError(f"{MAX_CONSECUTIVE_BAD_IMAGES} unreadable images in a row near "
+                        f"{self.source.describe(self.indices[i])}; check the data folder")
+
+
+def build_sources(cfg: FinetuneConfig, in_chans: int) -> tuple[ImageSource, ImageSource]:
+    """The labelled (train, test) sources that `cfg.data` names (`sere.data.labelled`), an
+    image folder pair checked to share its classes."""
+    d = cfg.data
+    if d.dataset == "synthetic":
+        return (SyntheticSource(d.synthetic_images, d.synthetic_size, in_chans, seed=0),
+                SyntheticSource(d.synthetic_images, d.synthetic_size, in_chans, seed=1))
+    if d.dataset == "fashion_mnist":
+        return labelled_sources(in_chans, fashion_mnist_dir=d.path)
+    train, test = labelled_sources(in_chans, d.train_path, d.test_path,
+                                   names=("data.train_path", "data.test_path"))
+    if not train.classes:
+        raise SereError(f"data.train_path {d.train_path} has no classes: put the images in "
+                        "one sub-folder per class")
+    if tuple(test.classes) != tuple(train.classes):
+        raise SereError(f"data.test_path {d.test_path} has other class folders than "
+                        f"data.train_path ({len(test.classes)} vs {len(train.classes)}); "
+                        "both need the same sub-folder names")
+    return train, test
+
+
+@dataclass
+class FinetuneData:
+    """The transformed training and test sets of a run and their class names."""
+
+    train: FinetuneImages
+    test: FinetuneImages
+    classes: tuple[str, ...]
+
+
+def build_data(cfg: FinetuneConfig, in_chans: int, mean: tuple[float, ...],
+               std: tuple[float, ...]) -> FinetuneData:
+    """The sets `cfg.data` names, normalised with the pretraining run's `mean` / `std`; the
+    `data.max_images` / `data.max_test_images` subsets are fixed (seeds 0 and 1)."""
+    d = cfg.data
+    train_source, test_source = build_sources(cfg, in_chans)
+    train = FinetuneImages(train_source, train_transform(cfg, mean, std),
+                           subset_indices(len(train_source), d.max_images, seed=0))
+    test = FinetuneImages(test_source, test_transform(cfg, mean, std),
+                          subset_indices(len(test_source), d.max_test_images, seed=1))
+    return FinetuneData(train, test, tuple(train_source.classes))
+
+
+def make_loader(dataset: FinetuneImages, batch_size: int, train: bool, workers: int,
+                device: torch.device,
+                generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """Batches of (images (B, C, S, S), labels (B,)); training shuffles with `generator` and
+    drops the last partial batch, testing keeps the order and every image."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=train, drop_last=train,
+        generator=generator if train else None, num_workers=workers,
+        worker_init_fn=worker_init if workers else None,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
+def worker_init(worker_id: int) -> None:
+    """One thread per worker, and numpy seeded per worker (RandAugment draws its ops with numpy,
+    which PyTorch does not reseed in workers)."""
+    torch.set_num_threads(1)
+    np.random.seed(torch.initial_seed() % 2**32)

@@ -1,0 +1,52 @@
+"""What a fine-tuning run writes into `train.output_dir`.
+
+* `finetune.yaml`: the resolved configuration, written first;
+* `finetune.jsonl`: step lines (step, epoch, loss, lr, images/s) every `train.log_every` steps and
+  one line per epoch (train loss, lr, test top-1 / top-5 / loss, images/s, elapsed seconds);
+* `finetuned.pt`: the classifier (a checksummed checkpoint of kind `sere-finetune`, written
+  atomically);
+* `results.json`: the `FinetuneResult` fields, the source checkpoint and the configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sere.io.checkpoint import atomic_write_bytes
+
+CONFIG_NAME = "finetune.yaml"
+LOG_NAME = "finetune.jsonl"
+CHECKPOINT_NAME = "finetuned.pt"
+RESULTS_NAME = "results.json"
+
+
+@dataclass
+class RunLog:
+    """The `finetune.jsonl` log of a run: one JSON object per line, appended."""
+
+    path: Path
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append `record` as one line."""
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def start_run_folder(output_dir: Path, config: dict[str, Any]) -> RunLog:
+    """Create the folder, write `finetune.yaml` and start an empty `finetune.jsonl`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+    log = RunLog(output_dir / LOG_NAME)
+    log.path.write_text("")
+    return log
+
+
+def write_results(path: Path, record: dict[str, Any]) -> None:
+    """Write `results.json` atomically; paths in `record` become strings."""
+    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}
+    atomic_write_bytes(path, (json.dumps(plain, indent=2) + "\n").encode())

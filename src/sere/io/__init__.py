@@ -1,0 +1,1 @@
+"""Reading and writing files of weights: checkpoints, any supported weights file, exports."""

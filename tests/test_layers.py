@@ -1,0 +1,135 @@
+"""The code map holds: every import in src/sere runs down the layer order of README.md's "Code
+map", and no function is longer than 60 lines.
+
+Imports are read with `ast`, so imports inside functions count too; relative imports are resolved
+against the importing module's package.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+MAX_FUNCTION_LINES = 60
+
+# Low to high; a module may import only from its own layer or lower ones (README.md, Code map).
+LAYERS: dict[str, int] = {
+    "sere.errors": 0,
+    "sere.config": 1, "sere.geometry": 1, "sere.schedules": 1,
+    "sere.runtime": 2,
+    "sere.data": 3, "sere.models": 3,
+    "sere.losses": 4,
+    "sere.io": 5,
+    "sere.train": 6, "sere.eval": 6,
+    "sere.finetune": 7,
+    "sere.api": 8, "sere": 8,  # the package itself is the public facade (re-exports)
+    "sere.cli": 9,
+}
+# Pairs in one layer that must not import each other either.
+FORBIDDEN_SIDEWAYS = {("sere.train", "sere.eval"), ("sere.eval", "sere.train"),
+                      ("sere.losses", "sere.data")}
+
+
+def module_name(path: Path, src: Path = SRC) -> str:
+    parts = list(path.relative_to(src).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def owner(module: str) -> str | None:
+    """The entry of LAYERS that `module` belongs to (longest matching prefix)."""
+    best = None
+    for name in LAYERS:
+        if module == name or module.startswith(name + "."):
+            if best is None or len(name) > len(best):
+                best = name
+    return best
+
+
+def imported_modules(path: Path, src: Path = SRC) -> list[tuple[int, str]]:
+    """(line, module) for every sere import in the file, in functions too, relative resolved."""
+    name = module_name(path, src)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # `from sere import cli` imports the module sere.cli; `from sere.x import f` sere.x.
+            found += [(node.lineno, f"{module}.{alias.name}" if module == "sere" else module)
+                      for alias in node.names]
+    return [(line, m) for line, m in found if m == "sere" or m.startswith("sere.")]
+
+
+def sources() -> list[Path]:
+    return sorted((SRC / "sere").rglob("*.py"))
+
+
+def layer_violations(path: Path) -> list[str]:
+    here = owner(module_name(path))
+    bad = []
+    for line, target in imported_modules(path):
+        there = owner(target)
+        if there is None:
+            bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}, which has no layer")
+        elif LAYERS[there] > LAYERS[here] or (here, there) in FORBIDDEN_SIDEWAYS:
+            bad.append(f"{path.relative_to(ROOT)}:{line} ({here}, layer {LAYERS[here]}) imports "
+                       f"{target} ({there}, layer {LAYERS[there]})")
+    return bad
+
+
+def test_every_module_has_a_layer():
+    assert [p for p in sources() if owner(module_name(p)) is None] == []
+
+
+def test_imports_run_down_the_layers():
+    bad = [v for path in sources() for v in layer_violations(path)]
+    assert bad == [], "imports against the layer order:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path):
+    package = tmp_path / "sere" / "data"
+    package.mkdir(parents=True)
+    bad = package / "bad.py"
+    bad.write_text("def f():\n    from ..train import loop\n    import sere.cli\n"
+                   "from . import datasets\nfrom sere import api\n")
+    found = sorted(imported_modules(bad, tmp_path))
+    assert found == [(2, "sere.train"), (3, "sere.cli"), (4, "sere.data"), (5, "sere.api")]
+    assert [owner(m) for _, m in found] == ["sere.train", "sere.cli", "sere.data", "sere.api"]
+
+
+def test_readme_code_map_states_the_same_layers():
+    text = (ROOT / "README.md").read_text()
+    assert "## Code map" in text
+    section = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    stated = {}
+    for match in re.finditer(r"^\s*L(\d)\s+(.+)$", section, flags=re.M):
+        for name in re.findall(r"`(sere(?:\.\w+)?)[`/]", match.group(2)):
+            stated[name] = int(match.group(1))
+    assert stated == LAYERS
+
+
+def long_functions() -> list[str]:
+    found = []
+    for path in sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                                 f"({lines} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_60_lines():
+    assert long_functions() == []
