@@ -32,7 +32,9 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
 class ModelConfig:
     """The backbone and the heads (SERE-SPEC.md section 2)."""
 
-    arch: str = "vit_small"  # one of ARCHITECTURES; embed_dim/depth/num_heads below override it
+    # vit_tiny, vit_small, vit_base or vit_large (ARCHITECTURES); embed_dim, depth and num_heads
+    # below override its width, depth and head count
+    arch: str = "vit_small"
     patch_size: int = 16  # side of the square patches, in pixels
     in_chans: int = 3  # image channels: 3 (RGB) or 1 (grayscale)
     embed_dim: int | None = None  # token width; None: the arch's
