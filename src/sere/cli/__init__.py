@@ -19,6 +19,7 @@ The top layer: nothing in sere imports this package.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sere.cli import finetune, knn, linear, pictures, pretrain, settings, weights
@@ -75,3 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sere config --list | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
