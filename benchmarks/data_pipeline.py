@@ -30,9 +30,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline import BaselinePipeline  # noqa: E402
-from sere.config import load_config  # noqa: E402
+from sere.config import apply_overrides, load_config  # noqa: E402
 from sere.data.datasets import IMAGE_EXTENSIONS  # noqa: E402
-from sere.data.loader import build_dataset, collate  # noqa: E402
+from sere.data.loader import build_dataset, collate, worker_init  # noqa: E402
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -58,6 +58,47 @@ def measure(run_one, count: int, warmup: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def measure_loader(cfg, workers: int, device: str, batch: int, batches: int) -> dict:
+    """Images per second that a DataLoader with `workers` processes feeds to `device`, the
+    photometric changes done where `cfg.data.photometric_on` says (`device`: batched there
+    after the transfer, as `sere pretrain` on a GPU does), pinned memory on a GPU.
+
+    The rate is over the batches after the workers' first round (each worker's first batch
+    holds its start, and they all arrive together); the images are visited in order, epoch
+    after epoch, so few files serve many batches.
+    """
+    target = torch.device(device)
+    dataset = build_dataset(cfg, defer_photometric=cfg.data.photometric_on == "device")
+    keys = [(i // len(dataset), i % len(dataset)) for i in range(batch * batches)]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[keys[b * batch:(b + 1) * batch] for b in range(batches)],
+        collate_fn=collate, num_workers=workers, worker_init_fn=worker_init if workers else None,
+        pin_memory=target.type == "cuda")
+    times = []
+    for item in loader:
+        done = item.to(target).finish(dataset.augment)
+        if target.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    first = max(1, min(workers, batches - 1))  # batches of the first round
+    rate = batch * (len(times) - first) / (times[-1] - times[first - 1])
+    return dict(path=f"loader_{workers}_workers", images_per_second=rate, workers=workers,
+                device=device, photometric_on=cfg.data.photometric_on, batch=batch,
+                batches=batches)
+
+
+def report_loader(args: argparse.Namespace, cfg) -> int:
+    """Print `measure_loader`'s result for the command line's settings."""
+    cfg = apply_overrides(cfg, [f"data.photometric_on={args.photometric_on}"])
+    row = measure_loader(cfg, args.loader_workers, args.device, args.batch, args.batches)
+    row["setting"] = (f"2 x {args.global_size} + {args.local_crops} x {args.local_size} "
+                      f"crops, JPEGs of {args.images}")
+    print(json.dumps(row) if args.json else
+          f"{row['setting']}; {row['path']} to {args.device} (photometric on "
+          f"{args.photometric_on}): {row['images_per_second']:.1f} images/s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="a folder of JPEGs")
@@ -70,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--preset", default="vit_small_ibot_sere")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="instead of the per-core paths: images/s of a DataLoader with this "
+                        "many workers feeding --device, the photometric changes on "
+                        "--photometric-on (what training sees)")
+    parser.add_argument("--device", default="cpu", help="with --loader-workers")
+    parser.add_argument("--photometric-on", choices=("worker", "device"), default="device",
+                        help="with --loader-workers")
+    parser.add_argument("--batch", type=int, default=128, help="with --loader-workers")
+    parser.add_argument("--batches", type=int, default=20, help="with --loader-workers")
     args = parser.parse_args(argv)
 
     folder = Path(args.images)
@@ -81,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config([resolve_config_path(args.preset)], [
         "data.dataset=folder", f"data.path={folder}", f"data.global_crop_size={args.global_size}",
         f"data.local_crop_size={args.local_size}", f"data.local_crops_number={args.local_crops}"])
+    if args.loader_workers is not None:
+        return report_loader(args, cfg)
     ours = build_dataset(cfg)
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     needed = args.count + args.warmup

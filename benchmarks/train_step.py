@@ -152,6 +152,7 @@ def child(args: argparse.Namespace, path: str) -> dict:
         losses.append(step())
         times.append(synced_time() - start)
     seconds = statistics.median(times)
+    flops = count_flops(step) if args.flops else None
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -163,7 +164,26 @@ def child(args: argparse.Namespace, path: str) -> dict:
     return dict(path=path, batch=args.batch, seconds_per_step=seconds,
                 images_per_second=images / seconds,
                 peak_memory_mb=peak_mb, step_memory_mb=step_mb, first_loss=losses[0],
-                steps=args.steps)
+                steps=args.steps, flops_per_step=flops)
+
+
+def count_flops(step) -> int:
+    """FLOP of one more `step()`, counted by PyTorch (after the timing, which it would slow)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def add_utilisation(results: dict[str, dict], peak_tflops: float | None) -> None:
+    """TFLOP/s of each counted path and, given the device's peak, its FLOP utilisation."""
+    for r in results.values():
+        if r.get("flops_per_step"):
+            r["tflops_per_second"] = r["flops_per_step"] / r["seconds_per_step"] / 1e12
+            if peak_tflops:
+                r["peak_tflops"] = peak_tflops
+                r["mfu"] = r["tflops_per_second"] / peak_tflops
 
 
 class ChildFailed(RuntimeError):
@@ -179,8 +199,10 @@ def run_child(forwarded: list[str], path: str, batch: int) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def largest_batches(paths: list[str], start: int, measure) -> dict[str, dict]:
-    """Each path's results at batches start, 2 start, 4 start, ... until it runs out of memory.
+def largest_batches(paths: list[str], start: int, measure,
+                    limit: int | None = None) -> dict[str, dict]:
+    """Each path's results at batches start, 2 start, 4 start, ... until it runs out of memory
+    (or the next batch would pass `limit`).
 
     `measure(path, batch)` returns a child's result. Returns the results to report: every path
     at the largest batch that fits all of them (keyed by path), and each path whose own largest
@@ -196,6 +218,8 @@ def largest_batches(paths: list[str], start: int, measure) -> dict[str, dict]:
                 break
             fitted[batch] = result
             batch *= 2
+            if limit is not None and batch > limit:
+                break
         if not fitted:
             raise ChildFailed(f"{path} runs out of memory already at batch {start}")
         by_path[path] = fitted
@@ -253,6 +277,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="double the batch from --batch until a path runs out of (GPU) "
                         "memory; compare the paths at the largest batch that fits them all, "
                         "and report each path's own largest batch")
+    parser.add_argument("--batch-limit", type=int, default=None,
+                        help="with --max-batch: the largest batch to try (bounds the search's "
+                        "time; a path that fits it is reported as fitting no more)")
+    parser.add_argument("--flops", action="store_true",
+                        help="count each path's FLOP per step (torch.utils.flop_counter, one "
+                        "extra untimed step) and report TFLOP/s")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak in TFLOP/s at this precision (H200 SXM "
+                        "bf16: 989); with --flops, report model FLOP utilisation (mfu)")
     parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -273,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                  if a not in ("--json", "--max-batch")]
     try:
         if args.max_batch:
-            results = largest_batches(paths, args.batch, lambda p, b: run_child(forwarded, p, b))
+            results = largest_batches(paths, args.batch, lambda p, b: run_child(forwarded, p, b),
+                                      args.batch_limit)
         else:
             results = {}
             for path in paths:
@@ -283,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailed as failure:
         sys.stderr.write(f"{failure}\n")
         return 1
+    add_utilisation(results, args.peak_tflops)
     if "ours" in results and "ours_no_sere" in results:
         ours = results["ours"]
         ours["sere_share"] = 1 - results["ours_no_sere"]["seconds_per_step"] / ours[

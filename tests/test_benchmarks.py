@@ -160,3 +160,17 @@ def test_batch_search_compares_at_the_largest_batch_that_fits_every_path():
     limits["ours"] = 8
     with pytest.raises(ChildFailed, match="already at batch 16"):
         largest_batches(["ours"], 16, measure)
+
+
+def test_batch_search_stops_at_the_limit():
+    from train_step import largest_batches
+
+    calls = []
+
+    def measure(path, batch):
+        calls.append((path, batch))
+        return {"path": path, "batch": batch, "out_of_memory": batch > 64}
+
+    results = largest_batches(["baseline", "ours"], 16, measure, limit=32)
+    assert calls == [("baseline", 16), ("baseline", 32), ("ours", 16), ("ours", 32)]
+    assert results["ours"]["batch"] == results["baseline"]["batch"] == 32

@@ -107,3 +107,12 @@ def test_pretrain_resume_from_a_bad_checkpoint(capsys, tmp_path):
     path.write_bytes(b"")
     code, err = run(capsys, ["pretrain", "--resume", str(path)])
     assert_clean_error(code, err, str(path))
+
+
+def test_python_m_sere_cli_runs_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sere.cli", "knn", "--help"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "--checkpoint" in done.stdout

@@ -30,6 +30,9 @@ TINY = [
     "data.global_crop_size=16", "data.local_crop_size=8", "data.local_crops_number=2",
     "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0", "optim.batch_size=8",
     "train.max_steps=1", "train.log_every=1",
+    # the defaults before they became the ViT-S recipe, which these tests were written against
+    "data.global_crops_scale=[0.14, 1.0]", "loss.alpha=1.0", "loss.beta=1.0",
+    "optim.clip_grad=3.0", "train.precision=fp32",
 ]
 
 
@@ -133,8 +136,12 @@ def test_export_resamples_pos_embed_for_img_size(run, tmp_path):
     x = _images(3, 32, seed=2)
     out = model.forward_features(x)
     assert out.shape == (3, 1 + 64, 32)
-    # sere's backbone resamples the same way on the fly at 32 px: the tokens agree.
+    # sere's backbone with timm's interpolation resamples the same way on the fly at 32 px: the
+    # tokens agree. Its default (the authors' interpolation) gives other position embeddings.
+    authors = ours.forward_tokens(x)
+    ours.pos_embed_interp = "timm"
     assert (out - ours.forward_tokens(x)).abs().max().item() < 1e-5
+    assert (out - authors).abs().max().item() > 1e-3
     with pytest.raises(sere.SereError, match="multiple of the patch size 4"):
         export_backbone(run, tmp_path / "bad", img_size=30)
 
@@ -210,7 +217,8 @@ def _authors_checkpoint(cfg: sere.Config, seed: int) -> dict:
 
 
 def test_import_authors_training_checkpoint(tmp_path):
-    cfg = _tiny(tmp_path, "model.shared_head=false")
+    # a teacher with separate last layers, as the authors' shared_head_teacher=false gives
+    cfg = _tiny(tmp_path, "model.shared_head=false", "model.shared_head_teacher=false")
     student, teacher = _authors_checkpoint(cfg, 1), _authors_checkpoint(cfg, 2)
     assert "module.head.last_layer2.weight_g" in teacher
     path = tmp_path / "checkpoint.pth"

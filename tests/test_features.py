@@ -22,7 +22,7 @@ def backbone_of(depth: int):
 def reference_blocks(backbone, images):
     """Every block's pre-norm output, by running the ViT's parts by hand."""
     vit = backbone.vit
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    x = vit.norm_pre(vit.patch_drop(backbone._pos_embed(vit.patch_embed(images))))
     outs = []
     for block in vit.blocks:
         x = block(x)

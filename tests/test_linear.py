@@ -33,7 +33,10 @@ from sere.io.checkpoint import save_checkpoint
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
         "data.dataset=synthetic", "data.synthetic_size=16", "data.global_crop_size=16",
-        "data.local_crop_size=8", "data.num_workers=0"]
+        "data.local_crop_size=8", "data.num_workers=0",
+        # the defaults before they became the ViT-S recipe, which these tests were written for
+        "data.local_crops_number=0", "data.global_crops_scale=[0.14, 1.0]", "loss.alpha=1.0",
+        "loss.beta=1.0", "optim.batch_size=64", "optim.clip_grad=3.0", "train.precision=fp32"]
 CPU = torch.device("cpu")
 
 

@@ -278,7 +278,10 @@ def test_update_centers(batch, n, k, momentum):
 
 TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.patch_size=4",
         "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
-        "data.dataset=synthetic", "data.global_crop_size=16", "data.local_crop_size=8"]
+        "data.dataset=synthetic", "data.global_crop_size=16", "data.local_crop_size=8",
+        # the defaults before they became the ViT-S recipe, which these tests were written for
+        "data.global_crops_scale=[0.14, 1.0]", "loss.alpha=1.0", "loss.beta=1.0",
+        "optim.batch_size=64", "optim.clip_grad=3.0", "train.precision=fp32"]
 
 
 def _tiny(n_local, *overrides):

@@ -1,7 +1,10 @@
 """Typed configuration: dataclasses with defaults, YAML files and `a.b=c` overrides on top.
 
-The defaults are the SERE authors' code defaults where SERE-SPEC.md names them (section 9), and
-the ViT-S/16 recipe elsewhere. `load_config` builds a `Config` from presets and overrides, and
+The defaults are the authors' ViT-S/16 recipe (SERE-SPEC.md section 9, the `vit_small_ibot_sere`
+preset), so `sere pretrain data.path=...` with no `--config` trains the paper's recipe; only
+per-machine and per-run settings (paths, workers, checkpoint spacing) differ from the preset. The
+authors' code has other defaults where its recipes override them (e.g. no local crops, alpha =
+beta = 1, clip 3.0); those are not ours. `load_config` builds a `Config` from presets and overrides, and
 `validate` refuses bad values before any work starts, naming the key and what is allowed.
 """
 
@@ -44,8 +47,15 @@ class ModelConfig:
     out_dim: int = 8192  # K, the base head's output size
     hidden_dim: int = 2048  # width of the heads' hidden MLP layers
     bottleneck_dim: int = 256  # the heads' bottleneck before the weight-normalised last layer
-    shared_head: bool = True  # [CLS] and patch tokens share the head's last layer
+    shared_head: bool = True  # [CLS] and patch tokens share the student head's last layer
+    # the teacher uses one last layer for [CLS] and patch tokens even when the student's are
+    # separate (the authors' default); false: the teacher's layout follows `shared_head`
+    shared_head_teacher: bool = True
     norm_last_layer: bool = False  # fix the weight-norm gain of the last layer at 1
+    # position embedding at patch grids other than the stored one (the local crops): "authors"
+    # is DINO/iBOT's bicubic interpolation (no antialiasing, scale factor (n + 0.1) / n0);
+    # "timm" is timm's resample_abs_pos_embed (antialiased), what exported timm models do
+    pos_embed_interp: Literal["authors", "timm"] = "authors"
 
     def resolved(self) -> dict[str, int]:
         """Width, depth and head count after applying the overrides to `arch`."""
@@ -60,16 +70,21 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are cropped (section 8)."""
 
-    dataset: Literal["folder", "fashion_mnist", "synthetic"] = "folder"  # where images come from
+    # where images come from: an image folder, Fashion-MNIST, scenes of it, or generated patterns
+    dataset: Literal["folder", "fashion_mnist", "fashion_mnist_scenes", "synthetic"] = "folder"
     path: str | None = None  # image folder, or a folder of Fashion-MNIST IDX files
     download: bool = False  # Fashion-MNIST only: let torchvision download it when missing
     max_images: int | None = None  # use the first N images (a fixed random subset), None for all
     synthetic_images: int = 64  # size of the synthetic set
     synthetic_size: int = 64  # side of the synthetic images
+    # fashion_mnist_scenes (sere.data.scenes): several training items on one canvas, labels unused
+    scenes: int = 20000  # number of scenes (each regenerated from (scene_seed, index))
+    scene_size: int = 56  # canvas side in pixels
+    scene_seed: int = 0  # seed of the scenes' layouts and items
     global_crop_size: int = 224  # side of the two global crops (a multiple of patch_size)
     local_crop_size: int = 96  # side of the local crops (a multiple of patch_size)
-    local_crops_number: int = 0  # local crops per image; 0 for none
-    global_crops_scale: tuple[float, float] = (0.14, 1.0)  # area range of a global crop
+    local_crops_number: int = 10  # local crops per image; 0 for none
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)  # area range of a global crop
     local_crops_scale: tuple[float, float] = (0.05, 0.4)  # area range of a local crop
     color_jitter: bool = True  # colour jitter, grayscale, blur and solarisation
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range, in crop pixels
@@ -98,8 +113,8 @@ class LossConfig:
 
     lambda1: float = 1.0  # [CLS] term
     lambda2: float = 1.0  # iBOT patch term; 0 gives DINO
-    alpha: float = 1.0  # SERE spatial term
-    beta: float = 1.0  # SERE channel term
+    alpha: float = 0.2  # SERE spatial term
+    beta: float = 0.5  # SERE channel term
     student_temp: float = 0.1  # student softmax temperature
     teacher_temp: float = 0.07  # teacher [CLS] temperature after the warm-up
     warmup_teacher_temp: float = 0.04  # teacher [CLS] temperature at step 0
@@ -138,14 +153,16 @@ class OptimConfig:
     """AdamW and the schedules (section 7)."""
 
     epochs: int = 100  # passes over the data; the schedules span them
-    batch_size: int = 64  # per process; the schedules scale by batch_size * processes * accum
+    # per process; the schedules scale by batch_size * processes * accum (the recipe's total
+    # batch of 1024 is 8 processes x 128)
+    batch_size: int = 128
     accum_steps: int = 1  # micro-batches accumulated per optimiser step
     lr: float = 5e-4  # per 256 images of total batch
     min_lr: float = 1e-6  # learning rate at the end of the cosine decay
     warmup_epochs: int = 10  # epochs of linear learning-rate warm-up
     weight_decay: float = 0.04  # weight decay at step 0 (cosine schedule)
     weight_decay_end: float = 0.4  # weight decay at the last step
-    clip_grad: float = 3.0  # per-parameter gradient norm bound; 0 turns clipping off
+    clip_grad: float = 0.3  # per-parameter gradient norm bound; 0 turns clipping off
     freeze_last_layer: int = 1  # epochs during which the heads' last layer is not updated
     momentum_teacher: float = 0.996  # teacher EMA momentum at step 0 (cosine to 1)
 
@@ -158,7 +175,7 @@ class TrainConfig:
     seed: int = 0  # seeds weights, augmentations, masks and data order
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     # auto: fp16 with a gradient scaler on GPUs (the recipes), bf16 on the CPU
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     save_every: int = 1000  # steps between checkpoints; one is always written at the end
     keep_last: int = 3  # step checkpoints kept besides `last.pt`
     keep_every: int | None = None  # also keep (tag) every checkpoint whose step is a multiple
@@ -193,7 +210,10 @@ class InitConfig:
 
     from_: str | None = None  # weights file to start from; written `init.from` in YAML
     which: Literal["teacher", "student"] = "teacher"  # network of a student/teacher checkpoint
-    head: bool = True  # also load the projection head when the file has one
+    head: bool = True  # also load the projection and relation heads when the file has them
+    # Also read files holding Python objects besides tensors (the authors' full training
+    # checkpoints, say): only for files from a source you trust, since unpickling can run code.
+    trust_pickle: bool = False
 
 
 @dataclass
@@ -423,6 +443,9 @@ def _validate_data(cfg: Config) -> None:
     _require(d.max_images is None or d.max_images > 0, "data.max_images must be positive or null")
     _require(d.synthetic_images > 0 and d.synthetic_size > 0,
              "data.synthetic_images and data.synthetic_size must be positive")
+    _require(d.scenes > 0, "data.scenes must be positive")
+    _require(d.scene_size >= 36, f"data.scene_size = {d.scene_size} must be >= 36, the largest "
+             "item side of a scene")
     if d.dataset == "folder":
         _require(d.path is not None, "data.path is required for data.dataset=folder; "
                  "set it to a folder of images, e.g. data.path=/data/imagenet/train")

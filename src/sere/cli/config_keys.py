@@ -79,7 +79,7 @@ def field_comments(cls: type) -> dict[str, str]:
             line -= 1
         trailing = [comments[n] for n in range(node.lineno, node.end_lineno + 1)
                     if n in comments and n not in whole_line]
-        found[node.target.id] = " ".join(above + trailing)
+        found[node.target.id] = "; ".join(filter(None, (" ".join(above), " ".join(trailing))))
     return found
 
 

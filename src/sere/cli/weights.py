@@ -48,8 +48,10 @@ def cmd_import_check(args: argparse.Namespace) -> int:
     cfg = load_config([resolve_config_path(c) for c in args.config], overrides)
     network = SERENetwork(cfg, is_student=True)
     head = None if args.no_head else network.head
+    relation = None if args.no_head else network.relation
     report = load_pretrained_weights(args.weights, network.backbone, head, which=args.backbone,
-                                     strict=False, trust_pickle=args.trust_pickle)
+                                     strict=False, trust_pickle=args.trust_pickle,
+                                     relation=relation)
     print(report.table())
     if not report.backbone_complete:
         count = sum(k.startswith("backbone.vit.") for k in report.missing)
@@ -69,7 +71,8 @@ def register_import_check(subparsers: argparse._SubParsersAction) -> None:
                    help="YAML file or preset name; repeat to layer")
     p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
                    help="network to read from a checkpoint with both")
-    p.add_argument("--no-head", action="store_true", help="load the backbone only")
+    p.add_argument("--no-head", action="store_true",
+                   help="load the backbone only (no projection or relation heads)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow files holding Python objects besides tensors (they can run code)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings anywhere on the "

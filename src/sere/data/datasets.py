@@ -28,6 +28,8 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 # Unreadable images in a row that a training loader replaces by their neighbours before it
 # judges the data folder mostly bad and stops (pretraining and fine-tuning alike).
 MAX_CONSECUTIVE_BAD_IMAGES = 50
+# Files read before a run judges whether the data is mostly bad (more than half undecodable).
+MOSTLY_BAD_MIN_READS = 64
 
 EXIF_ORIENTATION = 0x0112
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
@@ -279,6 +281,11 @@ def build_source(cfg: DataConfig, in_chans: int, train: bool = True) -> ImageSou
         return ImageFolderSource(cfg.path, in_chans)
     if cfg.dataset == "fashion_mnist":
         return FashionMNISTSource(cfg.path, train=train, in_chans=in_chans, download=cfg.download)
+    if cfg.dataset == "fashion_mnist_scenes":
+        from sere.data.scenes import SceneSpec, fashion_mnist_scenes  # noqa: PLC0415 (imports us)
+
+        return fashion_mnist_scenes(cfg.path, train, cfg.scenes, SceneSpec(size=cfg.scene_size),
+                                    cfg.scene_seed if train else cfg.scene_seed + 1, in_chans)
     return SyntheticSource(cfg.synthetic_images, cfg.synthetic_size, in_chans,
                            seed=0 if train else 1)
 

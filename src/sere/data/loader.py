@@ -8,6 +8,7 @@ sampler at the right batch, and get exactly the batches an uninterrupted run wou
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,6 @@ from sere.data.datasets import (
 from sere.data.masking import block_mask, draw_mask_ratio
 from sere.errors import SereError
 from sere.runtime.stop import SIGNALS as STOP_SIGNALS
-
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -53,6 +53,15 @@ class MultiCropBatch:
                               [move(t) for t in self.local_crops], move(self.boxes),
                               [move(m) for m in self.masks], move(self.labels), self.skipped,
                               None if self.photometric is None else move(self.photometric))
+
+    def pin_memory(self) -> "MultiCropBatch":
+        """The same batch in page-locked memory (called by a DataLoader with `pin_memory=True`,
+        which leaves objects without this method unpinned), so that `to(cuda)` is asynchronous."""
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        return MultiCropBatch([pin(t) for t in self.global_crops],
+                              [pin(t) for t in self.local_crops], pin(self.boxes),
+                              [pin(m) for m in self.masks], pin(self.labels), self.skipped,
+                              None if self.photometric is None else pin(self.photometric))
 
     def finish(self, augment: MultiCropAugmentation) -> "MultiCropBatch":
         """Apply deferred photometric changes where the crops are now (a no-op otherwise)."""
@@ -99,7 +108,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
         epoch, position = key
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
         skipped = []
-        for attempt in range(MAX_CONSECUTIVE_BAD_IMAGES):
+        # Each file is tried at most once: a small folder cannot claim more failures than files.
+        for attempt in range(min(MAX_CONSECUTIVE_BAD_IMAGES, len(self.indices))):
             index = self.indices[(position + attempt) % len(self.indices)]
             try:
                 views, label = self._views(index, generator)
@@ -110,11 +120,17 @@ class MultiCropDataset(torch.utils.data.Dataset):
                                     "it, or set data.strict=false to skip such files") from None
                 skipped.append(str(err))
         else:
-            raise SereError(f"{MAX_CONSECUTIVE_BAD_IMAGES} unreadable images in a row (last: "
-                            f"{skipped[-1]}); the data folder looks mostly bad")
+            raise self._mostly_bad(skipped)
         masks = [self._mask(generator) for _ in range(2)]
         return dict(crops=views.crops, boxes=views.boxes, photometric=views.photometric,
                     masks=masks, label=label, skipped=skipped)
+
+    def _mostly_bad(self, skipped: list[str]) -> SereError:
+        """The error for `skipped`, the unreadable files tried in a row for one sample."""
+        tried = (f"all {len(skipped)} images" if len(skipped) == len(self.indices)
+                 else f"{len(skipped)} images in a row")
+        return SereError(f"{tried} could not be decoded (last: {skipped[-1]}); the data folder "
+                         "looks mostly bad. Fix or remove them and start again")
 
     def _views(self, index: int, generator: torch.Generator) -> tuple[RenderedCrops, int]:
         """Views and label of source item `index`: the crops are planned on the image's header
@@ -214,3 +230,44 @@ def worker_init(_: int) -> None:
     torch.set_num_threads(1)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def loader_batches(loader: torch.utils.data.DataLoader) -> Iterator[MultiCropBatch]:
+    """The batches of `loader`, its worker processes shut down as soon as iteration ends: by an
+    error, or by the consumer closing this generator.
+
+    Left to the interpreter's exit, the workers would hang it: Python ends leftover daemon
+    processes with SIGTERM and then waits for them, and `worker_init` makes workers ignore
+    SIGTERM. A SereError raised inside a worker is raised again with its own one-line message
+    rather than the DataLoader's report around it.
+    """
+    iterator = iter(loader)
+    message = None
+    try:
+        yield from iterator
+    except SereError as err:
+        message = worker_error_message(str(err))
+    finally:
+        _shut_down_workers(iterator)
+    if message is not None:
+        raise SereError(message)  # outside the except block: no chained DataLoader report
+
+
+def worker_error_message(text: str) -> str:
+    """The message of a SereError as raised in a worker, from the text the DataLoader gives it
+    in the main process ("Caught SereError in DataLoader worker process 0. Original Traceback
+    ... sere.errors.SereError: <message>"); other text comes back unchanged."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    prefix = f"{SereError.__module__}.{SereError.__qualname__}: "
+    if len(lines) > 1 and lines[0].startswith("Caught ") and lines[-1].startswith(prefix):
+        return lines[-1][len(prefix):]
+    return text
+
+
+def _shut_down_workers(iterator: Iterator) -> None:
+    """Stop and join the workers of a DataLoader iterator now (nothing to do without workers).
+    PyTorch does this when the iterator is garbage collected and has no public call for it;
+    after a worker error, a reference cycle through the traceback delays that to exit."""
+    shut_down = getattr(iterator, "_shutdown_workers", None)
+    if shut_down is not None:
+        shut_down()

@@ -26,9 +26,8 @@ from sere.models.network import SERENetwork
 def cls_attention(backbone: ViTBackbone, images: Tensor) -> Tensor:
     """The last block's attention from [CLS] to every patch: (B, H, h, w), rows sum to <= 1."""
     vit = backbone.vit
-    x = vit.patch_embed(images)  # (B, h, w, C)
-    b, h, w, c = x.shape
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+    x, (h, w) = backbone.embed(images)  # (B, 1 + N, C)
+    b = x.shape[0]
     for block in vit.blocks[:-1]:
         x = block(x)
     last = vit.blocks[-1]

@@ -115,3 +115,20 @@ def latest_valid_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] |
         return None
     _, path, state = max(candidates, key=lambda c: c[0])
     return path, state
+
+
+def refuse_earlier_run(folder: str | Path) -> None:
+    """Raise SereError when `folder` holds an earlier run that a fresh run would overwrite: a
+    checkpoint, or a `metrics.jsonl` with records. Left-overs of a run that logged nothing
+    (config.yaml, an empty metrics.jsonl) are not worth refusing for."""
+    folder = Path(folder)
+    start_over = ("start over in another folder (train.output_dir=...) or after deleting this "
+                  "one")
+    checkpoints = [p for p in [folder / "last.pt", *step_checkpoints(folder)] if p.is_file()]
+    if checkpoints:
+        raise SereError(f"{folder} already holds a run ({checkpoints[0].name}); continue it with "
+                        f"--resume auto, or {start_over}")
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file() and metrics.read_text().strip():
+        raise SereError(f"{folder} holds metrics.jsonl of an earlier run (no checkpoint to "
+                        f"resume from); {start_over}")

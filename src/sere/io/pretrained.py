@@ -9,7 +9,10 @@ Accepted files (a folder is read through the `model.safetensors` or `backbone.pt
   `pos_embed`, `patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, `norm.weight`, ...) and full
   training checkpoints with `student` / `teacher` entries whose keys carry `module.`, `backbone.`
   and `head.` prefixes; iBOT's mask token `masked_embed` and patch head `head.last_layer2.*` map to
-  sere's `mask_token` and `head.last_layer_patch.*`.
+  sere's `mask_token` and `head.last_layer_patch.*` (with a shared head the file lists the one
+  last layer twice, as `last_layer` and `last_layer2`: both fill sere's `head.last_layer`), and
+  SERE's relation heads `backbone.{pixel,channel}_sere[_local].{projection,predictor}.*` map to
+  sere's `relation.{spatial,channel}[_local].{projector,predictor}.*`.
 
 The position embedding is resampled (bicubic, as timm does) when the file's patch grid differs
 from the model's. Any other shape difference means the file holds another architecture, and the
@@ -36,7 +39,7 @@ from torch import Tensor, nn
 from sere.config import ARCHITECTURES
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
-from sere.models.heads import ProjectionHead
+from sere.models.heads import ProjectionHead, RelationHeads
 from sere.io.checkpoint import FORMAT
 from sere.io.weights import read_run_checkpoint
 
@@ -46,6 +49,10 @@ FOLDER_FILES = ("model.safetensors", "backbone.pth", "pytorch_model.bin", "model
 STATE_ENTRIES = ("state_dict", "model", "state_dict_ema", "model_ema")
 # Key components that wrappers insert (DistributedDataParallel, torch.compile).
 WRAPPER_PARTS = ("module", "_orig_mod")
+# The SERE authors' relation heads (inside their backbone) and their parts, in sere's names.
+AUTHORS_RELATION_HEADS = {"pixel_sere": "spatial", "pixel_sere_local": "spatial_local",
+                          "channel_sere": "channel", "channel_sere_local": "channel_local"}
+AUTHORS_RELATION_PARTS = {"projection": "projector", "predictor": "predictor"}
 
 
 @dataclass
@@ -128,6 +135,28 @@ def _resolve_file(path: Path) -> Path:
     return path
 
 
+class UntrustedPickle(SereError):
+    """A weight file that holds Python objects besides tensors, read without trusting it.
+
+    The message names how to trust the file from Python and the commands with --trust-pickle;
+    `advice` rewords it for another way in (a configuration key, say).
+
+    Args:
+        path: the file.
+        what: the first Python object found in it, as PyTorch names it.
+        how: the way to trust the file, as the message should say it.
+    """
+
+    def __init__(self, path: Path, what: str, how: str = "pass trust_pickle=True (--trust-pickle)"):
+        super().__init__(f"{path} holds {what} besides tensors, which can run code when loaded; "
+                         f"if you trust its source, {how}")
+        self.path, self.what = path, what
+
+    def advice(self, how: str) -> "UntrustedPickle":
+        """The same error, saying `how` to trust the file."""
+        return UntrustedPickle(self.path, self.what, how)
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """torch.load, refusing arbitrary Python objects unless `trust_pickle`."""
     if trust_pickle:
@@ -140,9 +169,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         if "Unsupported global" in str(err):
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
             what = found.group(1) if found else "Python objects"
-            raise SereError(f"{path} holds {what} besides tensors, which can run code when "
-                            "loaded; if you trust its source, pass trust_pickle=True "
-                            "(--trust-pickle)") from None
+            raise UntrustedPickle(path, what) from None
         raise SereError(f"{path} is not a PyTorch checkpoint ({_first_line(err)}); give a .pth/.pt "
                         "or .safetensors weight file") from None
     except Exception as err:  # a text file, a truncated zip, ...
@@ -217,7 +244,9 @@ def canonical_name(key: str) -> str:
 
     Examples: `module.backbone.blocks.0.attn.qkv.weight` -> `backbone.vit.blocks.0.attn.qkv.weight`,
     `masked_embed` -> `backbone.mask_token`, `module.head.last_layer2.weight_g` ->
-    `head.last_layer_patch.weight_g`, `cls_token` -> `backbone.vit.cls_token`.
+    `head.last_layer_patch.weight_g`, `cls_token` -> `backbone.vit.cls_token`,
+    `module.backbone.pixel_sere_local.predictor.1.running_mean` ->
+    `relation.spatial_local.predictor.1.running_mean`.
     """
     parts = [p for p in key.split(".") if p not in WRAPPER_PARTS]
     if parts and parts[0] == "head":
@@ -228,6 +257,10 @@ def canonical_name(key: str) -> str:
         return ".".join(parts)
     if parts and parts[0] == "backbone":
         parts = parts[1:]
+    if len(parts) > 2 and parts[0] in AUTHORS_RELATION_HEADS \
+            and parts[1] in AUTHORS_RELATION_PARTS:  # same layers, same order: 1-to-1 below
+        return ".".join(["relation", AUTHORS_RELATION_HEADS[parts[0]],
+                         AUTHORS_RELATION_PARTS[parts[1]], *parts[2:]])
     if parts and parts[0] == "vit":
         parts = parts[1:]
     rest = ".".join(parts)
@@ -287,9 +320,51 @@ def _heads_note(state: dict[str, Tensor], backbone: ViTBackbone) -> str | None:
     return None
 
 
+def _match_names(raw: dict[str, Tensor], model_state: dict[str, Tensor], report: LoadReport,
+                 file: Path, asked: set[str]) -> dict[str, tuple[str, Tensor]]:
+    """Pair the file's tensors with the model's names: {model name: (file key, tensor)}.
+
+    File tensors of parts not asked for (`asked` holds the model prefixes being filled) go to
+    `report.ignored`, the rest that fit nothing to `report.unexpected`. A shared last layer that
+    the file lists twice (`head.last_layer` and `head.last_layer2` equal) fills the model's one
+    `head.last_layer`; a different `last_layer2` has no place in a shared head: unexpected.
+    """
+    canonical: dict[str, tuple[str, Tensor]] = {}
+    patch_layers: dict[str, tuple[str, Tensor]] = {}  # shared-head alias -> the file's last_layer2
+    for key, value in raw.items():
+        name = canonical_name(key)
+        alias = name.replace("head.last_layer_patch.", "head.last_layer.", 1)
+        if name not in model_state and alias != name and alias in model_state:
+            patch_layers[alias] = (key, value)
+        elif name in model_state:
+            if name in canonical:
+                raise SereError(f"{file} has two tensors for {name} ({canonical[name][0]} and "
+                                f"{key}); keep one network's weights in it")
+            canonical[name] = (key, value)
+        elif name.split(".", 1)[0] + "." not in asked or name == "backbone.mask_token":
+            report.ignored.append(key)  # parts of the network not asked for (or not built)
+        else:
+            report.unexpected.append(key)
+            report.shapes[key] = _shape(value)
+    for alias, (key, value) in patch_layers.items():
+        if alias not in canonical:
+            canonical[alias] = (key, value)
+        elif not torch.equal(canonical[alias][1], value):
+            report.unexpected.append(key)
+            report.shapes[key] = _shape(value)
+    if patch_layers and not any(k in report.unexpected for k, _ in patch_layers.values()):
+        report.notes.append("the file lists the shared last layer twice (head.last_layer and "
+                            "head.last_layer2, equal); it was loaded once")
+    elif patch_layers:
+        report.notes.append("the file has a separate patch last layer (head.last_layer2) that a "
+                            "shared head cannot hold; set model.shared_head=false to load it")
+    return canonical
+
+
 def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
                             head: ProjectionHead | None = None, which: str = "teacher",
-                            strict: bool = True, trust_pickle: bool = False) -> LoadReport:
+                            strict: bool = True, trust_pickle: bool = False,
+                            relation: RelationHeads | None = None) -> LoadReport:
     """Load a weight file into `backbone` (and `head`), in place, and say what happened.
 
     Args:
@@ -302,6 +377,8 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
         strict: raise SereError when the file lacks part of the ViT (not counting the mask token
             and the head) or has blocks the model does not; False only reports it.
         trust_pickle: allow files holding arbitrary Python objects (they can run code on load).
+        relation: the SERE relation heads to fill as well (pretraining from a SERE checkpoint);
+            None leaves them out (the file's relation heads are then reported as ignored).
 
     Raises:
         SereError: the file is missing or not a checkpoint, holds no ViT weights, or holds a
@@ -312,10 +389,13 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
     targets: dict[str, nn.Module] = {"backbone.": backbone}
     if head is not None:
         targets["head."] = head
+    if relation is not None:
+        targets["relation."] = relation
     model_state = {f"{prefix}{k}": v for prefix, module in targets.items()
                    for k, v in module.state_dict().items()}
     file_view = {canonical_name(k): v for k, v in raw.items()}
-    canonical = _match_names(raw, model_state, backbone, head is not None, report, file)
+    canonical = _match_names(raw, model_state, report, file, asked=set(targets))
+    _check_has_vit(canonical, raw, file)
     to_load = _fitting_tensors(canonical, model_state, backbone, report, file, file_view)
     report.missing = [n for n in model_state if n not in to_load]
     report.shapes.update({n: _shape(model_state[n]) for n in report.missing})
@@ -325,33 +405,18 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
         part = {n[len(prefix):]: v for n, v in to_load.items() if n.startswith(prefix)}
         module.load_state_dict(part, strict=False)  # copies into the existing parameters
     report.loaded = list(to_load)
-    _add_notes(report, head is not None, file_view, backbone)
+    _add_notes(report, head is not None, relation is not None, file_view, backbone)
     return report
 
 
-def _match_names(raw: dict[str, Tensor], model_state: dict[str, Tensor], backbone: ViTBackbone,
-                 with_head: bool, report: LoadReport, file: Path) -> dict[str, tuple[str, Tensor]]:
-    """The file's tensors by model name (model name -> (file name, tensor)); the others go to
-    `report.ignored` (parts not asked for) or `report.unexpected`."""
-    canonical: dict[str, tuple[str, Tensor]] = {}
-    for key, value in raw.items():
-        name = canonical_name(key)
-        if name in model_state:
-            if name in canonical:
-                raise SereError(f"{file} has two tensors for {name} ({canonical[name][0]} and "
-                                f"{key}); keep one network's weights in it")
-            canonical[name] = (key, value)
-        elif (name.startswith("relation.") or (name.startswith("head.") and not with_head)
-              or (name == "backbone.mask_token" and backbone.mask_token is None)):
-            report.ignored.append(key)  # parts of the network not asked for
-        else:
-            report.unexpected.append(key)
-            report.shapes[key] = _shape(value)
+
+def _check_has_vit(canonical: dict[str, tuple[str, Tensor]], raw: dict[str, Tensor],
+                   file: Path) -> None:
+    """Refuse a file in which no tensor is one of the ViT's."""
     if not any(n.startswith("backbone.vit.") for n in canonical):
         sample = ", ".join(list(raw)[:4])
         raise SereError(f"{file} holds no ViT backbone weights sere recognises (keys like "
                         f"{sample}); give a ViT checkpoint in sere, timm, DINO or iBOT layout")
-    return canonical
 
 
 def _fitting_tensors(canonical: dict[str, tuple[str, Tensor]], model_state: dict[str, Tensor],
@@ -382,7 +447,8 @@ def _fitting_tensors(canonical: dict[str, tuple[str, Tensor]], model_state: dict
         raise SereError(f"{file}: the projection head has another size ({mismatched[0][1]}); "
                         "load the backbone alone (head=None, --no-head) or set model.out_dim/"
                         "hidden_dim/bottleneck_dim to match")
-    example = next(text for n, text in mismatched if n.startswith("backbone."))
+    example = next((text for n, text in mismatched if n.startswith("backbone.")),
+                   mismatched[0][1])
     raise SereError(f"{file} holds a ViT with {_vit_description(file_view)} but the model has "
                     f"{_model_description(backbone)} ({_count(len(mismatched))} differ, e.g. "
                     f"{example}); set model.arch/embed_dim/depth/num_heads/patch_size/"
@@ -403,8 +469,8 @@ def _check_complete(report: LoadReport, backbone: ViTBackbone, file: Path,
                         "and the other model.* keys to match the weights")
 
 
-def _add_notes(report: LoadReport, with_head: bool, file_view: dict[str, Tensor],
-               backbone: ViTBackbone) -> None:
+def _add_notes(report: LoadReport, with_head: bool, with_relation: bool,
+               file_view: dict[str, Tensor], backbone: ViTBackbone) -> None:
     """Lines worth knowing: a missing mask token or head, relation heads in the file."""
     if "backbone.mask_token" in report.missing:
         report.notes.append("the file has no mask token: it stays at its initial value "
@@ -412,6 +478,8 @@ def _add_notes(report: LoadReport, with_head: bool, file_view: dict[str, Tensor]
     if with_head and not any(n.startswith("head.") for n in report.loaded):
         report.notes.append("the file has no projection head: the head keeps its random "
                             "initialisation")
+    if with_relation and any(n.startswith("relation.") for n in report.missing):
+        report.notes.append("relation heads listed as missing keep their initial values")
     heads_note = _heads_note(file_view, backbone)
     if heads_note:
         report.notes.append(heads_note)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import Tensor, nn
 
@@ -19,6 +21,31 @@ def fused_attention_pays(device: torch.device, precision: str) -> bool:
     explicit form costs; everywhere else SDPA wins.
     """
     return not (device.type == "cpu" and precision == "bf16")
+
+
+def interpolate_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int],
+                          new_grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
+    """The authors' (DINO/iBOT) position embedding for an `n x m` patch grid (SERE-SPEC.md s. 10).
+
+    The patch part of the (1, prefix + h0*w0, C) table, laid out h0 x w0 x C, is interpolated
+    bicubically without antialiasing, `align_corners=False`, with the scale factor
+    `((n + 0.1) / h0, (m + 0.1) / w0)`: the output is n x m, and the sampling coordinates are
+    those of that scale factor, not of n / h0. The prefix ([CLS]) entries are kept as they are.
+    timm's `resample_abs_pos_embed` (antialiased, `size=`) gives other numbers.
+    """
+    (h0, w0), (n, m) = old_grid, new_grid
+    if (n, m) == (h0, w0):
+        return pos_embed
+    prefix, patch = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    c = patch.shape[-1]
+    table = patch.float().reshape(1, h0, w0, c).permute(0, 3, 1, 2)  # (1, C, h0, w0)
+    out = F.interpolate(table, scale_factor=((n + 0.1) / h0, (m + 0.1) / w0), mode="bicubic",
+                        align_corners=False)  # (1, C, n, m)
+    if out.shape[-2:] != (n, m):
+        raise ValueError(f"position embedding interpolated to {tuple(out.shape[-2:])}, "
+                         f"expected {(n, m)}")
+    out = out.permute(0, 2, 3, 1).reshape(1, n * m, c).to(pos_embed.dtype)  # (1, n*m, C)
+    return torch.cat([prefix, out], dim=1)  # (1, prefix + n*m, C)
 
 
 @dataclass
@@ -41,8 +68,13 @@ class BackboneOutput:
 class ViTBackbone(nn.Module):
     """A ViT that runs at any multiple of its patch size and can mask patches.
 
-    Position embeddings are stored for `img_size` and resampled (bicubic, by timm) for other
-    sizes. The mask token replaces a patch's embedding before the position embedding is added.
+    Position embeddings are stored for `img_size` and interpolated for other sizes: the
+    authors' way by default (`interpolate_pos_embed`), or timm's `resample_abs_pos_embed` with
+    `pos_embed_interp: timm`. The mask token replaces a patch's embedding before the position
+    embedding is added. The initial values are the authors' (SERE-SPEC.md section 10): timm's
+    ViT init (Linear and position embedding trunc_normal 0.02, zero biases, LayerNorm 1/0, the
+    patch convolution PyTorch's default), except the [CLS] token, trunc_normal 0.02 instead of
+    timm's normal(1e-6); the mask token starts at zero.
 
     Args:
         cfg: the model section of the configuration.
@@ -60,6 +92,8 @@ class ViTBackbone(nn.Module):
             embed_dim=dims["embed_dim"], depth=dims["depth"], num_heads=dims["num_heads"],
             drop_path_rate=drop_path, dynamic_img_size=True,
         )
+        trunc_normal_(self.vit.cls_token, std=0.02)  # the authors' init; timm's is normal(1e-6)
+        self.pos_embed_interp = cfg.pos_embed_interp
         self.embed_dim = dims["embed_dim"]
         self.num_heads = dims["num_heads"]
         self.patch_size = cfg.patch_size
@@ -89,16 +123,7 @@ class ViTBackbone(nn.Module):
         evaluation features; the blocks then run one by one, which computes the same numbers).
         """
         vit = self.vit
-        x = vit.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
-        b, h, w, c = x.shape
-        if mask is not None:
-            if self.mask_token is None:
-                raise ValueError("this backbone was built without a mask token")
-            token = self.mask_token.to(x.dtype).view(1, 1, 1, c)
-            x = torch.where(mask[..., None], token, x)
-        x = vit._pos_embed(x)  # (B, 1 + N, C)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
+        x, (h, w) = self.embed(images, mask)  # (B, 1 + N, C)
         kept: list[Tensor] = []
         if vit.grad_checkpointing and torch.is_grad_enabled():
             from timm.models._manipulate import checkpoint_seq
@@ -116,6 +141,33 @@ class ViTBackbone(nn.Module):
         return BackboneOutput(cls=normed[:, 0], patch=normed[:, prefix:],
                               patch_prenorm=x[:, prefix:], grid=(h, w),
                               last_blocks=tuple(kept))
+
+    def embed(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """The tokens that enter the first block, (B, 1 + N, C), and the (h, w) patch grid:
+        patch embedding, mask token where `mask` (B, h, w) is True, [CLS], position embedding."""
+        vit = self.vit
+        x = vit.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
+        b, h, w, c = x.shape
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this backbone was built without a mask token")
+            token = self.mask_token.to(x.dtype).view(1, 1, 1, c)
+            x = torch.where(mask[..., None], token, x)
+        x = self._pos_embed(x)  # (B, 1 + N, C)
+        return vit.norm_pre(vit.patch_drop(x)), (h, w)
+
+    def _pos_embed(self, x: Tensor) -> Tensor:
+        """(B, h, w, C) patch embeddings to (B, 1 + N, C) tokens: [CLS] prepended, position
+        embedding added. timm's own code runs at the stored grid and with `pos_embed_interp:
+        timm`; other grids get the authors' interpolation of the table."""
+        vit = self.vit
+        b, h, w, c = x.shape
+        if self.pos_embed_interp == "timm" or (h, w) == tuple(vit.patch_embed.grid_size):
+            return vit._pos_embed(x)
+        pos = interpolate_pos_embed(vit.pos_embed, tuple(vit.patch_embed.grid_size), (h, w),
+                                    vit.num_prefix_tokens)  # (1, 1 + N, C)
+        tokens = torch.cat([vit.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+        return vit.pos_drop(tokens + pos)  # (B, 1 + N, C)
 
     def forward_tokens(self, images: Tensor) -> Tensor:
         """All normed tokens (B, 1 + N, C) without masking: for evaluation and export."""

@@ -67,8 +67,14 @@ class SERENetwork(nn.Module):
                                     drop_path=m.drop_path if is_student else 0.0,
                                     with_mask_token=s.patch)
         dim = self.backbone.embed_dim
+        # The authors' teacher shares its last layer by default (`shared_head_teacher`) even
+        # when the student's [CLS] and patch layers are separate. The EMA pairs parameters by
+        # name, so the teacher's one `head.last_layer` follows the student's [CLS] last layer,
+        # and the student's `last_layer_patch` has no teacher counterpart: this is how the
+        # authors' update pairs them too (by name, over the parameters the two share).
+        shared = m.shared_head or (not is_student and m.shared_head_teacher)
         self.head = ProjectionHead(dim, m.out_dim, m.hidden_dim, m.bottleneck_dim,
-                                   norm_last_layer=m.norm_last_layer, shared_head=m.shared_head,
+                                   norm_last_layer=m.norm_last_layer, shared_head=shared,
                                    with_patch_head=s.patch)
         with_local = is_student and cfg.data.local_crops_number > 0
         self.relation = RelationHeads(dim, spatial=s.spatial, channel=s.channel,

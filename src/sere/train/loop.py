@@ -16,9 +16,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sere.config import Config, save_config
-from sere.data.loader import EpochBatchSampler, build_dataset, collate, worker_init
+from sere.data.datasets import MOSTLY_BAD_MIN_READS
+from sere.data.loader import (EpochBatchSampler, build_dataset, collate, loader_batches,
+                              worker_init)
 from sere.errors import SereError
-from sere.io.pretrained import load_pretrained_weights
+from sere.io.pretrained import UntrustedPickle, load_pretrained_weights
 from sere.losses.objective import LossTerms, SERELoss, compute_losses
 from sere.models.backbone import ViTBackbone, fused_attention_pays
 from sere.models.network import NetworkOutputs, Networks, build_networks
@@ -28,6 +30,7 @@ from sere.io.checkpoint import (
     latest_valid_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    refuse_earlier_run,
     save_checkpoint,
 )
 from sere.train.metrics import MetricsWriter, plot_losses
@@ -42,7 +45,6 @@ from sere.train.optim import (
 )
 from sere.train.schedules import Schedules
 
-MOSTLY_BAD_MIN_READS = 64  # files read before judging whether a folder is mostly bad
 
 # A periodic evaluation of the teacher's backbone (`eval.knn_every`), run on rank 0: it gets the
 # backbone, the device and the step, prints what it wants and returns metrics to log. The
@@ -113,6 +115,8 @@ class Pretrainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self._start_runtime()
+        if resume is None:  # a fresh run never overwrites another one
+            refuse_earlier_run(self.output_dir)
         self._build_data()
         nets = self._build_networks()
         self._build_optimisation(nets)
@@ -241,10 +245,16 @@ class Pretrainer:
 
     def _init_from(self, path: str) -> None:
         """Load published or earlier weights into the student; the teacher starts as a copy.
-        Heads that the file lacks (relation heads, say) stay freshly initialised."""
-        report = load_pretrained_weights(path, self.student.backbone,
-                                         self.student.head if self.cfg.init.head else None,
-                                         which=self.cfg.init.which)
+        With `init.head` the projection and relation heads load too; what the file lacks stays
+        freshly initialised and is listed as missing in the report."""
+        init = self.cfg.init
+        try:
+            report = load_pretrained_weights(path, self.student.backbone,
+                                             self.student.head if init.head else None,
+                                             which=init.which, trust_pickle=init.trust_pickle,
+                                             relation=self.student.relation if init.head else None)
+        except UntrustedPickle as err:
+            raise err.advice("pass init.trust_pickle=true") from None
         self.teacher.load_state_dict(self.student.state_dict(), strict=False)
         if self.dist.is_main:
             print(f"initialised from {path}:\n{report.table()}")
@@ -293,7 +303,7 @@ class Pretrainer:
         epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
         start_batch = in_epoch * accum
         while True:
-            yield from self._loader(epoch, start_batch)
+            yield from loader_batches(self._loader(epoch, start_batch))
             epoch, start_batch = epoch + 1, 0
 
     def train_step(self, micro_batches: list) -> StepOutput:
@@ -384,6 +394,7 @@ class Pretrainer:
         finally:
             stop.uninstall()
             bar.close()
+            batches.close()  # DataLoader workers stop now, whatever ended the loop
         last_checkpoint = self.save()
         if preempted:
             if self.dist.is_main:
