@@ -35,16 +35,18 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
 class ModelConfig:
     """The backbone and the heads (SERE-SPEC.md section 2)."""
 
-    arch: str = "vit_small"  # one of ARCHITECTURES; embed_dim/depth/num_heads below override it
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
+    # vit_tiny, vit_small, vit_base or vit_large (ARCHITECTURES); embed_dim, depth and num_heads
+    # below override its width, depth and head count
+    arch: str = "vit_small"
+    patch_size: int = 16  # side of the square patches, in pixels
+    in_chans: int = 3  # image channels: 3 (RGB) or 1 (grayscale)
+    embed_dim: int | None = None  # token width; None: the arch's
+    depth: int | None = None  # number of transformer blocks; None: the arch's
+    num_heads: int | None = None  # attention heads per block; None: the arch's
     drop_path: float = 0.1  # student only; the teacher never drops paths
     out_dim: int = 8192  # K, the base head's output size
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
+    hidden_dim: int = 2048  # width of the heads' hidden MLP layers
+    bottleneck_dim: int = 256  # the heads' bottleneck before the weight-normalised last layer
     shared_head: bool = True  # [CLS] and patch tokens share the student head's last layer
     # the teacher uses one last layer for [CLS] and patch tokens even when the student's are
     # separate (the authors' default); false: the teacher's layout follows `shared_head`
@@ -68,6 +70,7 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are cropped (section 8)."""
 
+    # where images come from: an image folder, Fashion-MNIST, scenes of it, or generated patterns
     dataset: Literal["folder", "fashion_mnist", "fashion_mnist_scenes", "synthetic"] = "folder"
     path: str | None = None  # image folder, or a folder of Fashion-MNIST IDX files
     download: bool = False  # Fashion-MNIST only: let torchvision download it when missing
@@ -77,17 +80,17 @@ class DataConfig:
     # fashion_mnist_scenes (sere.data.scenes): several training items on one canvas, labels unused
     scenes: int = 20000  # number of scenes (each regenerated from (scene_seed, index))
     scene_size: int = 56  # canvas side in pixels
-    scene_seed: int = 0
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    local_crops_number: int = 10
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    scene_seed: int = 0  # seed of the scenes' layouts and items
+    global_crop_size: int = 224  # side of the two global crops (a multiple of patch_size)
+    local_crop_size: int = 96  # side of the local crops (a multiple of patch_size)
+    local_crops_number: int = 10  # local crops per image; 0 for none
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)  # area range of a global crop
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)  # area range of a local crop
     color_jitter: bool = True  # colour jitter, grayscale, blur and solarisation
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range, in crop pixels
-    normalize_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    normalize_std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    num_workers: int = 4
+    normalize_mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per channel, after [0, 1]
+    normalize_std: tuple[float, ...] = (0.229, 0.224, 0.225)  # per channel
+    num_workers: int = 4  # DataLoader worker processes; 0 loads in the main process
     strict: bool = False  # fail on the first unreadable image instead of skipping it
     jpeg_draft: bool = True  # decode JPEGs at 1/2-1/8 size when every crop's box allows it
     # where colour jitter, grayscale, blur and solarisation run: in the DataLoader workers, or
@@ -99,9 +102,9 @@ class DataConfig:
 class MaskConfig:
     """iBOT block-wise masking of the student's global crops (section 6)."""
 
-    ratio: tuple[float, ...] = (0.0, 0.3)
-    ratio_jitter: tuple[float, ...] = (0.0, 0.2)
-    min_aspect: float = 0.3
+    ratio: tuple[float, ...] = (0.0, 0.3)  # masked fractions; each image picks one at random
+    ratio_jitter: tuple[float, ...] = (0.0, 0.2)  # each picked ratio is drawn within +- its jitter
+    min_aspect: float = 0.3  # masked rectangles' aspect in [min_aspect, 1/min_aspect]
 
 
 @dataclass
@@ -112,15 +115,15 @@ class LossConfig:
     lambda2: float = 1.0  # iBOT patch term; 0 gives DINO
     alpha: float = 0.2  # SERE spatial term
     beta: float = 0.5  # SERE channel term
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 30
-    teacher_patch_temp: float = 0.07
-    warmup_teacher_patch_temp: float = 0.04
-    tau_spatial: float = 0.5
-    tau_channel: float = 0.1
-    center_momentum: float = 0.9
+    student_temp: float = 0.1  # student softmax temperature
+    teacher_temp: float = 0.07  # teacher [CLS] temperature after the warm-up
+    warmup_teacher_temp: float = 0.04  # teacher [CLS] temperature at step 0
+    warmup_teacher_temp_epochs: int = 30  # epochs of linear teacher-temperature warm-up
+    teacher_patch_temp: float = 0.07  # teacher patch temperature after the warm-up
+    warmup_teacher_patch_temp: float = 0.04  # teacher patch temperature at step 0
+    tau_spatial: float = 0.5  # softmax temperature of the spatial relations
+    tau_channel: float = 0.1  # softmax temperature of the channel relations
+    center_momentum: float = 0.9  # EMA momentum of the teacher centers
     global_grid: int | None = None  # S for global pairs; None: patch grid - 1 (13 at 224/16)
     local_grid: int | None = None  # S for local-global pairs; None: local patch grid (6 at 96/16)
 
@@ -149,28 +152,28 @@ class Switches:
 class OptimConfig:
     """AdamW and the schedules (section 7)."""
 
-    epochs: int = 100
+    epochs: int = 100  # passes over the data; the schedules span them
     # per process; the schedules scale by batch_size * processes * accum (the recipe's total
     # batch of 1024 is 8 processes x 128)
     batch_size: int = 128
-    accum_steps: int = 1
+    accum_steps: int = 1  # micro-batches accumulated per optimiser step
     lr: float = 5e-4  # per 256 images of total batch
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
+    min_lr: float = 1e-6  # learning rate at the end of the cosine decay
+    warmup_epochs: int = 10  # epochs of linear learning-rate warm-up
+    weight_decay: float = 0.04  # weight decay at step 0 (cosine schedule)
+    weight_decay_end: float = 0.4  # weight decay at the last step
     clip_grad: float = 0.3  # per-parameter gradient norm bound; 0 turns clipping off
-    freeze_last_layer: int = 1
-    momentum_teacher: float = 0.996
+    freeze_last_layer: int = 1  # epochs during which the heads' last layer is not updated
+    momentum_teacher: float = 0.996  # teacher EMA momentum at step 0 (cosine to 1)
 
 
 @dataclass
 class TrainConfig:
     """How the run is executed and what it writes."""
 
-    output_dir: str = "runs/sere"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs/sere"  # run folder: config, metrics, checkpoints
+    seed: int = 0  # seeds weights, augmentations, masks and data order
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     # auto: fp16 with a gradient scaler on GPUs (the recipes), bf16 on the CPU
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     save_every: int = 1000  # steps between checkpoints; one is always written at the end
@@ -190,22 +193,22 @@ class TrainConfig:
 class EvalConfig:
     """k-NN evaluation (the DINO protocol)."""
 
-    k: int = 20
-    temperature: float = 0.07
+    k: int = 20  # neighbours that vote
+    temperature: float = 0.07  # vote weight exp(similarity / temperature)
     features: Literal["cls", "cls_avgpool", "cls4_avgpool"] = "cls"  # sere.eval.features kinds
-    batch_size: int = 256
+    batch_size: int = 256  # images per feature-extraction batch
     knn_every: int | None = None  # steps between k-NN evaluations of the teacher in pretraining
     knn_max_train: int | None = 10000  # labelled images that vote (a fixed subset)
     knn_max_test: int | None = 2000  # held-out images classified
     knn_train_path: str | None = None  # labelled folders for image-folder runs
-    knn_test_path: str | None = None
+    knn_test_path: str | None = None  # its test images, same class sub-folders
 
 
 @dataclass
 class InitConfig:
     """Start pretraining from published or earlier weights (`init.from=PATH`)."""
 
-    from_: str | None = None  # written `init.from` in YAML and overrides
+    from_: str | None = None  # weights file to start from; written `init.from` in YAML
     which: Literal["teacher", "student"] = "teacher"  # network of a student/teacher checkpoint
     head: bool = True  # also load the projection and relation heads when the file has them
     # Also read files holding Python objects besides tensors (the authors' full training

@@ -8,6 +8,10 @@
     sere export --checkpoint runs/demo/last.pt --output exported
     sere import-check --weights dino_deitsmall16_pretrain.pth --config vit_small_ibot_sere
     sere demo
+    sere config --list | --show [--config X] [key=value ...]
+    sere --version
+
+`key=value` settings may stand anywhere on the line of a command that takes them.
 
 The top layer: nothing in sere imports this package.
 """
@@ -15,20 +19,22 @@ The top layer: nothing in sere imports this package.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from sere.cli import finetune, knn, linear, pictures, pretrain, weights
-from sere.cli.common import resolve_config_path
+from sere.cli import finetune, knn, linear, pictures, pretrain, settings, weights
+from sere.cli.common import SereParser, package_version, resolve_config_path, split_overrides
 from sere.errors import SereError
 
-__all__ = ["build_parser", "main", "resolve_config_path"]
+__all__ = ["build_parser", "main", "parse_args", "resolve_config_path"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `sere`."""
-    parser = argparse.ArgumentParser(prog="sere", description="SERE self-supervised pretraining "
-                                     "of Vision Transformers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = SereParser(prog="sere", description="SERE self-supervised pretraining of Vision "
+                        "Transformers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=SereParser)
     pretrain.register(sub)
     knn.register(sub)
     pictures.register(sub)
@@ -37,12 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
     weights.register_export(sub)
     weights.register_import_check(sub)
     pretrain.register_demo(sub)
+    settings.register(sub)
     return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`argv` (without the program name) parsed, with the `key=value` overrides collected from
+    anywhere on the line into `args.overrides`, in their order, for the commands that take
+    them; others report them as unrecognized arguments."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    # `sere` itself has only flags (-h, --version), so its first other token is the command.
+    name = next((t for t in argv if not t.startswith("-")), None)
+    command = commands.choices.get(name)
+    if command is None or "overrides" not in {a.dest for a in command._actions}:
+        return parser.parse_args(argv)
+    at = argv.index(name) + 1
+    kept, overrides = split_overrides(command, argv[at:])
+    args = parser.parse_args(argv[:at] + kept)
+    args.overrides = overrides + args.overrides  # leftovers are not key=value: refused later
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sere` command."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         return args.func(args)
     except SereError as err:
@@ -51,3 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sere config --list | head`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0

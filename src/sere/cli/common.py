@@ -1,15 +1,61 @@
-"""What several commands share: preset names, labelled sources from flags, devices."""
+"""What several commands share: preset names, labelled sources from flags, the help format,
+the version, and `key=value` overrides anywhere on the command line."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import re
+import tomllib
 from pathlib import Path
+from typing import Any
 
 from sere.data.datasets import ImageSource
 from sere.data.labelled import labelled_sources
 from sere.errors import SereError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+# `section.key=value` (a leading `-` makes a token an option or its `--flag=value` form instead)
+OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help text that ends with `(default: X)` for every option that has a default value.
+
+    Options whose default is None, False or empty say in their own words what happens without
+    them (tests/test_cli_help.py holds every option to it); a help text that already mentions
+    its default is left alone.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.nargs == 0 or "default" in text
+                or default is None or default is False or default == []
+                or default == argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+class SereParser(argparse.ArgumentParser):
+    """The parser class of `sere` and its sub-commands: help in `DefaultsFormatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def package_version() -> str:
+    """The version in pyproject.toml: from the installed package's metadata, else (a source
+    checkout on PYTHONPATH without an install) from the pyproject.toml above the package."""
+    try:
+        return importlib.metadata.version("sere")
+    except importlib.metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
+        if pyproject.is_file():
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        return "unknown"
 
 
 def resolve_config_path(name: str) -> Path:
@@ -31,7 +77,50 @@ def sources_from_args(args: argparse.Namespace, in_chans: int) -> tuple[ImageSou
 
 def add_labelled_flags(parser: argparse.ArgumentParser) -> None:
     """--train-dir, --test-dir and --fashion-mnist-dir."""
-    parser.add_argument("--train-dir", help="labelled image folder (one sub-folder per class)")
-    parser.add_argument("--test-dir", help="labelled image folder with the same classes")
+    parser.add_argument("--train-dir", help="labelled image folder (one sub-folder per class) "
+                        "(default: the Fashion-MNIST training set)")
+    parser.add_argument("--test-dir", help="labelled image folder with the same classes "
+                        "(default: the Fashion-MNIST test set)")
     parser.add_argument("--fashion-mnist-dir", default=None,
                         help="folder of Fashion-MNIST IDX files (default: the system package)")
+
+
+def option_action(parser: argparse.ArgumentParser, token: str) -> argparse.Action | None:
+    """The option `token` (e.g. `--resume`, or an unambiguous prefix of one, as argparse
+    accepts) names in `parser`, or None."""
+    name = token.split("=", 1)[0]
+    options = parser._option_string_actions  # argparse keeps no public index of its options
+    if name in options:
+        return options[name]
+    matches = {a for opt, a in options.items() if opt.startswith("--") and opt.startswith(name)}
+    return matches.pop() if len(matches) == 1 and name.startswith("--") else None
+
+
+def split_overrides(parser: argparse.ArgumentParser, tokens: list[str]) -> tuple[list[str],
+                                                                                 list[str]]:
+    """(the tokens for argparse, the `key=value` overrides among them, in order).
+
+    argparse lets a positional list follow only the options before it (`--resume auto x=1`
+    fails), and an option with several values swallows what follows (`--k 10 20 eval.k=5`), so
+    overrides are taken out before parsing: every token that looks like `key=value` and is not
+    the value of a one-value option (`--checkpoint a=b.pt` stays a file name).
+    """
+    kept: list[str] = []
+    overrides: list[str] = []
+    takes_value = options_done = False
+    for token in tokens:
+        if takes_value:
+            kept.append(token)
+            takes_value = False
+        elif token == "--":
+            options_done = True
+            kept.append(token)
+        elif token.startswith("-") and not options_done:
+            action = option_action(parser, token)
+            takes_value = action is not None and action.nargs is None and "=" not in token
+            kept.append(token)
+        elif OVERRIDE.match(token):
+            overrides.append(token)
+        else:
+            kept.append(token)
+    return kept, overrides

@@ -26,9 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", action="append", default=[],
                    help="YAML file or preset name (finetune_demo, finetune_vit_small, "
                         "finetune_vit_base); repeat to layer; default finetune_demo")
-    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
+                   help="the checkpoint's network to fine-tune")
     p.add_argument("--random-init", action="store_true",
                    help="fine-tune a randomly initialised network of the same shape (the floor); "
                         "writes into <train.output_dir>_random_init")
-    p.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. optim.epochs=5")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings anywhere on the line, e.g. optim.epochs=5")
     p.set_defaults(func=cmd_finetune)

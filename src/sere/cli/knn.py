@@ -51,18 +51,25 @@ def print_table(result: KnnResult, floor: KnnResult | None, backbone: str) -> No
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `sere knn`."""
     k = sub.add_parser("knn", help="k-NN top-1 of a checkpoint's backbone (DINO protocol)")
-    k.add_argument("--checkpoint", required=True)
-    k.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    k.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
+                   "runs/demo/last.pt")
+    k.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
+                   help="the checkpoint's network to evaluate")
     add_labelled_flags(k)
     k.add_argument("--k", type=int, nargs="+", help="neighbour counts to report besides "
-                   "eval.k, e.g. --k 10 20 100")
-    k.add_argument("--max-train", type=int, default=None)
-    k.add_argument("--max-test", type=int, default=None)
-    k.add_argument("--workers", type=int, default=0)
-    k.add_argument("--device", default="auto")
+                   "eval.k, e.g. --k 10 20 100 (default: eval.k only)")
+    k.add_argument("--max-train", type=int, default=None,
+                   help="training images that vote, a fixed subset (default: all)")
+    k.add_argument("--max-test", type=int, default=None,
+                   help="test images classified, a fixed subset (default: all)")
+    k.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers for feature extraction; 0 extracts in this "
+                   "process")
+    k.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     k.add_argument("--no-random", action="store_true", help="skip the random-init floor")
     k.add_argument("--cache-dir", default=None, help="folder for cached features (default: "
                    "knn_cache/ next to the checkpoint)")
     k.add_argument("--no-cache", action="store_true", help="extract features without caching")
-    k.add_argument("overrides", nargs="*", help="eval.* settings, e.g. eval.k=10")
+    k.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="eval.* settings anywhere on the line, e.g. eval.k=10")
     k.set_defaults(func=cmd_knn)

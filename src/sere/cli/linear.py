@@ -140,7 +140,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("linear", help="linear probe on cached frozen features, learning "
                               "rate chosen on held-out training images")
     p.add_argument("--checkpoint", required=True, help="a `sere pretrain` checkpoint")
-    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
+                   help="the checkpoint's network to probe")
     add_labelled_flags(p)
     p.add_argument("--features", choices=GLOBAL_KINDS, default="cls",
                    help="last [CLS] (cls), with the mean patch token (cls_avgpool), or last-4 "
@@ -148,13 +149,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--norm", choices=NORMS, default="batchnorm",
                    help="standardise the features first (a non-affine BatchNorm with frozen "
                         "training statistics), or not")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=100, help="training epochs per learning rate")
+    p.add_argument("--batch-size", type=int, default=256, help="images per step")
     p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS),
                    help="learning rates per 256 images to sweep (scaled by batch-size/256)")
     p.add_argument("--max-train", type=int, default=None, help="a fixed subset of training "
-                   "images (10 %% of them choose the learning rate)")
-    p.add_argument("--max-test", type=int, default=None)
+                   "images (10 %% of them choose the learning rate) (default: all)")
+    p.add_argument("--max-test", type=int, default=None,
+                   help="a fixed subset of test images (default: all)")
     p.add_argument("--random-init", action="store_true",
                    help="probe a randomly initialised backbone of the same shape (the floor)")
     p.add_argument("--seed", type=int, default=0,
@@ -164,5 +166,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None,
                    help="feature cache folder (default: linear_cache/ beside the checkpoint)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for extraction")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.set_defaults(func=cmd_linear)

@@ -56,10 +56,13 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `sere visualize`."""
     v = sub.add_parser("visualize", help="attention, self-relation and PCA pictures (PNG)")
-    v.add_argument("--checkpoint", required=True)
-    v.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    v.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
+                   "runs/demo/last.pt")
+    v.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
+                   help="the checkpoint's network to draw")
     v.add_argument("--images", help="image folder (default: the Fashion-MNIST test set)")
-    v.add_argument("--fashion-mnist-dir", default=None)
+    v.add_argument("--fashion-mnist-dir", default=None,
+                   help="folder of Fashion-MNIST IDX files (default: the system package)")
     v.add_argument("--count", type=int, default=6, help="images to draw")
     v.add_argument("--output", default="pictures", help="folder for the PNG files")
     v.set_defaults(func=cmd_visualize)

@@ -65,24 +65,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """--config, --resume and the key=value settings: what decides a pretraining configuration
+    (shared by `sere pretrain` and `sere config --show`)."""
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML file or preset name (demo, vit_small_ibot_sere, "
+                             "vit_base_ibot_sere); repeat to layer (default: none, the "
+                             "built-in defaults of `sere config --list`)")
+    parser.add_argument("--resume", default=None,
+                        help="checkpoint to continue from, or 'auto' for the newest valid one "
+                             "in train.output_dir; a checkpoint without --config brings its "
+                             "saved configuration (default: start afresh)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="settings such as optim.lr=1e-3, anywhere on the line; later ones "
+                             "win")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `sere pretrain`."""
     p = sub.add_parser("pretrain", help="pretrain a ViT with SERE (on iBOT or DINO)")
-    p.add_argument("--config", action="append", default=[],
-                   help="YAML file or preset name (demo, vit_small_ibot_sere, "
-                        "vit_base_ibot_sere); repeat to layer")
-    p.add_argument("--resume", default=None,
-                   help="checkpoint to continue from, or 'auto' for the newest valid one in "
-                        "train.output_dir")
-    p.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. optim.lr=1e-3")
+    add_config_flags(p)
     p.set_defaults(func=cmd_pretrain)
 
 
 def register_demo(sub: argparse._SubParsersAction) -> None:
     """Add `sere demo`."""
     d = sub.add_parser("demo", help="the CPU demo: pretrain on Fashion-MNIST, then k-NN")
-    d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--max-train", type=int, default=None)
-    d.add_argument("--max-test", type=int, default=None)
-    d.add_argument("overrides", nargs="*", help="key.sub=value settings for the demo config")
+    d.add_argument("--output-dir", default="runs/demo",
+                   help="run folder; an existing run there is resumed")
+    d.add_argument("--max-train", type=int, default=None,
+                   help="k-NN training images (a fixed subset) (default: all 60,000)")
+    d.add_argument("--max-test", type=int, default=None,
+                   help="k-NN test images (a fixed subset) (default: all 10,000)")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings on top of the demo preset, anywhere on the line")
     d.set_defaults(func=cmd_demo)

@@ -33,7 +33,8 @@ def register_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     p.add_argument("--output", required=True, help="folder to write the export into")
-    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
+                   help="the checkpoint's network to export")
     p.add_argument("--img-size", type=int, default=None,
                    help="resample the position embedding for this input size (a multiple of the "
                         "patch size); default: the run's global crop size")
@@ -74,6 +75,7 @@ def register_import_check(subparsers: argparse._SubParsersAction) -> None:
                    help="load the backbone only (no projection or relation heads)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow files holding Python objects besides tensors (they can run code)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value settings, e.g. model.arch=vit_base "
-                   "(only model.* and data.global_crop_size matter here)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings anywhere on the "
+                   "line, e.g. model.arch=vit_base (only model.* and data.global_crop_size "
+                   "matter here)")
     p.set_defaults(func=cmd_import_check)
