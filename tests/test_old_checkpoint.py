@@ -45,3 +45,27 @@ def test_every_reader_accepts_the_old_checkpoint(tmp_path):
     report = sere.load_pretrained_weights(CHECKPOINT, student, which="teacher")
     assert report.backbone_complete
     assert export_backbone(CHECKPOINT, tmp_path / "export").weights.is_file()
+
+
+def test_old_checkpoint_keeps_the_model_settings_it_was_trained_with():
+    """Keys added later take the values of the code that wrote the file, not today's defaults."""
+    model = read_run_checkpoint(CHECKPOINT).config.model
+    assert model.pos_embed_interp == "timm"  # the interpolation before issue 15
+    assert model.shared_head_teacher == model.shared_head  # the teacher followed the student
+
+
+def test_old_run_resumes_and_a_changed_model_is_named(tmp_path):
+    from sere.errors import SereError
+    from sere.train.loop import Pretrainer
+
+    cfg = read_run_checkpoint(CHECKPOINT).config
+    cfg.train.output_dir, cfg.train.max_steps, cfg.data.num_workers = str(tmp_path), 2, 0
+    cfg.eval.knn_every = None
+    assert Pretrainer(cfg, resume=str(CHECKPOINT)).step == 1
+    cfg.model.pos_embed_interp = "authors"
+    try:
+        Pretrainer(cfg, resume=str(CHECKPOINT))
+    except SereError as err:
+        assert "model.pos_embed_interp=timm (now authors)" in str(err)
+    else:
+        raise AssertionError("a run with another position-embedding interpolation was resumed")

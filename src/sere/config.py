@@ -354,9 +354,30 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def saved_model_settings(model: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `model` settings, completed with what the code that wrote it did.
+
+    Checkpoints written before `pos_embed_interp` and `shared_head_teacher` existed were made
+    with timm's interpolation and a teacher whose head followed the student's; filling the
+    missing keys with those values (not today's defaults) keeps such runs loading and
+    resuming as they were trained.
+    """
+    completed = dict(model)
+    completed.setdefault("pos_embed_interp", "timm")
+    completed.setdefault("shared_head_teacher", bool(model.get("shared_head", True)))
+    return completed
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """A validated Config from a nested dict (as saved in `config.yaml` or a checkpoint)."""
+    """A validated Config from a nested dict (as saved in `config.yaml` or a checkpoint).
+
+    Model settings missing from an older file take the values its code used
+    (`saved_model_settings`), not today's defaults.
+    """
     cfg = Config()
+    values = dict(values)
+    if isinstance(values.get("model"), dict):
+        values["model"] = saved_model_settings(values["model"])
     merge_into(cfg, values)
     validate(cfg)
     return cfg

@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sere.config import Config, save_config
+from sere.config import Config, save_config, saved_model_settings
 from sere.data.datasets import MOSTLY_BAD_MIN_READS
 from sere.data.loader import (EpochBatchSampler, build_dataset, collate, loader_batches,
                               worker_init)
@@ -220,9 +220,13 @@ class Pretrainer:
             path, state = found
         else:
             path, state = Path(resume), load_checkpoint(resume)
-        if state["config"]["model"] != self.cfg.to_dict()["model"]:
-            raise SereError(f"{path} was made with a different model configuration; resume "
-                            "with the configuration it was made with (saved in the checkpoint)")
+        saved, current = saved_model_settings(state["config"]["model"]), self.cfg.to_dict()["model"]
+        if saved != current:
+            differ = ", ".join(f"model.{k}={saved.get(k)} (now {current.get(k)})"
+                               for k in sorted(set(saved) | set(current))
+                               if saved.get(k) != current.get(k))
+            raise SereError(f"{path} was made with a different model configuration ({differ}); "
+                            "resume with the configuration it was made with")
         try:
             self.student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
