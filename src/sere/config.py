@@ -58,12 +58,16 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are cropped (section 8)."""
 
-    dataset: Literal["folder", "fashion_mnist", "synthetic"] = "folder"
+    dataset: Literal["folder", "fashion_mnist", "fashion_mnist_scenes", "synthetic"] = "folder"
     path: str | None = None  # image folder, or a folder of Fashion-MNIST IDX files
     download: bool = False  # Fashion-MNIST only: let torchvision download it when missing
     max_images: int | None = None  # use the first N images (a fixed random subset), None for all
     synthetic_images: int = 64  # size of the synthetic set
     synthetic_size: int = 64  # side of the synthetic images
+    # fashion_mnist_scenes (sere.data.scenes): several training items on one canvas, labels unused
+    scenes: int = 20000  # number of scenes (each regenerated from (scene_seed, index))
+    scene_size: int = 56  # canvas side in pixels
+    scene_seed: int = 0
     global_crop_size: int = 224
     local_crop_size: int = 96
     local_crops_number: int = 0
@@ -421,6 +425,9 @@ def _validate_data(cfg: Config) -> None:
     _require(d.max_images is None or d.max_images > 0, "data.max_images must be positive or null")
     _require(d.synthetic_images > 0 and d.synthetic_size > 0,
              "data.synthetic_images and data.synthetic_size must be positive")
+    _require(d.scenes > 0, "data.scenes must be positive")
+    _require(d.scene_size >= 36, f"data.scene_size = {d.scene_size} must be >= 36, the largest "
+             "item side of a scene")
     if d.dataset == "folder":
         _require(d.path is not None, "data.path is required for data.dataset=folder; "
                  "set it to a folder of images, e.g. data.path=/data/imagenet/train")

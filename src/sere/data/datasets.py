@@ -279,6 +279,11 @@ def build_source(cfg: DataConfig, in_chans: int, train: bool = True) -> ImageSou
         return ImageFolderSource(cfg.path, in_chans)
     if cfg.dataset == "fashion_mnist":
         return FashionMNISTSource(cfg.path, train=train, in_chans=in_chans, download=cfg.download)
+    if cfg.dataset == "fashion_mnist_scenes":
+        from sere.data.scenes import SceneSpec, fashion_mnist_scenes  # noqa: PLC0415 (imports us)
+
+        return fashion_mnist_scenes(cfg.path, train, cfg.scenes, SceneSpec(size=cfg.scene_size),
+                                    cfg.scene_seed if train else cfg.scene_seed + 1, in_chans)
     return SyntheticSource(cfg.synthetic_images, cfg.synthetic_size, in_chans,
                            seed=0 if train else 1)
 
