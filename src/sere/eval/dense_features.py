@@ -74,7 +74,8 @@ def check_patch_size(size: int, patch_size: int) -> None:
     """Refuse an evaluation size that the patch grid does not divide."""
     if size < patch_size or size % patch_size:
         raise SereError(f"evaluation size {size} must be a positive multiple of the patch size "
-                        f"{patch_size}; choose e.g. --size {max(1, size // patch_size) * patch_size}")
+                        f"{patch_size}; choose e.g. "
+                        f"--size {max(1, size // patch_size) * patch_size}")
 
 
 def dense_features(backbone: ViTBackbone, model_key: str, cfg: Config, images: Tensor, kind: str,

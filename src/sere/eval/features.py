@@ -122,7 +122,8 @@ def batch_features(backbone: ViTBackbone, images: Tensor, kind: str) -> Tensor:
 
 def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch_size: int,
                      device: torch.device, num_workers: int = 0, desc: str = "features",
-                     normalize: bool = False, dtype: torch.dtype = torch.float32) -> FeatureSplit:
+                     normalize: bool = False,
+                     dtype: torch.dtype = torch.float32) -> FeatureSplit:
     """`batch_features` of every image of `images`, on the CPU in `dtype`, with the labels.
 
     The backbone runs in eval mode on `device`; its mode is restored after. `normalize` scales
