@@ -364,11 +364,14 @@ def picture_pair(args: argparse.Namespace, size: int, in_chans: int) -> DensePai
 
 def draw_dense(args: argparse.Namespace) -> Path:
     """The dense picture of `sere visualize`: image | ground truth | linear probe | k-means
-    (on the drawn images) for a checkpoint's patch features; nothing is cached."""
+    (on the drawn images) for a checkpoint's patch features; nothing is cached. Scenes are
+    drawn at 56 px (rounded down to the patch grid), folder images at the global crop size."""
     args.random_init, args.seed = False, 0
     probed = probed_backbone(args)
     cfg = probed.config
-    size = cfg.data.global_crop_size
+    patch = cfg.model.patch_size  # scenes at their own size (56 px), dense folders at the model's
+    size = (cfg.data.global_crop_size if args.dense
+            else max(patch, SceneSpec().size // patch * patch))
     pair = picture_pair(args, size, cfg.model.in_chans)
     device = resolve_device("auto")
     train, test = (dense_features(probed.backbone, probed.model_key, cfg, d.images, "patch",
