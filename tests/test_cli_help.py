@@ -33,7 +33,8 @@ def flat(text: str) -> str:
 
 def test_every_command_is_walked():
     assert set(sub_commands()) == {"pretrain", "knn", "visualize", "linear", "finetune",
-                                   "export", "import-check", "demo", "config"}
+                                   "export", "import-check", "demo", "config", "segment",
+                                   "scenes"}
 
 
 @pytest.mark.parametrize("name", sorted(sub_commands()))

@@ -3,6 +3,8 @@
     sere pretrain --config configs/demo.yaml optim.epochs=5 [--resume auto]
     sere knn --checkpoint runs/demo/last.pt
     sere linear --checkpoint runs/demo/last.pt
+    sere segment runs/demo/last.pt --fashion-mnist-scenes [--cluster]
+    sere scenes --output scenes/test --split test --count 200
     sere finetune --checkpoint runs/demo/last.pt
     sere visualize --checkpoint runs/demo/last.pt --output pictures
     sere export --checkpoint runs/demo/last.pt --output exported
@@ -22,7 +24,7 @@ import argparse
 import os
 import sys
 
-from sere.cli import finetune, knn, linear, pictures, pretrain, settings, weights
+from sere.cli import finetune, knn, linear, pictures, pretrain, segment, settings, weights
 from sere.cli.common import SereParser, package_version, resolve_config_path, split_overrides
 from sere.errors import SereError
 
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     knn.register(sub)
     pictures.register(sub)
     linear.register(sub)
+    segment.register(sub)
+    segment.register_scenes(sub)
     finetune.register(sub)
     weights.register_export(sub)
     weights.register_import_check(sub)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from sere.api import load_run
+from sere.cli.segment import draw_dense
 from sere.data.datasets import FashionMNISTSource, ImageFolderSource, ImageSource, subset_indices
 from sere.eval.features import EvalImages, extract_features
 from sere.eval.visualize import Pictures, draw_embedding, draw_pictures
@@ -42,6 +43,9 @@ def draw(checkpoint: str, which: str, source: ImageSource, count: int, out_dir: 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     """Attention, relation and PCA pictures of a checkpoint's network."""
+    if args.dense or args.fashion_mnist_scenes:
+        print(f"wrote {draw_dense(args)}")
+        return 0
     chans = load_backbone(args.checkpoint).config.model.in_chans
     if args.images:
         source = ImageFolderSource(args.images, chans)
@@ -63,6 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--images", help="image folder (default: the Fashion-MNIST test set)")
     v.add_argument("--fashion-mnist-dir", default=None,
                    help="folder of Fashion-MNIST IDX files (default: the system package)")
+    v.add_argument("--dense", default=None, help="dense folder (images/, masks/): draw image | "
+                   "ground truth | linear probe | k-means for the first --count images (a "
+                   "quick probe trained on up to 1,000 of the others) instead; default: the "
+                   "attention pictures")
+    v.add_argument("--fashion-mnist-scenes", action="store_true",
+                   help="the same dense picture on --count Fashion-MNIST test scenes (probe "
+                        "trained on 1,000 training scenes)")
     v.add_argument("--count", type=int, default=6, help="images to draw")
     v.add_argument("--output", default="pictures", help="folder for the PNG files")
     v.set_defaults(func=cmd_visualize)

@@ -36,14 +36,15 @@ def labelled_sources(in_chans: int, train_dir: str | Path | None = None,
 def pretraining_eval_sources(cfg: Config) -> tuple[ImageSource, ImageSource]:
     """The labelled (train, test) pair for k-NN during pretraining.
 
-    Fashion-MNIST and synthetic data use their own train and test splits; an image folder run
+    Fashion-MNIST and synthetic data use their own train and test splits; Fashion-MNIST scenes
+    use single Fashion-MNIST items (the plain train and test splits, at the evaluation size); an image folder run
     needs `eval.knn_train_path` and `eval.knn_test_path` (folders with one sub-folder per class).
     """
     chans, e, d = cfg.model.in_chans, cfg.eval, cfg.data
     if e.knn_train_path or e.knn_test_path:
         return labelled_sources(chans, e.knn_train_path, e.knn_test_path,
                                 names=("eval.knn_train_path", "eval.knn_test_path"))
-    if d.dataset == "fashion_mnist":
+    if d.dataset in ("fashion_mnist", "fashion_mnist_scenes"):
         return labelled_sources(chans, fashion_mnist_dir=d.path)
     if d.dataset == "synthetic":
         return (SyntheticSource(d.synthetic_images, d.synthetic_size, chans, seed=0),

@@ -33,27 +33,29 @@ def _image_array(image: Tensor) -> np.ndarray:
     return array[:, :, 0] if array.shape[2] == 1 else array
 
 
-def save_dense_pictures(images: Tensor, masks: Tensor, probe: Tensor, clusters: Tensor,
+def save_dense_pictures(images: Tensor, masks: Tensor, probe: Tensor, clusters: Tensor | None,
                         path: str | Path, class_names: list[str] | None = None) -> Path:
     """Save a PNG grid, one row per image: image | ground truth | probe | k-means (matched).
 
-    images: uint8 (N, C, H, W); masks, probe, clusters: class maps (N, H, W) of the same size.
+    images: uint8 (N, C, H, W); masks, probe, clusters: class maps (N, H, W) of the same size;
+    without `clusters` the k-means column is left out.
     """
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    if not (masks.shape == probe.shape == clusters.shape == images[:, 0].shape):
+    maps = [masks, probe] + ([] if clusters is None else [clusters])
+    if any(m.shape != images[:, 0].shape for m in maps):
         raise SereError("dense pictures need images (N, C, H, W) and three (N, H, W) maps of "
                         "the same N, H, W")
     path = Path(path)
     n = len(images)
-    figure, axes = plt.subplots(n, 4, figsize=(8, 2 * n), squeeze=False)
+    figure, axes = plt.subplots(n, len(maps) + 1, figsize=(2 * len(maps) + 2, 2 * n),
+                                squeeze=False)
     titles = ("image", "ground truth", "linear probe", "k-means (matched)")
     for row in range(n):
-        panels = (_image_array(images[row]), colourise(masks[row]), colourise(probe[row]),
-                  colourise(clusters[row]))
+        panels = (_image_array(images[row]), *(colourise(m[row]) for m in maps))
         for column, panel in enumerate(panels):
             axis = axes[row, column]
             axis.imshow(panel, cmap="gray" if panel.ndim == 2 else None,

@@ -56,7 +56,8 @@ def source_fingerprint(source: ImageSource) -> str:
 
     Image folders: the resolved root, the channel count and the sorted relative paths with their
     labels (an image rewritten in place under the same name is not noticed: clear the cache).
-    Fashion-MNIST: a hash of its pixels and labels. Synthetic images: their parameters.
+    Fashion-MNIST: a hash of its pixels and labels. Synthetic images: their parameters. Any other
+    source with a `fingerprint()` method: what it returns.
     """
     if isinstance(source, ImageFolderSource):
         sha = hashlib.sha256()
@@ -68,6 +69,8 @@ def source_fingerprint(source: ImageSource) -> str:
                 f"{_tensor_digest(source.labels)}")
     if isinstance(source, SyntheticSource):
         return f"synthetic:{source.count}:{source.size}:{source.in_chans}:{source.seed}"
+    if callable(getattr(source, "fingerprint", None)):
+        return source.fingerprint()
     return f"{type(source).__module__}.{type(source).__qualname__}:{len(source)}:{source.classes}"
 
 

@@ -122,11 +122,13 @@ def batch_features(backbone: ViTBackbone, images: Tensor, kind: str) -> Tensor:
 
 def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch_size: int,
                      device: torch.device, num_workers: int = 0, desc: str = "features",
-                     normalize: bool = False) -> FeatureSplit:
-    """`batch_features` of every image of `images`, float32 on the CPU, with the labels.
+                     normalize: bool = False,
+                     dtype: torch.dtype = torch.float32) -> FeatureSplit:
+    """`batch_features` of every image of `images`, on the CPU in `dtype`, with the labels.
 
     The backbone runs in eval mode on `device`; its mode is restored after. `normalize` scales
-    each feature vector to unit L2 norm (k-NN's cosine similarity).
+    each feature vector to unit L2 norm (k-NN's cosine similarity). `dtype` float16 halves the
+    memory of per-patch features (each batch is converted as it arrives).
     """
     check_feature_kind(backbone, kind)
     was_training = backbone.training
@@ -137,7 +139,7 @@ def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch
     try:
         for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
             f = batch_features(backbone, x.to(device), kind).float()
-            feats.append((F.normalize(f, dim=-1) if normalize else f).cpu())
+            feats.append((F.normalize(f, dim=-1) if normalize else f).to("cpu", dtype))
             labels.append(torch.as_tensor(y, dtype=torch.int64))
     finally:
         backbone.train(was_training)
