@@ -385,19 +385,9 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
     """Defaults, then each YAML file in order, then each `a.b=c` override; validated."""
-    cfg = Config()
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise SereError(f"configuration file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise SereError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise SereError(f"{path} must hold a mapping of sections (model:, data:, ...)")
-        merge_into(cfg, values)
-    return apply_overrides(cfg, list(overrides))
+    cfg = load_settings(Config(), paths, overrides)
+    validate(cfg)
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
