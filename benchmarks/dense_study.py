@@ -19,6 +19,7 @@ and started again with the same command. Order: the floors, then iBOT and iBOT+S
 then the two ablations seed by seed, so that a study cut short has the main comparison first. At
 the end it writes `OUTPUT/table.md` and `OUTPUT/dense_metrics.png`.
 
+    python benchmarks/dense_study.py --methods ibot_sere --seeds 0   # first: the recipe's gate
     python benchmarks/dense_study.py                 # the full study: 12 runs + 3 floors, ~4 h
     python benchmarks/dense_study.py --quick         # a smoke test of the whole pipeline
     python benchmarks/dense_study.py --methods ibot ibot_sere   # the main comparison only
@@ -37,13 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study_common import (ALL_METHODS_BY_KEY, FLOOR, Method, Metric, Step, add_study_arguments,
-                          check_output, check_positive, check_settings, cls_splits,
-                          differences_table, estimate_seconds, format_duration, knn_on_features,
-                          main_table, paired_differences, plot_final, pretrain_to_end,
-                          read_json, read_timing, result_paths, run_dir, run_pending,
-                          save_record, seconds_per_step, study_main, summarise, unfinished,
-                          verdict_table)
+from study_common import (ALL_METHODS_BY_KEY, FLOOR, Method, MethodSummary, Metric, Step,
+                          add_study_arguments, check_output, check_positive, check_settings,
+                          cls_splits, differences_table, estimate_seconds, format_duration,
+                          knn_on_features, main_table, paired_differences, plot_final,
+                          pretrain_to_end, read_json, read_timing, result_paths, run_dir,
+                          run_pending, save_record, seconds_per_step, study_main, summarise,
+                          unfinished, verdict_table)
 
 from sere.cli import main as sere_main
 from sere.cli import resolve_config_path
@@ -330,7 +331,7 @@ def load_records(output: Path) -> list[DenseRecord]:
     return [DenseRecord.load(path) for path in result_paths(output)]
 
 
-def summarise_dense(records: list[DenseRecord]):
+def summarise_dense(records: list[DenseRecord]) -> list[MethodSummary]:
     """One summary per method present: the floor first, then the methods in METHODS order."""
     return summarise(records, [FLOOR, *(m.key for m in METHODS)], METRICS)
 

@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study_common import (ALL_METHODS, ALL_METHODS_BY_KEY, CLS_FEATURES, FLOOR, Method, Metric,
-                          Step, add_study_arguments, check_output, check_positive,
+from study_common import (ALL_METHODS, ALL_METHODS_BY_KEY, CLS_FEATURES, FLOOR, Method,
+                          MethodSummary, Metric, Step, add_study_arguments, check_output,
+                          check_positive,
                           check_settings, cls_splits, differences_table, estimate_seconds,
                           format_duration, knn_curve, knn_on_features, main_table, mean_std,
                           method_color, paired_differences, plot_final, pretrain_to_end,
@@ -308,7 +309,7 @@ TABLE_METRICS = (KNN, LINEAR)
 DECISION = (LINEAR, KNN)
 
 
-def summarise_study(records: list[RunRecord]):
+def summarise_study(records: list[RunRecord]) -> list[MethodSummary]:
     """One summary per method present: the floor first, then the methods in METHODS order."""
     return summarise(records, [FLOOR, *(m.key for m in METHODS)], TABLE_METRICS)
 
