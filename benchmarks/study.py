@@ -29,34 +29,34 @@ was seen)"); the constants below are that recipe.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch.nn.functional as F
+from study_common import (ALL_METHODS, ALL_METHODS_BY_KEY, CLS_FEATURES, FLOOR, Method,
+                          MethodSummary, Metric, Step, add_study_arguments, check_output,
+                          check_positive,
+                          check_settings, cls_splits, differences_table, estimate_seconds,
+                          format_duration, knn_curve, knn_on_features, main_table, mean_std,
+                          method_color, paired_differences, plot_final, pretrain_to_end,
+                          read_json, read_timing, result_paths, run_dir, run_pending,
+                          save_record, seconds_per_step, study_main, summarise, unfinished,
+                          verdict_table)
 
 from sere.cli import resolve_config_path
 from sere.config import Config, load_config
-from sere.data.datasets import ImageSource, subset_indices
+from sere.data.datasets import ImageSource
 from sere.data.labelled import pretraining_eval_sources
-from sere.errors import SereError
-from sere.eval.feature_cache import cached_features, checkpoint_model_key, random_model_key
-from sere.eval.features import FeatureSplit
+from sere.eval.feature_cache import checkpoint_model_key, random_model_key
 from sere.eval.knn_accuracy import knn_top1, periodic_knn
-from sere.eval.knn_classifier import knn_classify_many, top1_accuracy
 from sere.eval.linear import run_probe
 from sere.io.weights import load_backbone, random_backbone
 from sere.models.backbone import ViTBackbone
-from sere.io.checkpoint import load_checkpoint
 from sere.runtime import resolve_device
-from sere.train.loop import Pretrainer
-from sere.train.metrics import read_metrics
 
 # ---------------------------------------------------------------------------------------------
 # The recipe (docs/results.md explains each choice). Every method uses all of it; only the loss
@@ -71,9 +71,8 @@ KNN_POINTS = 10  # k-NN evaluations during pretraining (every ceil(steps / 10) s
 KNN_MAX_TRAIN = 5000  # labelled training images that vote in the periodic k-NN
 KNN_MAX_TEST = 1000  # test images it classifies
 PROBE_EPOCHS = 100  # linear probe epochs (sere.eval.linear's default)
-FEATURES = "cls"  # the teacher's [CLS] token after the final LayerNorm, for k-NN and the probe
+FEATURES = CLS_FEATURES  # the teacher's [CLS] token after the final LayerNorm, k-NN and probe
 SAVE_EVERY = 100  # steps between checkpoints: at most 100 steps are lost to a hard kill
-SUBSET_SEED = 1  # the evaluation subsets, as `sere knn` and `sere linear` draw them
 
 # A priori costs on the 2-core machine, for the ETA before a run has finished (calibration in
 # docs/results.md): seconds per step averaged over the six methods, seconds per run besides the
@@ -82,46 +81,12 @@ PRIOR_SECONDS_PER_STEP = 0.36
 PRIOR_RUN_OVERHEAD_SECONDS = 75.0
 PRIOR_FLOOR_SECONDS = 40.0
 
+OUTPUTS = ("runs/study", "runs/study_quick")  # default output folders: the study, --quick
 QUICK = dict(steps=8, seeds=(0,), max_train=1000, max_test=300, knn_max_train=500,
              knn_max_test=200, probe_epochs=10)
 
-RESULTS = "results.json"
-SETTINGS = "study_run.json"
-TIMING = "timing.json"
-FLOOR = "random_init"  # folder and method name of the random-initialisation floor
-
-
-@dataclass(frozen=True)
-class Method:
-    """One pretraining objective: a name and the four loss weights of SERE-SPEC.md section 6.
-
-    `L = (lambda1 L_cls + lambda2 L_patch) (4 - alpha - beta) / 2 + alpha L_spatial
-    + beta L_channel`; a term with weight 0 is not computed (lambda2 = 0 also turns masking off).
-    """
-
-    key: str  # folder name and --methods value
-    label: str  # name in the table and plots
-    lambda1: float  # [CLS] term
-    lambda2: float  # iBOT patch term; 0 gives DINO
-    alpha: float  # SERE spatial term
-    beta: float  # SERE channel term
-
-    def overrides(self) -> list[str]:
-        """The `loss.*` settings of this method."""
-        return [f"loss.lambda1={self.lambda1}", f"loss.lambda2={self.lambda2}",
-                f"loss.alpha={self.alpha}", f"loss.beta={self.beta}"]
-
-
-ALPHA, BETA = 0.2, 0.5  # the paper's SERE weights
-METHODS: tuple[Method, ...] = (
-    Method("dino", "DINO", 1.0, 0.0, 0.0, 0.0),
-    Method("dino_sere", "DINO+SERE", 1.0, 0.0, ALPHA, BETA),
-    Method("ibot", "iBOT", 1.0, 1.0, 0.0, 0.0),
-    Method("ibot_sere", "iBOT+SERE", 1.0, 1.0, ALPHA, BETA),
-    Method("ibot_sere_spatial", "iBOT+SERE spatial only", 1.0, 1.0, ALPHA, 0.0),
-    Method("ibot_sere_channel", "iBOT+SERE channel only", 1.0, 1.0, 0.0, BETA),
-)
-METHODS_BY_KEY = {m.key: m for m in METHODS}
+METHODS: tuple[Method, ...] = ALL_METHODS  # all six
+METHODS_BY_KEY = ALL_METHODS_BY_KEY
 
 # (without, with): the comparisons fixed in advance, for accuracy differences and step cost.
 COMPARISONS: tuple[tuple[str, str], ...] = (
@@ -179,11 +144,6 @@ class StudyPlan:
                 "probe_epochs": self.probe_epochs}
 
 
-def run_dir(output: Path, method_key: str, seed: int) -> Path:
-    """The folder of one (method, seed) run, or of a seed's random-init floor."""
-    return Path(output) / method_key / f"seed{seed}"
-
-
 def run_config(plan: StudyPlan, method: Method, seed: int) -> Config:
     """The validated configuration of one run: the demo preset plus the run's overrides."""
     folder = run_dir(plan.output, method.key, seed)
@@ -197,16 +157,7 @@ def floor_config(plan: StudyPlan, seed: int) -> Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Run folders: finished, settings, timing.
-
-
-def is_finished(folder: Path) -> bool:
-    """Whether a run folder holds a readable results.json (the run need not be redone)."""
-    try:
-        json.loads((Path(folder) / RESULTS).read_text())
-    except (OSError, ValueError):
-        return False
-    return True
+# Which runs are still to do.
 
 
 def pending_runs(plan: StudyPlan) -> list[tuple[str, int]]:
@@ -214,46 +165,7 @@ def pending_runs(plan: StudyPlan) -> list[tuple[str, int]]:
     todo = [(FLOOR, seed) for seed in plan.seeds]
     todo += [(key, seed) for seed in plan.seeds for key in plan.methods]  # seed by seed: a
     # study cut short still has every method at the same number of seeds
-    return [(key, seed) for key, seed in todo
-            if not is_finished(run_dir(plan.output, key, seed))]
-
-
-def check_settings(folder: Path, settings: dict[str, Any]) -> None:
-    """Record a run's settings in its folder, or refuse a folder made with other settings."""
-    path = Path(folder) / SETTINGS
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored != settings:
-            changed = sorted(k for k in settings if stored.get(k) != settings[k])
-            raise SereError(f"{folder} was made with other settings ({', '.join(changed)} "
-                            "differ); give another --output, or delete the folder to redo it")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, settings)
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a kill leaves no half file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_timing(folder: Path) -> dict[str, float]:
-    """A run folder's timing.json (running totals in seconds), empty when there is none."""
-    path = Path(folder) / TIMING
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def add_seconds(folder: Path, key: str, seconds: float) -> None:
-    """Add `seconds` to the running total `key` of a run folder's timing.json.
-
-    Sessions that end normally, by a signal or by Ctrl-C are counted; a hard kill loses its
-    session's time.
-    """
-    timing = read_timing(folder)
-    timing[key] = timing.get(key, 0.0) + seconds
-    write_json(Path(folder) / TIMING, timing)
+    return unfinished(plan.output, todo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,25 +209,14 @@ class RunRecord:
 
     def save(self, folder: Path) -> Path:
         """Write `results.json` into `folder`."""
-        path = Path(folder) / RESULTS
-        write_json(path, asdict(self))
-        return path
+        return save_record(self, folder)
 
     @classmethod
     def load(cls, path: Path) -> "RunRecord":
         """Read a results.json."""
-        values = json.loads(Path(path).read_text())
+        values = read_json(path)
         values["knn_curve"] = [tuple(point) for point in values.get("knn_curve", [])]
         return cls(**values)
-
-
-def knn_on_features(train: FeatureSplit, test: FeatureSplit, k: int, temperature: float,
-                    num_classes: int) -> float:
-    """k-NN top-1 (percent) of raw features, L2-normalised here as in `knn_top1`."""
-    scores = knn_classify_many(F.normalize(train.features, dim=-1), train.labels,
-                               F.normalize(test.features, dim=-1), (k,), temperature,
-                               num_classes)[k]  # (M, num_classes) votes
-    return top1_accuracy(scores, test.labels)
 
 
 def evaluate(backbone: ViTBackbone, model_key: str, cfg: Config, plan: StudyPlan, seed: int,
@@ -325,49 +226,14 @@ def evaluate(backbone: ViTBackbone, model_key: str, cfg: Config, plan: StudyPlan
     The [CLS] features of `sere.eval.linear` are the backbone's normed [CLS] token, the same
     that `knn_top1` L2-normalises, so one extraction serves both.
     """
-    train_src, test_src = sources
-    device = resolve_device(cfg.train.device)
-    splits = []
-    for name, source, limit in (("train", train_src, plan.max_train),
-                                ("test", test_src, plan.max_test)):
-        indices = subset_indices(len(source), limit, seed=SUBSET_SEED)
-        got = cached_features(backbone, model_key, cfg, source, indices, FEATURES, device,
-                              cache_dir, name=name)
-        splits.append(got.split)
-    train, test = splits
-    classes = len(train_src.classes)
+    train, test = cls_splits(backbone, model_key, cfg, sources, (plan.max_train, plan.max_test),
+                             cache_dir)
+    classes = len(sources[0].classes)
     knn = knn_on_features(train, test, cfg.eval.k, cfg.eval.temperature, classes)
     probe, _ = run_probe(train, test, classes, epochs=plan.probe_epochs, seed=seed,
-                         features=FEATURES, device=device)
+                         features=FEATURES, device=resolve_device(cfg.train.device))
     return Evaluation(knn, probe.test_top1, probe.test_top5, probe.best_lr, len(train.labels),
                       len(test.labels), probe.to_dict())
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a checkpoint, or None when it is missing or unreadable."""
-    try:
-        return int(load_checkpoint(path)["step"])
-    except SereError:
-        return None
-
-
-def knn_curve(metrics_path: Path) -> list[tuple[int, float]]:
-    """(step, k-NN top-1 %) of the periodic k-NN logged in a run's metrics.jsonl."""
-    return [(int(r["step"]), float(r["knn_top1"])) for r in read_metrics(metrics_path)
-            if "knn_top1" in r]
-
-
-def seconds_per_step(metrics_path: Path, images_per_step: int) -> float:
-    """Median seconds per step over the logged intervals (`images_per_second` records).
-
-    The median ignores the few intervals that also hold a periodic k-NN, a checkpoint or a
-    resumed session's start-up.
-    """
-    rates = [r["images_per_second"] for r in read_metrics(metrics_path)
-             if r.get("images_per_second", 0) > 0]
-    if not rates:
-        raise SereError(f"{metrics_path} logs no images_per_second; the run logged no step")
-    return statistics.median(images_per_step / rate for rate in rates)
 
 
 def do_run(plan: StudyPlan, method: Method, seed: int) -> RunRecord | None:
@@ -377,16 +243,9 @@ def do_run(plan: StudyPlan, method: Method, seed: int) -> RunRecord | None:
     settings = plan.settings(method.key, seed)
     check_settings(folder, settings)
     cfg = run_config(plan, method, seed)
-    last = folder / "last.pt"
-    if checkpoint_step(last) != plan.steps:
-        start = time.perf_counter()
-        try:
-            result = Pretrainer(cfg, resume="auto", evaluate=periodic_knn(cfg)).run()
-        finally:
-            add_seconds(folder, "pretrain_seconds", time.perf_counter() - start)
-        if result.preempted:
-            return None
-        last = result.checkpoint
+    last = pretrain_to_end(folder, cfg, plan.steps, periodic_knn(cfg))
+    if last is None:
+        return None
     pretrain_seconds = read_timing(folder).get("pretrain_seconds", 0.0)
     start = time.perf_counter()
     loaded = load_backbone(last, which="teacher")
@@ -437,147 +296,26 @@ def do_floor(plan: StudyPlan, seed: int) -> RunRecord:
 # Aggregation.
 
 
-@dataclass
-class MeanStd:
-    """Mean and sample standard deviation (n - 1; NaN for one value) of n values."""
-
-    mean: float
-    std: float
-    n: int
-
-    def format(self, digits: int = 1) -> str:
-        """`mean ± std`, `mean` alone for one value, `—` for none."""
-        if self.n == 0:
-            return "—"
-        if self.n == 1:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
-
-
-def mean_std(values: list[float]) -> MeanStd:
-    """Mean and sample standard deviation of `values`."""
-    if not values:
-        return MeanStd(math.nan, math.nan, 0)
-    std = statistics.stdev(values) if len(values) > 1 else math.nan
-    return MeanStd(statistics.fmean(values), std, len(values))
-
-
-@dataclass
-class MethodSummary:
-    """One row of the table: a method's results over its seeds."""
-
-    key: str
-    label: str
-    seeds: list[int]
-    knn_top1: MeanStd
-    linear_top1: MeanStd
-    seconds_per_step: MeanStd  # n = 0 for the floor
-    wall_seconds: float  # summed over seeds
-
-
-@dataclass
-class PairedDifference:
-    """A pre-declared comparison: `with_key` minus `without_key`, seed by seed."""
-
-    without_key: str
-    with_key: str
-    seeds: list[int]  # seeds present for both
-    knn_by_seed: list[float]  # percentage points, in `seeds` order
-    linear_by_seed: list[float]  # percentage points, in `seeds` order
-    seconds_per_step_without: MeanStd
-    seconds_per_step_with: MeanStd
-
-    @property
-    def knn_top1(self) -> MeanStd:
-        """Mean and spread of the k-NN differences over seeds."""
-        return mean_std(self.knn_by_seed)
-
-    @property
-    def linear_top1(self) -> MeanStd:
-        """Mean and spread of the linear-probe differences over seeds."""
-        return mean_std(self.linear_by_seed)
-
-    @property
-    def extra_cost(self) -> float:
-        """Relative extra seconds per step of `with_key` (0.1 = 10 % slower); NaN when unknown."""
-        return self.seconds_per_step_with.mean / self.seconds_per_step_without.mean - 1
-
-
-HELPS, HURTS, NO_DIFFERENCE = "helps", "hurts", "no detectable difference"
-
-
-def verdict(differences: list[float], seeds_needed: int) -> str:
-    """The decision rule fixed before the study (docs/results.md): "helps" when the mean paired
-    difference and every seed's difference are positive, "hurts" when all are negative, else
-    no detectable difference; undecided while fewer than `seeds_needed` seeds are in."""
-    if len(differences) < seeds_needed:
-        return f"undecided ({len(differences)} of {seeds_needed} seeds)"
-    if all(d > 0 for d in differences):  # then the mean is positive too
-        return HELPS
-    if all(d < 0 for d in differences):
-        return HURTS
-    return NO_DIFFERENCE
-
-
 def load_records(output: Path) -> list[RunRecord]:
     """Every results.json under `output` (`<method>/seed<k>/results.json`)."""
-    return [RunRecord.load(path) for path in sorted(Path(output).glob(f"*/seed*/{RESULTS}"))]
+    return [RunRecord.load(path) for path in result_paths(output)]
 
 
-def label_of(key: str) -> str:
-    """The display name of a method key (or of the floor)."""
-    return "random init" if key == FLOOR else METHODS_BY_KEY[key].label
+# The table's metrics: the main table shows k-NN then the probe; the decision rule reads the
+# probe first.
+KNN = Metric("knn_top1", "k-NN top-1 (%)", "k-NN top-1", "k-NN")
+LINEAR = Metric("linear_top1", "linear top-1 (%)", "linear top-1", "linear")
+TABLE_METRICS = (KNN, LINEAR)
+DECISION = (LINEAR, KNN)
 
 
-def summarise(records: list[RunRecord]) -> list[MethodSummary]:
+def summarise_study(records: list[RunRecord]) -> list[MethodSummary]:
     """One summary per method present: the floor first, then the methods in METHODS order."""
-    order = [FLOOR, *(m.key for m in METHODS)]
-    rows = []
-    for key in order:
-        mine = sorted((r for r in records if r.method == key), key=lambda r: r.seed)
-        if not mine:
-            continue
-        rows.append(MethodSummary(
-            key=key, label=label_of(key), seeds=[r.seed for r in mine],
-            knn_top1=mean_std([r.knn_top1 for r in mine]),
-            linear_top1=mean_std([r.linear_top1 for r in mine]),
-            seconds_per_step=mean_std([r.seconds_per_step for r in mine
-                                       if r.seconds_per_step is not None]),
-            wall_seconds=sum(r.wall_seconds for r in mine)))
-    return rows
-
-
-def paired_differences(records: list[RunRecord]) -> list[PairedDifference]:
-    """The COMPARISONS whose two methods share at least one seed, differences seed by seed."""
-    by = {(r.method, r.seed): r for r in records}
-    out = []
-    for without, with_ in COMPARISONS:
-        seeds = sorted(s for (m, s) in by if m == with_ and (without, s) in by)
-        if not seeds:
-            continue
-        a = [by[(without, s)] for s in seeds]
-        b = [by[(with_, s)] for s in seeds]
-        out.append(PairedDifference(
-            without, with_, seeds,
-            knn_by_seed=[y.knn_top1 - x.knn_top1 for x, y in zip(a, b)],
-            linear_by_seed=[y.linear_top1 - x.linear_top1 for x, y in zip(a, b)],
-            seconds_per_step_without=mean_std([x.seconds_per_step for x in a]),
-            seconds_per_step_with=mean_std([y.seconds_per_step for y in b])))
-    return out
-
-
-def format_duration(seconds: float) -> str:
-    """`1 h 23 min`, `4.5 min` or `12 s`."""
-    if seconds >= 3600:
-        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.0f} s"
+    return summarise(records, [FLOOR, *(m.key for m in METHODS)], TABLE_METRICS)
 
 
 def format_table(records: list[RunRecord], plan: StudyPlan) -> str:
     """The markdown of table.md: accuracies, step cost and paired differences."""
-    rows = summarise(records)
     first = next((r for r in records if r.method != FLOOR), records[0] if records else None)
     images = (f"{first.steps} pretraining steps per run; final evaluation on "
               f"{first.train_images} training / {first.test_images} test images"
@@ -590,48 +328,16 @@ def format_table(records: list[RunRecord], plan: StudyPlan) -> str:
         "epochs, learning rate chosen on held-out training images). Seconds per step: median "
         "over a run's logged intervals, then mean over seeds.",
         "",
-        "| method | seeds | k-NN top-1 (%) | linear top-1 (%) | s / step | wall time |",
-        "|---|---|---|---|---|---|",
+        *main_table(summarise_study(records), TABLE_METRICS),
     ]
-    for row in rows:
-        lines.append(f"| {row.label} | {len(row.seeds)} | {row.knn_top1.format()} | "
-                     f"{row.linear_top1.format()} | {row.seconds_per_step.format(3)} | "
-                     f"{format_duration(row.wall_seconds)} |")
-    diffs = paired_differences(records)
+    diffs = paired_differences(records, COMPARISONS, TABLE_METRICS)
     if diffs:
-        lines += [
-            "",
-            "## Pre-declared comparisons (with minus without, seed by seed)",
-            "",
-            "| comparison | seeds | Δ k-NN top-1 (points) | Δ linear top-1 (points) | "
-            "s / step without → with | extra cost per step |",
-            "|---|---|---|---|---|---|",
-        ]
-        for d in diffs:
-            lines.append(
-                f"| {label_of(d.with_key)} vs {label_of(d.without_key)} | {len(d.seeds)} | "
-                f"{d.knn_top1.format()} | {d.linear_top1.format()} | "
-                f"{d.seconds_per_step_without.mean:.3f} → {d.seconds_per_step_with.mean:.3f} | "
-                f"{100 * d.extra_cost:+.0f} % |")
-        needed = len(plan.seeds)
-        lines += [
-            "",
-            "## The decision rule fixed in advance (linear probe first, then k-NN)",
-            "",
-            "A verdict is *helps* (or *hurts*) only when the mean and every seed's difference "
-            "are positive (negative).",
-            "",
-            "| comparison | Δ linear top-1 (seed: points) | linear verdict | "
-            "Δ k-NN top-1 (seed: points) | k-NN verdict |",
-            "|---|---|---|---|---|",
-        ]
-        for d in diffs:
-            per_seed = [", ".join(f"{seed}: {v:+.2f}" for seed, v in zip(d.seeds, values))
-                        for values in (d.linear_by_seed, d.knn_by_seed)]
-            lines.append(
-                f"| {label_of(d.with_key)} vs {label_of(d.without_key)} | {per_seed[0]} | "
-                f"{verdict(d.linear_by_seed, needed)} | {per_seed[1]} | "
-                f"{verdict(d.knn_by_seed, needed)} |")
+        lines += ["", "## Pre-declared comparisons (with minus without, seed by seed)", "",
+                  *differences_table(diffs, TABLE_METRICS), "",
+                  "## The decision rule fixed in advance (linear probe first, then k-NN)", "",
+                  "A verdict is *helps* (or *hurts*) only when the mean and every seed's "
+                  "difference are positive (negative).", "",
+                  *verdict_table(diffs, DECISION, len(plan.seeds))]
     total = sum(r.wall_seconds for r in records)
     lines += ["", f"Total wall time of the {len(records)} runs and floors (pretraining and "
               f"evaluation, summed): {format_duration(total)}.", ""]
@@ -640,13 +346,6 @@ def format_table(records: list[RunRecord], plan: StudyPlan) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Plots.
-
-
-def method_color(key: str) -> str:
-    """One matplotlib colour per method, the same in every plot (gray for the floor)."""
-    if key == FLOOR:
-        return "darkgray"
-    return f"C{[m.key for m in METHODS].index(key)}"
 
 
 def plot_knn_curves(records: list[RunRecord], path: Path) -> Path | None:
@@ -692,52 +391,8 @@ def plot_knn_curves(records: list[RunRecord], path: Path) -> Path | None:
     return path
 
 
-def plot_final(records: list[RunRecord], path: Path) -> Path | None:
-    """Bar charts of the final k-NN and linear top-1 per method, error bars ± std, one dot per
-    seed. The y axis starts near the lowest value, not at 0 (the text says so)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summarise(records)
-    if not rows:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    x = list(range(len(rows)))
-    for ax, attr, title in ((axes[0], "knn_top1", "k-NN top-1 (%), k = 20"),
-                            (axes[1], "linear_top1", "linear probe top-1 (%)")):
-        stats = [getattr(row, attr) for row in rows]
-        errors = [0.0 if math.isnan(s.std) else s.std for s in stats]
-        ax.bar(x, [s.mean for s in stats], yerr=errors, capsize=4,
-               color=[method_color(row.key) for row in rows], alpha=0.8)
-        for i, row in enumerate(rows):
-            values = [getattr(r, attr) for r in records if r.method == row.key]
-            ax.plot([i] * len(values), values, "k.", ms=4)
-        values = [getattr(r, attr) for r in records]
-        ax.set_ylim(min(values) - 3, max(values) + 2)
-        ax.set_xticks(x, [row.label.replace(" ", "\n", 1) if len(row.label) > 10 else row.label
-                          for row in rows], fontsize=7)
-        ax.set_title(f"{title} (axis not from 0)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # The command.
-
-
-def estimate_seconds(key: str, plan: StudyPlan, measured: list[float]) -> float:
-    """Seconds one more run of `key` is expected to take: the mean of the pretraining runs done
-    in this session when there are some, else the a priori calibration."""
-    if key == FLOOR:
-        return PRIOR_FLOOR_SECONDS
-    if measured:
-        return statistics.fmean(measured)
-    return plan.steps * PRIOR_SECONDS_PER_STEP + PRIOR_RUN_OVERHEAD_SECONDS
 
 
 def finish(plan: StudyPlan) -> str:
@@ -746,7 +401,8 @@ def finish(plan: StudyPlan) -> str:
     table = format_table(records, plan)
     (plan.output / "table.md").write_text(table)
     written = [p for p in (plot_knn_curves(records, plan.output / "knn_over_training.png"),
-                           plot_final(records, plan.output / "final_accuracy.png")) if p]
+                           plot_final(records, summarise_study(records), TABLE_METRICS,
+                                      plan.output / "final_accuracy.png")) if p]
     print(table)
     print(f"wrote {plan.output / 'table.md'}" + "".join(f", {p}" for p in written))
     return table
@@ -756,36 +412,17 @@ def run_study(plan: StudyPlan) -> int:
     """Do every pending run of `plan` (floors first), then write the table and the plots.
     Returns 0, also when a signal stopped a run (rerun the same command to continue)."""
     plan.output.mkdir(parents=True, exist_ok=True)
-    for key in (FLOOR, *plan.methods):  # refuse a mixed output folder before any work
-        for seed in plan.seeds:
-            folder = run_dir(plan.output, key, seed)
-            if (folder / SETTINGS).is_file():
-                check_settings(folder, plan.settings(key, seed))
-    todo = pending_runs(plan)
+    check_output(plan.output, (FLOOR, *plan.methods), plan.seeds, plan.settings)
+    run_seconds = plan.steps * PRIOR_SECONDS_PER_STEP + PRIOR_RUN_OVERHEAD_SECONDS
+    step = Step(
+        do_run=lambda key, seed: do_run(plan, METHODS_BY_KEY[key], seed),
+        do_floor=lambda seed: do_floor(plan, seed),
+        estimate=lambda key, measured: estimate_seconds(key, measured, run_seconds,
+                                                        PRIOR_FLOOR_SECONDS),
+        describe=lambda r: f"k-NN {r.knn_top1:.1f} %, linear {r.linear_top1:.1f} %")
     total = len(plan.seeds) * (len(plan.methods) + 1)
-    print(f"{total - len(todo)} of {total} runs and floors already finished in {plan.output}; "
-          f"{len(todo)} to do, {plan.steps} pretraining steps per run")
-    measured: list[float] = []  # wall seconds of the pretraining runs done in this session
-    session = time.perf_counter()
-    for i, (key, seed) in enumerate(todo):
-        left = sum(estimate_seconds(k, plan, measured) for k, _ in todo[i:])
-        eta = time.strftime("%H:%M", time.localtime(time.time() + left))
-        print(f"\n[{i + 1}/{len(todo)}] {label_of(key)}, seed {seed} "
-              f"(about {format_duration(left)} left, done around {eta})", flush=True)
-        start = time.perf_counter()
-        if key == FLOOR:
-            record = do_floor(plan, seed)
-        else:
-            record = do_run(plan, METHODS_BY_KEY[key], seed)
-            if record is None:
-                print("stopped by a signal; run the same command again to continue")
-                return 0
-            measured.append(time.perf_counter() - start)
-        print(f"[{i + 1}/{len(todo)}] {label_of(key)}, seed {seed}: k-NN {record.knn_top1:.1f} %,"
-              f" linear {record.linear_top1:.1f} % in {format_duration(record.wall_seconds)}",
-              flush=True)
-    print(f"\nthis session took {format_duration(time.perf_counter() - session)}\n")
-    finish(plan)
+    if run_pending(pending_runs(plan), plan.steps, total, plan.output, step):
+        finish(plan)
     return 0
 
 
@@ -793,25 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The study's command line."""
     p = argparse.ArgumentParser(description="Does SERE help? DINO, iBOT and their SERE variants "
                                 "on Fashion-MNIST, same small ViT and budget, several seeds.")
-    p.add_argument("--output", type=Path, default=None,
-                   help="output root (default runs/study, or runs/study_quick with --quick)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"pretraining steps per run (default {DEFAULT_STEPS})")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help=f"seeds (default {' '.join(map(str, DEFAULT_SEEDS))})")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS_BY_KEY), default=None,
-                   help="a subset of the methods (default all)")
+    add_study_arguments(p, DEFAULT_STEPS, DEFAULT_SEEDS, list(METHODS_BY_KEY), OUTPUTS,
+                        "smoke test: 8 steps, seed 0, small evaluation subsets, 10 probe epochs")
     p.add_argument("--max-train", type=int, default=None,
                    help="final evaluation: a fixed subset of the 60,000 labelled training images")
     p.add_argument("--max-test", type=int, default=None,
                    help="final evaluation: a fixed subset of the 10,000 test images")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: 8 steps, seed 0, small evaluation subsets, 10 probe epochs")
-    p.add_argument("--table-only", action="store_true",
-                   help="only rewrite table.md and the plots from the results.json present")
-    p.add_argument("overrides", nargs="*",
-                   help="extra key.sub=value settings for every run (recorded in each run's "
-                        "settings; changing them needs another --output)")
     return p
 
 
@@ -823,8 +447,7 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         return value if value is not None else quick.get(name, default)
 
     plan = StudyPlan(
-        output=given(args.output, "output",
-                     Path("runs/study_quick" if args.quick else "runs/study")),
+        output=given(args.output, "output", Path(OUTPUTS[1] if args.quick else OUTPUTS[0])),
         steps=given(args.steps, "steps", DEFAULT_STEPS),
         seeds=tuple(given(args.seeds, "seeds", DEFAULT_SEEDS)),
         methods=tuple(given(args.methods, "methods", [m.key for m in METHODS])),
@@ -834,28 +457,13 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         knn_max_test=quick.get("knn_max_test", KNN_MAX_TEST),
         probe_epochs=quick.get("probe_epochs", PROBE_EPOCHS),
         overrides=tuple(args.overrides))
-    for name in ("steps", "max_train", "max_test"):
-        value = getattr(plan, name)
-        if value is not None and value < 1:
-            raise SereError(f"--{name.replace('_', '-')} must be at least 1")
+    check_positive(plan, ("steps", "max_train", "max_test"))
     return plan
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: `python benchmarks/study.py [options] [key.sub=value ...]`."""
-    args = build_parser().parse_args(argv)
-    try:
-        plan = plan_from_args(args)
-        if args.table_only:
-            finish(plan)
-            return 0
-        return run_study(plan)
-    except SereError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
+    return study_main(build_parser().parse_args(argv), plan_from_args, finish, run_study)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -13,18 +12,10 @@ import pytest
 from sere.errors import SereError
 from sere.train.schedules import Schedules
 
-STUDY_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "study.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-
-def _load_study():
-    spec = importlib.util.spec_from_file_location("sere_study", STUDY_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_study()
+import study  # noqa: E402
+import study_common as common  # noqa: E402
 
 WEIGHTS = ("lambda1", "lambda2", "alpha", "beta")
 
@@ -126,24 +117,25 @@ def test_summary_gives_mean_and_sample_std_per_method(tmp_path):
         write_record(tmp_path, fake_record("ibot", seed, knn, linear, sps))
     for seed, (knn, linear) in enumerate([(60.0, 75.0), (61.0, 76.0)]):
         write_record(tmp_path, fake_record(study.FLOOR, seed, knn, linear, None, wall=30.0))
-    rows = {row.key: row for row in study.summarise(study.load_records(tmp_path))}
+    rows = {row.key: row for row in study.summarise_study(study.load_records(tmp_path))}
     assert list(rows) == [study.FLOOR, "ibot"]  # the floor first, methods in table order
     ibot = rows["ibot"]
     assert ibot.seeds == [0, 1, 2]
-    assert ibot.knn_top1.mean == pytest.approx(72.0) and ibot.knn_top1.std == pytest.approx(2.0)
-    assert ibot.linear_top1.mean == pytest.approx(82.0)
-    assert ibot.linear_top1.std == pytest.approx(math.sqrt(7.0))  # (4 + 1 + 9) / (3 - 1)
+    knn, linear = ibot.stats["knn_top1"], ibot.stats["linear_top1"]
+    assert knn.mean == pytest.approx(72.0) and knn.std == pytest.approx(2.0)
+    assert linear.mean == pytest.approx(82.0)
+    assert linear.std == pytest.approx(math.sqrt(7.0))  # (4 + 1 + 9) / (3 - 1)
     assert ibot.seconds_per_step.mean == pytest.approx(0.32)
     assert ibot.wall_seconds == pytest.approx(300.0)
     floor = rows[study.FLOOR]
-    assert floor.knn_top1.std == pytest.approx(math.sqrt(0.5))
+    assert floor.stats["knn_top1"].std == pytest.approx(math.sqrt(0.5))
     assert floor.seconds_per_step.n == 0 and floor.seconds_per_step.format() == "—"
 
 
 def test_mean_std_of_one_value_has_no_spread():
-    one = study.mean_std([71.25])
+    one = common.mean_std([71.25])
     assert one.mean == 71.25 and math.isnan(one.std) and one.format() == "71.2"
-    assert study.mean_std([1.0, 2.0]).format(2) == "1.50 ± 0.71"
+    assert common.mean_std([1.0, 2.0]).format(2) == "1.50 ± 0.71"
 
 
 def test_paired_differences_are_taken_seed_by_seed(tmp_path):
@@ -154,13 +146,15 @@ def test_paired_differences_are_taken_seed_by_seed(tmp_path):
         write_record(tmp_path, fake_record("ibot_sere", seed, base[seed] + gain[seed],
                                            base[seed] + 10 - gain[seed], 0.36))
     write_record(tmp_path, fake_record("dino_sere", 0, 50.0, 50.0))  # its DINO is missing
-    diffs = study.paired_differences(study.load_records(tmp_path))
+    diffs = study.paired_differences(study.load_records(tmp_path), study.COMPARISONS,
+                                     study.TABLE_METRICS)
     assert [(d.without_key, d.with_key) for d in diffs] == [("ibot", "ibot_sere")]
     d = diffs[0]
     assert d.seeds == [0, 1, 2]
     # unpaired, the seeds' spread (std 5) would swamp the gain; paired it is 2 +- 1
-    assert d.knn_top1.mean == pytest.approx(2.0) and d.knn_top1.std == pytest.approx(1.0)
-    assert d.linear_top1.mean == pytest.approx(-2.0)
+    assert d.stats("knn_top1").mean == pytest.approx(2.0)
+    assert d.stats("knn_top1").std == pytest.approx(1.0)
+    assert d.stats("linear_top1").mean == pytest.approx(-2.0)
     assert d.extra_cost == pytest.approx(0.2)
 
 
@@ -172,7 +166,7 @@ def test_paired_differences_are_taken_seed_by_seed(tmp_path):
     ([0.4, 0.9], "undecided (2 of 3 seeds)"),  # the rule needs every seed
 ])
 def test_verdict_follows_the_pre_declared_rule(differences, expected):
-    assert study.verdict(differences, seeds_needed=3) == expected
+    assert common.verdict(differences, seeds_needed=3) == expected
 
 
 def test_table_gives_per_seed_differences_and_the_verdicts(tmp_path):
@@ -290,10 +284,10 @@ def test_a_folder_made_with_other_settings_is_refused(tmp_path, monkeypatch):
 
 
 def test_timing_accumulates_over_sessions(tmp_path):
-    assert study.read_timing(tmp_path) == {}
-    study.add_seconds(tmp_path, "pretrain_seconds", 12.5)
-    study.add_seconds(tmp_path, "pretrain_seconds", 7.5)
-    assert study.read_timing(tmp_path) == {"pretrain_seconds": 20.0}
+    assert common.read_timing(tmp_path) == {}
+    common.add_seconds(tmp_path, "pretrain_seconds", 12.5)
+    common.add_seconds(tmp_path, "pretrain_seconds", 7.5)
+    assert common.read_timing(tmp_path) == {"pretrain_seconds": 20.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +323,7 @@ def test_tiny_study_end_to_end_then_resume_skips_everything(tmp_path, monkeypatc
                for r in dino_losses)
     assert (tmp_path / "table.md").is_file()
     before = (study.run_dir(tmp_path, "dino", 0) / "results.json").read_text()
-    monkeypatch.setattr(study, "Pretrainer", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(common, "Pretrainer", lambda *a, **k: pytest.fail("trained again"))
     assert study.run_study(plan) == 0
     assert (study.run_dir(tmp_path, "dino", 0) / "results.json").read_text() == before
 
@@ -342,7 +336,7 @@ def test_a_run_with_a_finished_checkpoint_is_only_evaluated(tmp_path, monkeypatc
     first = study.do_run(plan, study.METHODS_BY_KEY["ibot"], 0)
     folder = study.run_dir(tmp_path, "ibot", 0)
     (folder / "results.json").unlink()  # as if killed during the evaluation
-    monkeypatch.setattr(study, "Pretrainer", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(common, "Pretrainer", lambda *a, **k: pytest.fail("trained again"))
     again = study.do_run(plan, study.METHODS_BY_KEY["ibot"], 0)
     assert again.knn_top1 == first.knn_top1
     assert again.linear_top1 == first.linear_top1
