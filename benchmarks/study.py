@@ -63,6 +63,12 @@ from sere.runtime import resolve_device
 # weights differ.
 
 PRESET = "demo"  # the CPU demo preset: ViT width 96, depth 4, patch 4, 28-pixel crops
+# The demo recipe as it was when this study ran (the demo has its own recipe since: teachers
+# at 0.04, head not frozen, bf16): pinned so that a rerun or a resume trains what was measured.
+DEMO_RECIPE_OF_THE_STUDY = (
+    "loss.teacher_temp=0.07", "loss.teacher_patch_temp=0.07",
+    "loss.warmup_teacher_temp_epochs=2", "optim.freeze_last_layer=1", "train.precision=fp32",
+)
 DEFAULT_STEPS = 1500  # pretraining steps per run: 18 runs take about 3 hours on 2 cores
 EPOCHS = 4  # the demo's schedule length: every schedule spans the run, as in the demo
 BATCH_SIZE = 64  # the demo's batch
@@ -122,7 +128,7 @@ class StudyPlan:
         """
         steps_per_epoch = math.ceil(self.steps / EPOCHS)
         return [
-            f"optim.epochs={EPOCHS}", f"optim.batch_size={BATCH_SIZE}",
+            *DEMO_RECIPE_OF_THE_STUDY, f"optim.epochs={EPOCHS}", f"optim.batch_size={BATCH_SIZE}",
             f"data.max_images={steps_per_epoch * BATCH_SIZE}", f"train.max_steps={self.steps}",
             f"train.seed={seed}", f"train.save_every={SAVE_EVERY}", "train.keep_last=1",
             f"eval.knn_every={math.ceil(self.steps / KNN_POINTS)}",
