@@ -162,3 +162,34 @@ def test_a_fresh_run_refuses_metrics_without_a_checkpoint_but_not_an_empty_log(t
     with pytest.raises(SereError, match="metrics.jsonl of an earlier run .*another folder"):
         Pretrainer(tiny())
     assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
+
+
+def _labelled_folder_with_a_broken_image(root: Path) -> Path:
+    for c, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            _good(root / name / f"{i}.png", 10 * c + i)
+    (root / "dog" / "broken.png").write_bytes(b"not an image")
+    return root / "dog" / "broken.png"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_names_an_unreadable_image_in_one_line_with_workers(tiny, tmp_path, workers):
+    from sere.io.checkpoint import save_checkpoint
+    from sere.io.weights import random_backbone
+    cfg = tiny()
+    checkpoint = tmp_path / "random.pt"
+    save_checkpoint(checkpoint, {"config": cfg.to_dict(), "step": 0, "teacher": {
+        f"backbone.{k}": v for k, v in random_backbone(cfg, 0).state_dict().items()}})
+    broken = _labelled_folder_with_a_broken_image(tmp_path / "images")
+    cmd = [sys.executable, "-m", "sere.cli", "knn", "--checkpoint", str(checkpoint),
+           "--train-dir", str(tmp_path / "images"), "--test-dir", str(tmp_path / "images"),
+           "--workers", str(workers), "--no-random",
+           "--no-cache"]
+    env = {**os.environ, "PYTHONPATH": SOURCES, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = _error_lines(done.stderr)
+    assert lines == [f"error: unreadable image {broken}: cannot identify image file "
+                     f"'{broken}'; an evaluation reads every image of its folders: remove or "
+                     "fix the file"]

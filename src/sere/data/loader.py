@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -232,8 +233,9 @@ def worker_init(_: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def loader_batches(loader: torch.utils.data.DataLoader) -> Iterator[MultiCropBatch]:
-    """The batches of `loader`, its worker processes shut down as soon as iteration ends: by an
+def loader_batches(loader: torch.utils.data.DataLoader) -> Iterator[Any]:
+    """The batches of `loader` (pretraining's MultiCropBatch, evaluation's image and label
+    tensors), its worker processes shut down as soon as iteration ends: by an
     error, or by the consumer closing this generator.
 
     Left to the interpreter's exit, the workers would hang it: Python ends leftover daemon

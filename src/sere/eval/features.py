@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from sere.data.datasets import ImageSource
+from sere.data.datasets import ImageSource, UnreadableImage
+from sere.data.loader import loader_batches
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
 
@@ -63,7 +64,11 @@ class EvalImages(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image, label = self.source[self.indices[i]]  # (C, H, W) uint8
+        try:
+            image, label = self.source[self.indices[i]]  # (C, H, W) uint8
+        except UnreadableImage as err:  # evaluation skips nothing: the score would change
+            raise SereError(f"unreadable image {err}; an evaluation reads every image of its "
+                            "folders: remove or fix the file") from None
         image = image.float()
         if image.shape[-2:] != (self.size, self.size):
             image = F.interpolate(image[None], size=(self.size, self.size), mode="bicubic",
@@ -137,7 +142,9 @@ def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch
                                          num_workers=num_workers)
     feats, labels = [], []
     try:
-        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+        # loader_batches: a worker's error is one line and its workers are shut down at once
+        for x, y in tqdm(loader_batches(loader), desc=desc, unit="batch", leave=False,
+                         total=len(loader)):
             f = batch_features(backbone, x.to(device), kind).float()
             feats.append((F.normalize(f, dim=-1) if normalize else f).to("cpu", dtype))
             labels.append(torch.as_tensor(y, dtype=torch.int64))
