@@ -138,6 +138,7 @@ class DensePlan:
         return [
             "data.dataset=fashion_mnist_scenes", f"data.scene_size={SCENE_SIZE}",
             f"data.scenes={steps_per_epoch * BATCH_SIZE}",
+            "data.max_images=null",  # the demo preset's cap of 20,000 would cut the epochs short
             f"data.scene_seed={SCENE_SEED_OFFSET + seed}",
             f"data.global_crop_size={GLOBAL_CROP}", f"data.local_crop_size={LOCAL_CROP}",
             *DENSE_RECIPE, f"optim.epochs={EPOCHS}", f"optim.batch_size={BATCH_SIZE}",

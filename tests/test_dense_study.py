@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sere.data.datasets import subset_indices
 from sere.errors import SereError
 from sere.train.schedules import Schedules
 
@@ -73,7 +74,10 @@ def test_methods_share_everything_but_the_loss_weights(tmp_path):
 def test_the_schedules_span_exactly_the_step_budget(tmp_path, steps, per_epoch):
     cfg = ds.run_config(ds.DensePlan(output=tmp_path, steps=steps), ds.METHODS[0], seed=0)
     assert cfg.data.scenes == per_epoch * 64 and cfg.train.max_steps == steps
-    total = Schedules(cfg, cfg.data.scenes // cfg.optim.batch_size, 1).total_steps
+    # what the loader keeps of the scenes (the demo preset's data.max_images must not cut them)
+    images = len(subset_indices(cfg.data.scenes, cfg.data.max_images, seed=cfg.train.seed))
+    assert images == cfg.data.scenes
+    total = Schedules(cfg, images // cfg.optim.batch_size, 1).total_steps
     assert steps <= total < steps + 4
 
 
