@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,17 @@ def report_loader(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class PipelineRates:
+    """Images per second of each path, and what the deferred photometric changes cost per
+    image when they run batched on this CPU."""
+
+    rates: dict[str, float]
+    finish_ms: float
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="a folder of JPEGs")
     parser.add_argument("--make-images", type=int, default=0,
@@ -120,8 +131,54 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --loader-workers")
     parser.add_argument("--batch", type=int, default=128, help="with --loader-workers")
     parser.add_argument("--batches", type=int, default=20, help="with --loader-workers")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def measure_pipelines(args: argparse.Namespace, cfg, ours, paths: list[Path]) -> PipelineRates:
+    """Images per second of the baseline, ours and ours_deferred over the same `paths`, and
+    the batched photometric changes timed on this CPU."""
+    d = cfg.data
+    baseline = BaselinePipeline(args.global_size, args.local_size, args.local_crops,
+                                d.global_crops_scale, d.local_crops_scale)
+    # ours reads the folder in sorted order, so item i is paths[i] in both
+    deferred = build_dataset(cfg, defer_photometric=True)
+    rates = {"baseline": measure(lambda i: baseline(paths[i]), args.count, args.warmup),
+             "ours": measure(lambda i: ours[(0, i)], args.count, args.warmup),
+             "ours_deferred": measure(lambda i: deferred[(0, i)], args.count, args.warmup)}
+    # what the deferred changes cost when they run batched on this CPU instead of a GPU
+    batch = collate([deferred[(0, i)] for i in range(args.warmup, args.warmup + 32)])
+    batch.finish(deferred.augment)
+    start = time.perf_counter()
+    batch.finish(deferred.augment)
+    finish_ms = (time.perf_counter() - start) / 32 * 1e3
+    return PipelineRates(rates, finish_ms)
+
+
+def report_pipelines(args: argparse.Namespace, measured: PipelineRates) -> None:
+    """Print the paths' rates as one JSON object per line (`--json`) or as a table."""
+    rates, finish_ms = measured.rates, measured.finish_ms
+    setting = (f"2 x {args.global_size} + {args.local_crops} x {args.local_size} crops, "
+               f"{args.count} images, 1 thread")
+    rows = [dict(path=p, images_per_second=r, ratio_to_baseline=r / rates["baseline"],
+                 setting=setting) for p, r in rates.items()]
+    rows[-1]["batched_finish_ms_per_image_on_this_cpu"] = finish_ms
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(setting)
+    print(f"{'path':<15}{'img/s/core':>12}{'vs base':>9}")
+    for row in rows:
+        print(f"{row['path']:<15}{row['images_per_second']:>12.1f}"
+              f"{row['ratio_to_baseline']:>9.2f}")
+    print(f"ours_deferred: the worker's part when the photometric changes run on the GPU; run "
+          f"batched on this CPU instead they take {finish_ms:.1f} ms per image")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time the per-core pipelines (or, with `--loader-workers`, a DataLoader) and report."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     folder = Path(args.images)
     if args.make_images:
         make_images(folder, args.make_images)
@@ -138,37 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     needed = args.count + args.warmup
     if len(paths) < needed:
         parser.error(f"{folder} holds {len(paths)} images; --count + --warmup needs {needed}")
-    d = cfg.data
-    baseline = BaselinePipeline(args.global_size, args.local_size, args.local_crops,
-                                d.global_crops_scale, d.local_crops_scale)
-    # ours reads the folder in sorted order, so item i is paths[i] in both
-    deferred = build_dataset(cfg, defer_photometric=True)
-    rates = {"baseline": measure(lambda i: baseline(paths[i]), args.count, args.warmup),
-             "ours": measure(lambda i: ours[(0, i)], args.count, args.warmup),
-             "ours_deferred": measure(lambda i: deferred[(0, i)], args.count, args.warmup)}
-    # what the deferred changes cost when they run batched on this CPU instead of a GPU
-    batch = collate([deferred[(0, i)] for i in range(args.warmup, args.warmup + 32)])
-    batch.finish(deferred.augment)
-    start = time.perf_counter()
-    batch.finish(deferred.augment)
-    finish_ms = (time.perf_counter() - start) / 32 * 1e3
-
-    setting = (f"2 x {args.global_size} + {args.local_crops} x {args.local_size} crops, "
-               f"{args.count} images, 1 thread")
-    rows = [dict(path=p, images_per_second=r, ratio_to_baseline=r / rates["baseline"],
-                 setting=setting) for p, r in rates.items()]
-    rows[-1]["batched_finish_ms_per_image_on_this_cpu"] = finish_ms
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-        return 0
-    print(setting)
-    print(f"{'path':<15}{'img/s/core':>12}{'vs base':>9}")
-    for row in rows:
-        print(f"{row['path']:<15}{row['images_per_second']:>12.1f}"
-              f"{row['ratio_to_baseline']:>9.2f}")
-    print(f"ours_deferred: the worker's part when the photometric changes run on the GPU; run "
-          f"batched on this CPU instead they take {finish_ms:.1f} ms per image")
+    report_pipelines(args, measure_pipelines(args, cfg, ours, paths))
     return 0
 
 

@@ -30,6 +30,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,65 +78,116 @@ def make_batch(cfg, batch: int, device: torch.device):
     return collate([dataset[(0, i)] for i in range(batch)]).to(device)
 
 
-def child(args: argparse.Namespace, path: str) -> dict:
-    """Build `path`, run its steps, return its measurements."""
-    cfg = config_for(args, path)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+@dataclass
+class StepParts:
+    """What one path's training step is made of: the networks, the loss, the optimiser, and
+    its gradient clipping and teacher EMA as calls (`clip()`, `ema(momentum)`)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    clip: Callable[[], None]
+    ema: Callable[[float], None]
+
+
+@dataclass
+class StepMeasurement:
+    """One path's timed steps: median seconds, first loss, peak and step memory, FLOP."""
+
+    seconds: float
+    first_loss: float
+    peak_mb: float
+    step_mb: float
+    flops: int | None
+
+
+def baseline_parts(cfg, device: torch.device) -> StepParts:
+    """The baseline's networks (on `device`), loss, optimiser, clipping and EMA
+    (`benchmarks/baseline.py`)."""
+    from baseline import (BaselineSERELoss, baseline_clip, baseline_ema, baseline_networks,
+                          baseline_optimizer)
+    nets = baseline_networks(cfg)
+    nets.student.to(device)
+    nets.teacher.to(device)
+    loss_fn = BaselineSERELoss(cfg, nets.student.backbone.num_heads)
+    optimizer = baseline_optimizer(nets.student)
+
+    def clip() -> None:
+        baseline_clip(nets.student, cfg.optim.clip_grad)
+
+    def ema(m: float) -> None:
+        baseline_ema(nets.student, nets.teacher, m)
+
+    return StepParts(nets.student, nets.teacher, loss_fn, optimizer, clip, ema)
+
+
+def our_parts(cfg, device: torch.device) -> StepParts:
+    """`sere`'s networks (on `device`), loss, optimiser, per-parameter clipping and EMA, as
+    training has them."""
+    nets = build_networks(cfg)
+    nets.student.to(device)
+    nets.teacher.to(device)
+    loss_fn = SERELoss(cfg, nets.student.backbone.num_heads)
+    optimizer = build_optimizer(nets.student)  # fused where PyTorch has it, as in training
+    trainable = [p for p in nets.student.parameters() if p.requires_grad]
+    teacher_ema = TeacherEMA(nets.student, nets.teacher)
+
+    def clip() -> None:
+        clip_per_parameter(trainable, cfg.optim.clip_grad)
+
+    def ema(m: float) -> None:
+        teacher_ema.update(m)
+
+    return StepParts(nets.student, nets.teacher, loss_fn, optimizer, clip, ema)
+
+
+def build_parts(args: argparse.Namespace, cfg, path: str, device: torch.device) -> StepParts:
+    """`path`'s step parts on `device`; ours with the fused attention `sere pretrain` would
+    choose, and compiled under `--compile`."""
     if path == "baseline":
-        from baseline import (BaselineSERELoss, baseline_clip, baseline_ema, baseline_networks,
-                              baseline_optimizer)
-        nets = baseline_networks(cfg)
-        nets.student.to(device)
-        nets.teacher.to(device)
-        loss_fn = BaselineSERELoss(cfg, nets.student.backbone.num_heads)
-        optimizer = baseline_optimizer(nets.student)
-
-        def clip():
-            baseline_clip(nets.student, cfg.optim.clip_grad)
-
-        def ema(m):
-            baseline_ema(nets.student, nets.teacher, m)
+        parts = baseline_parts(cfg, device)
     else:
-        nets = build_networks(cfg)
-        nets.student.to(device)
-        nets.teacher.to(device)
-        loss_fn = SERELoss(cfg, nets.student.backbone.num_heads)
-        optimizer = build_optimizer(nets.student)  # fused where PyTorch has it, as in training
-        trainable = [p for p in nets.student.parameters() if p.requires_grad]
-        teacher_ema = TeacherEMA(nets.student, nets.teacher)
-
-        def clip():
-            clip_per_parameter(trainable, cfg.optim.clip_grad)
-
-        def ema(m):
-            teacher_ema.update(m)
-    student, teacher = nets.student, nets.teacher
-    if path != "baseline":  # as `sere pretrain` does: the faster attention for this set-up
+        parts = our_parts(cfg, device)
+        # as `sere pretrain` does: the faster attention for this set-up
         fused = fused_attention_pays(device, args.precision)
-        student.backbone.set_fused_attention(fused)
-        teacher.backbone.set_fused_attention(fused)
-    loss_fn = loss_fn.to(device)
+        parts.student.backbone.set_fused_attention(fused)
+        parts.teacher.backbone.set_fused_attention(fused)
+    parts.loss_fn = parts.loss_fn.to(device)
     if args.compile and path != "baseline":
-        student.compile()
-        teacher.compile()
-    set_rates(optimizer, cfg.optim.lr, cfg.optim.weight_decay)
-    batch = make_batch(cfg, args.batch, device)
+        parts.student.compile()
+        parts.teacher.compile()
+    set_rates(parts.optimizer, cfg.optim.lr, cfg.optim.weight_decay)
+    return parts
+
+
+def make_step(parts: StepParts, cfg, batch, precision: str,
+              device: torch.device) -> Callable[[], float]:
+    """A call that runs one whole update on `batch` and returns its loss."""
 
     def step() -> float:
-        with autocast_context(args.precision, device):
+        with autocast_context(precision, device):
             with torch.no_grad():
-                teacher_out = teacher(batch.global_crops, masks=batch.masks)
-            student_out = student(batch.global_crops, batch.local_crops, batch.masks)
-            terms = loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
-                            cfg.loss.warmup_teacher_temp, cfg.loss.warmup_teacher_patch_temp)
+                teacher_out = parts.teacher(batch.global_crops, masks=batch.masks)
+            student_out = parts.student(batch.global_crops, batch.local_crops, batch.masks)
+            terms = parts.loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
+                                  cfg.loss.warmup_teacher_temp,
+                                  cfg.loss.warmup_teacher_patch_temp)
         terms.total.backward()
-        loss_fn.update_centers(teacher_out)
-        clip()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema(cfg.optim.momentum_teacher)
+        parts.loss_fn.update_centers(teacher_out)
+        parts.clip()
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.ema(cfg.optim.momentum_teacher)
         return float(terms.total)
+
+    return step
+
+
+def measure_steps(step: Callable[[], float], args: argparse.Namespace,
+                  device: torch.device) -> StepMeasurement:
+    """`--warmup` untimed steps, then `--steps` timed ones (median), FLOP under `--flops`, and
+    the peak memory (on the CPU also what the steps add to what was resident before)."""
 
     def synced_time() -> float:
         if device.type == "cuda":
@@ -157,14 +210,24 @@ def child(args: argparse.Namespace, path: str) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    images = args.batch
     # on the CPU the process peak includes PyTorch itself, the weights and the batch; the step's
     # own share is what the peak adds to what was resident before the first step
     step_mb = peak_mb if device.type == "cuda" else peak_mb - resident_before_mb
-    return dict(path=path, batch=args.batch, seconds_per_step=seconds,
-                images_per_second=images / seconds,
-                peak_memory_mb=peak_mb, step_memory_mb=step_mb, first_loss=losses[0],
-                steps=args.steps, flops_per_step=flops)
+    return StepMeasurement(seconds, losses[0], peak_mb, step_mb, flops)
+
+
+def child(args: argparse.Namespace, path: str) -> dict:
+    """Build `path`, run its steps, return its measurements."""
+    cfg = config_for(args, path)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    parts = build_parts(args, cfg, path, device)
+    batch = make_batch(cfg, args.batch, device)
+    m = measure_steps(make_step(parts, cfg, batch, args.precision, device), args, device)
+    return dict(path=path, batch=args.batch, seconds_per_step=m.seconds,
+                images_per_second=args.batch / m.seconds,
+                peak_memory_mb=m.peak_mb, step_memory_mb=m.step_mb, first_loss=m.first_loss,
+                steps=args.steps, flops_per_step=m.flops)
 
 
 def count_flops(step) -> int:
@@ -252,7 +315,8 @@ def describe_machine(device: str) -> str:
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (`--child` is the hidden one each measuring process gets)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="vit_small_ibot_sere",
                         help="configuration preset for the heads, losses and optimiser")
@@ -287,37 +351,36 @@ def main(argv: list[str] | None = None) -> int:
                         help="the device's dense peak in TFLOP/s at this precision (H200 SXM "
                         "bf16: 989); with --flops, report model FLOP utilisation (mfu)")
     parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        try:
-            result = child(args, args.child)
-        except torch.OutOfMemoryError:
-            result = dict(path=args.child, batch=args.batch, out_of_memory=True)
-        print(json.dumps(result))
-        return 0
+    return parser
 
-    if args.max_batch and not args.device.startswith("cuda"):
-        parser.error("--max-batch searches GPU memory: use it with --device cuda")
-    paths = args.paths.split(",")
-    for path in paths:
-        if path not in PATHS:
-            parser.error(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])
-                 if a not in ("--json", "--max-batch")]
+
+def run_child_here(args: argparse.Namespace) -> int:
+    """As the measuring child: print `--child`'s result (or that it ran out of memory)."""
     try:
-        if args.max_batch:
-            results = largest_batches(paths, args.batch, lambda p, b: run_child(forwarded, p, b),
-                                      args.batch_limit)
-        else:
-            results = {}
-            for path in paths:
-                results[path] = run_child(forwarded, path, args.batch)
-                if results[path].get("out_of_memory"):
-                    raise ChildFailed(f"{path} ran out of memory at batch {args.batch}")
-    except ChildFailed as failure:
-        sys.stderr.write(f"{failure}\n")
-        return 1
-    add_utilisation(results, args.peak_tflops)
+        result = child(args, args.child)
+    except torch.OutOfMemoryError:
+        result = dict(path=args.child, batch=args.batch, out_of_memory=True)
+    print(json.dumps(result))
+    return 0
+
+
+def measure_paths(args: argparse.Namespace, paths: list[str],
+                  forwarded: list[str]) -> dict[str, dict]:
+    """Each path's result, keyed by path: at `--batch`, or under `--max-batch` at the largest
+    batches (`largest_batches`). Raises ChildFailed if a child fails or runs out of memory."""
+    if args.max_batch:
+        return largest_batches(paths, args.batch, lambda p, b: run_child(forwarded, p, b),
+                               args.batch_limit)
+    results = {}
+    for path in paths:
+        results[path] = run_child(forwarded, path, args.batch)
+        if results[path].get("out_of_memory"):
+            raise ChildFailed(f"{path} ran out of memory at batch {args.batch}")
+    return results
+
+
+def add_comparisons(results: dict[str, dict]) -> None:
+    """Ours' SERE share (against ours_no_sere) and its time and memory against the baseline."""
     if "ours" in results and "ours_no_sere" in results:
         ours = results["ours"]
         ours["sere_share"] = 1 - results["ours_no_sere"]["seconds_per_step"] / ours[
@@ -328,25 +391,53 @@ def main(argv: list[str] | None = None) -> int:
         ours["memory_vs_baseline"] = ours["peak_memory_mb"] / base["peak_memory_mb"]
         ours["step_memory_vs_baseline"] = ours["step_memory_mb"] / base["step_memory_mb"]
 
+
+def cell(value: float | None, fmt: str) -> str:
+    """`value` in `fmt`, or an empty table cell for None."""
+    return "" if value is None else format(value, fmt)
+
+
+def print_results(results: dict[str, dict], args: argparse.Namespace) -> None:
+    """The results as one JSON object per line (`--json`) or as a table."""
     setting = (f"{args.arch}/{args.patch}, 2 x {args.global_size} + "
                f"{args.local_crops} x {args.local_size}, {args.precision}, {args.device}")
     if args.json:
         for r in results.values():
             print(json.dumps({**r, "setting": setting}))
-        return 0
+        return
     print(f"{setting}; {describe_machine(args.device)}; median of {args.steps} steps")
     print(f"{'path':<14}{'batch':>7}{'s/step':>9}{'img/s':>9}{'time/base':>10}{'peak MB':>9}"
           f"{'step MB':>9}{'mem/base':>10}{'SERE share':>12}")
-
-    def cell(value, fmt: str) -> str:
-        return "" if value is None else format(value, fmt)
-
     for r in results.values():
         print(f"{r['path']:<14}{r['batch']:>7}{r['seconds_per_step']:>9.3f}"
               f"{r['images_per_second']:>9.2f}"
               f"{cell(r.get('time_vs_baseline'), '.2f'):>10}{r['peak_memory_mb']:>9.0f}"
               f"{r['step_memory_mb']:>9.0f}{cell(r.get('step_memory_vs_baseline'), '.2f'):>10}"
               f"{cell(r.get('sere_share'), '.1%'):>12}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure the chosen paths, each in its own child process, and report them."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.child:
+        return run_child_here(args)
+    if args.max_batch and not args.device.startswith("cuda"):
+        parser.error("--max-batch searches GPU memory: use it with --device cuda")
+    paths = args.paths.split(",")
+    for path in paths:
+        if path not in PATHS:
+            parser.error(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])
+                 if a not in ("--json", "--max-batch")]
+    try:
+        results = measure_paths(args, paths, forwarded)
+    except ChildFailed as failure:
+        sys.stderr.write(f"{failure}\n")
+        return 1
+    add_utilisation(results, args.peak_tflops)
+    add_comparisons(results)
+    print_results(results, args)
     return 0
 
 
