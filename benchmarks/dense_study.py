@@ -75,6 +75,7 @@ SCENE_SIZE = 56  # the scenes' canvas (docs/dense.md)
 SCENE_SEED_OFFSET = 10  # pretraining scenes of seed k use data.scene_seed = 10 + k
 GLOBAL_CROP = 32  # global crops of 40-100 % of the scene's area, resized to 32 px (8 x 8 patches)
 LOCAL_CROP = 16  # local crops of 10-40 %, resized to 16 px (4 x 4 patches)
+ITEM_GLOBAL_CROP = 28  # --pretrain-on items: the demo's crops of single 28-px items
 SAVE_EVERY = 100  # steps between checkpoints: at most 100 steps are lost to a hard kill
 SEGMENT_SIZE = 56  # `sere segment --size`: whole scenes, a 14 x 14 grid of patch features
 SEGMENT_TRAIN = 2000  # training scenes of the segmentation probe (seed 0, training items)
@@ -91,6 +92,7 @@ PRIOR_RUN_OVERHEAD_SECONDS = 135.0
 PRIOR_FLOOR_SECONDS = 120.0
 
 OUTPUTS = ("benchmarks/results/dense_study", "runs/dense_study_quick")  # tracked; --quick
+ITEMS_OUTPUT = "benchmarks/results/dense_study_items"  # --pretrain-on items (tracked)
 QUICK = dict(steps=8, seeds=(0,), segment_train=40, segment_test=20, probe_epochs=2,
              knn_max_train=500, knn_max_test=200)
 
@@ -129,19 +131,26 @@ class DensePlan:
     knn_max_train: int | None = KNN_MAX_TRAIN
     knn_max_test: int | None = KNN_MAX_TEST
     overrides: tuple[str, ...] = ()  # extra `a.b=c` settings applied to every run
+    pretrain_on: str = "scenes"  # or "items": single Fashion-MNIST items, as the demo
 
     def recipe_overrides(self, seed: int) -> list[str]:
-        """The settings every method shares, on top of the demo preset: scenes instead of
-        single items, the crop sizes, and a budget of `steps` over 4 epochs of
-        `64 * ceil(steps / 4)` scenes (drawn per seed) so that every schedule spans the run."""
+        """The settings every method shares, on top of the demo preset: the pretraining data
+        and crop sizes, and a budget of `steps` over 4 epochs of `64 * ceil(steps / 4)` scenes
+        (or single items, a fixed subset per seed) so that every schedule spans the run."""
         steps_per_epoch = math.ceil(self.steps / EPOCHS)
+        if self.pretrain_on == "items":  # the demo's data and crops (docs/results.md, plan B)
+            data = ["data.dataset=fashion_mnist",
+                    f"data.max_images={steps_per_epoch * BATCH_SIZE}",
+                    f"data.global_crop_size={ITEM_GLOBAL_CROP}",
+                    f"data.local_crop_size={LOCAL_CROP}"]
+        else:
+            data = ["data.dataset=fashion_mnist_scenes", f"data.scene_size={SCENE_SIZE}",
+                    f"data.scenes={steps_per_epoch * BATCH_SIZE}",
+                    "data.max_images=null",  # the demo preset's cap of 20,000 would cut epochs
+                    f"data.scene_seed={SCENE_SEED_OFFSET + seed}",
+                    f"data.global_crop_size={GLOBAL_CROP}", f"data.local_crop_size={LOCAL_CROP}"]
         return [
-            "data.dataset=fashion_mnist_scenes", f"data.scene_size={SCENE_SIZE}",
-            f"data.scenes={steps_per_epoch * BATCH_SIZE}",
-            "data.max_images=null",  # the demo preset's cap of 20,000 would cut the epochs short
-            f"data.scene_seed={SCENE_SEED_OFFSET + seed}",
-            f"data.global_crop_size={GLOBAL_CROP}", f"data.local_crop_size={LOCAL_CROP}",
-            *DENSE_RECIPE, f"optim.epochs={EPOCHS}", f"optim.batch_size={BATCH_SIZE}",
+            *data, *DENSE_RECIPE, f"optim.epochs={EPOCHS}", f"optim.batch_size={BATCH_SIZE}",
             f"train.max_steps={self.steps}", f"train.seed={seed}",
             f"train.save_every={SAVE_EVERY}", "train.keep_last=1",
         ]
@@ -420,14 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
                         OUTPUTS,
                         "smoke test: 8 steps, seed 0, 40 / 20 scenes, 2 probe epochs, "
                         "500 / 200 items for k-NN")
+    p.add_argument("--pretrain-on", choices=("scenes", "items"), default="scenes",
+                   help="pretraining data: the scenes, or single Fashion-MNIST items at the "
+                        f"demo's 28 px (default output then {ITEMS_OUTPUT}); the evaluation "
+                        "is the same")
     return p
 
 
 def plan_from_args(args: argparse.Namespace) -> DensePlan:
     """The DensePlan of the command line (--quick fills what was not given)."""
     quick = QUICK if args.quick else {}
+    default_output = OUTPUTS[1] if args.quick else (
+        ITEMS_OUTPUT if args.pretrain_on == "items" else OUTPUTS[0])
     plan = DensePlan(
-        output=args.output or Path(OUTPUTS[1 if args.quick else 0]),
+        output=args.output or Path(default_output), pretrain_on=args.pretrain_on,
         steps=args.steps if args.steps is not None else quick.get("steps", DEFAULT_STEPS),
         seeds=tuple(args.seeds if args.seeds is not None
                     else quick.get("seeds", DEFAULT_SEEDS)),

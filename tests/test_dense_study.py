@@ -282,3 +282,18 @@ def test_tiny_dense_study_end_to_end_then_resume_skips_everything(tmp_path, monk
     monkeypatch.setattr(ds, "sere_main", lambda *a: pytest.fail("evaluated again"))
     assert ds.run_study(plan) == 0
     assert (common.run_dir(tmp_path, "ibot", 0) / "results.json").read_text() == before
+
+
+def test_pretraining_on_items_changes_only_the_data_and_its_default_output(tmp_path):
+    scenes = ds.run_config(ds.DensePlan(output=tmp_path), ds.METHODS[1], seed=1)
+    items = ds.run_config(ds.DensePlan(output=tmp_path, pretrain_on="items"), ds.METHODS[1], 1)
+    assert items.data.dataset == "fashion_mnist" and items.data.global_crop_size == 28
+    images = len(subset_indices(60000, items.data.max_images, seed=items.train.seed))
+    total = Schedules(items, images // items.optim.batch_size, 1).total_steps
+    assert ds.DEFAULT_STEPS <= total < ds.DEFAULT_STEPS + 4
+    a, b = scenes.to_dict(), items.to_dict()
+    del a["data"], b["data"]
+    assert a == b  # same network, losses, optimisation, seed, precision, threads
+    plan = ds.plan_from_args(ds.build_parser().parse_args(["--pretrain-on", "items"]))
+    assert plan.output == Path(ds.ITEMS_OUTPUT) and plan.pretrain_on == "items"
+    assert ds.plan_from_args(ds.build_parser().parse_args([])).pretrain_on == "scenes"
