@@ -23,6 +23,11 @@ the end it writes `OUTPUT/table.md` and `OUTPUT/dense_metrics.png`.
     python benchmarks/dense_study.py                 # the full study: 12 runs + 3 floors, ~4 h
     python benchmarks/dense_study.py --quick         # a smoke test of the whole pipeline
     python benchmarks/dense_study.py --methods ibot ibot_sere   # the main comparison only
+    python benchmarks/dense_study.py --pretrain-on items    # pretrain on single items instead
+
+Runs use one torch thread each, so two processes side by side (different --methods/--seeds, never
+the same run folder; the floors of their seeds done first) use a 2-core machine 1.37x better:
+docs/results.md gives the pairs the published run used.
 
 The recipe, its calibration and the decision rule (written before any result) are in
 docs/results.md, "Dense study (issue 16)".
