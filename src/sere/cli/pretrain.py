@@ -12,6 +12,7 @@ from sere.data.datasets import FashionMNISTSource
 from sere.eval.knn_accuracy import knn_top1, periodic_knn
 from sere.io.weights import load_backbone, random_backbone, read_run_checkpoint
 from sere.runtime import resolve_device
+from sere.runtime.distributed import cleanup as leave_process_group
 from sere.train.loop import PeriodicEval, Pretrainer
 
 
@@ -32,6 +33,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """Run pretraining."""
     cfg = pretrain_config(args)
     result = Pretrainer(cfg, resume=args.resume, evaluate=periodic_eval(cfg)).run()
+    # Under torchrun: leave the process group while the interpreter is whole; left to exit,
+    # gloo's threads sometimes abort a rank ("terminate called without an active exception").
+    # Only after a normal end (a stop included): after an error, the other ranks may still be
+    # inside a collective and leaving would wait for them.
+    leave_process_group()
     if not result.preempted:
         print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
     return 0
@@ -43,6 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     overrides = [f"train.output_dir={args.output_dir}", *args.overrides]
     cfg = load_config([resolve_config_path("demo")], overrides)
     result = Pretrainer(cfg, resume="auto", evaluate=periodic_eval(cfg)).run()
+    leave_process_group()  # as in cmd_pretrain
     if result.preempted:
         return 0  # the loop said how to continue: run `sere demo` again
     pretrain_minutes = (time.perf_counter() - start) / 60
