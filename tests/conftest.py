@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 import sere
+from sere.io.checkpoint import save_checkpoint
+from sere.models.backbone import ViTBackbone
 
 TINY = [
     "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
@@ -30,3 +35,24 @@ def tiny_config(tmp_path, *overrides: str) -> sere.Config:
 def tiny(tmp_path):
     """Factory: `tiny(*overrides)` gives a tiny configuration."""
     return lambda *overrides: tiny_config(tmp_path, *overrides)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: the probes' many tiny steps are much slower with threads
+    fighting over a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_checkpoint(path: Path, cfg: sere.Config, seed: int) -> None:
+    """A run checkpoint holding `cfg` and a seeded backbone of its shape (16-px images) as both
+    teacher and student, at step 5."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    backbone = ViTBackbone(cfg.model, img_size=16, drop_path=0.0, with_mask_token=True)
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    save_checkpoint(path, {"config": cfg.to_dict(), "teacher": state, "student": state,
+                           "step": 5})

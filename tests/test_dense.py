@@ -13,13 +13,7 @@ from sere.eval.dense_metrics import (IGNORE_INDEX, apply_matching, confusion_mat
                                      hungarian_match, per_class_iou, segmentation_scores)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The probes' many tiny steps are much slower with threads fighting over a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def naive_scores(pred: list[int], target: list[int], k: int) -> tuple[float, float, list]:

@@ -29,7 +29,8 @@ from sere.eval.linear import (
 )
 from sere.io.weights import random_backbone
 from sere.models.backbone import ViTBackbone
-from sere.io.checkpoint import save_checkpoint
+
+from conftest import make_checkpoint
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
         "data.dataset=synthetic", "data.synthetic_size=16", "data.global_crop_size=16",
@@ -276,15 +277,6 @@ def write_folder(root, source: SyntheticSource, classes: tuple[str, ...] | None 
         folder = root / classes[label] if classes else root
         folder.mkdir(exist_ok=True)
         Image.fromarray(image.permute(1, 2, 0).numpy().astype(np.uint8)).save(folder / f"{i}.png")
-
-
-def make_checkpoint(path, cfg: sere.Config, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    backbone = ViTBackbone(cfg.model, img_size=16, drop_path=0.0, with_mask_token=True)
-    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    save_checkpoint(path, {"config": cfg.to_dict(), "teacher": state, "student": state,
-                           "step": 5})
 
 
 def linear_main(argv: list[str]) -> int:

@@ -18,8 +18,8 @@ from sere.cli import main
 from sere.data.dense import read_dense_folder
 from sere.data.scenes import SCENE_CLASSES, SceneSpec, fashion_mnist_scenes
 from sere.eval import features
-from sere.io.checkpoint import save_checkpoint
-from sere.models.backbone import ViTBackbone
+
+from conftest import make_checkpoint as make_tiny_checkpoint
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4",
         "data.normalize_mean=[0.286]", "data.normalize_std=[0.353]",
@@ -28,13 +28,7 @@ TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch
 LAST_LINE = re.compile(r"mIoU: \d+\.\d % \(pixel accuracy \d+\.\d %\)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The probes' many tiny steps are much slower with threads fighting over a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -59,13 +53,9 @@ def fake_fashion_mnist(folder: Path, items: int = 30) -> Path:
 
 
 def make_checkpoint(path: Path, seed: int, depth: int = 2) -> None:
+    """A one-channel tiny checkpoint of `depth` blocks (conftest's make_checkpoint)."""
     cfg = sere.load_config([], [*TINY, "model.in_chans=1", f"model.depth={depth}"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    backbone = ViTBackbone(cfg.model, img_size=16, drop_path=0.0, with_mask_token=True)
-    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    save_checkpoint(path, {"config": cfg.to_dict(), "teacher": state, "student": state,
-                           "step": 5})
+    make_tiny_checkpoint(path, cfg, seed)
 
 
 @pytest.fixture
