@@ -21,12 +21,18 @@ from conftest import TINY
 pytestmark = pytest.mark.slow
 
 
-def test_demo_path_on_a_fashion_mnist_subset(tmp_path, capsys):
+NO_BF16 = {"cpu_name": "Test CPU", "avx2": True, "avx512_bf16": False, "amx_bf16": False}
+
+
+def test_demo_path_on_a_fashion_mnist_subset(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: NO_BF16)
     code = main(["demo", "--output-dir", str(tmp_path / "demo"), "--max-train", "2000",
                  "--max-test", "500", "data.max_images=1024", "optim.epochs=1",
                  "train.log_every=4"])
     assert code == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out
+    assert "precision: fp32 (auto: Test CPU has no native bf16" in out
+    last = out.strip().splitlines()[-1]
     match = re.fullmatch(r"k-NN top-1: pretrained (\d+\.\d) %, random init (\d+\.\d) %", last)
     assert match, last
     pretrained, random_init = map(float, match.groups())
@@ -35,6 +41,15 @@ def test_demo_path_on_a_fashion_mnist_subset(tmp_path, capsys):
     assert (run / "losses.png").stat().st_size > 1000
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()]
     assert steps[-1] == 1024 // 64
+
+
+def test_demo_chooses_bf16_where_the_cpu_has_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**NO_BF16, "amx_bf16": True})
+    code = main(["demo", "--output-dir", str(tmp_path / "demo"), "--max-train", "200",
+                 "--max-test", "100", "train.max_steps=1", "data.max_images=64"])
+    assert code == 0
+    assert "precision: bf16 (auto: Test CPU computes bf16 natively (AMX-BF16))" in (
+        capsys.readouterr().out)
 
 
 def _free_port() -> int:

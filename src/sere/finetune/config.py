@@ -82,8 +82,8 @@ class FinetuneTrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None  # torch CPU threads; None leaves PyTorch's default
     num_workers: int = 4  # DataLoader worker processes
-    # auto: fp16 with a gradient scaler on GPUs, bf16 on the CPU
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    # auto: fp16 with a gradient scaler on GPUs; on the CPU bf16 where native, else fp32
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     log_every: int = 50  # steps between step lines in finetune.jsonl
 
 

@@ -38,7 +38,7 @@ from sere.finetune.outputs import (
 )
 from sere.io.checkpoint import FINETUNE_KIND, save_checkpoint
 from sere.io.weights import load_backbone
-from sere.runtime import autocast_context, check_writable, resolve_device, resolve_precision
+from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
 
 
 @dataclass
@@ -80,9 +80,8 @@ class Finetuner:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
-        self.precision = resolve_precision(t.precision, self.device)
-        if self.precision == "fp16" and self.device.type != "cuda":
-            raise SereError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        self.precision_choice = choose_precision(t.precision, self.device)
+        self.precision = self.precision_choice.name
         self.pretrained = load_backbone(checkpoint, which)
         pre = self.pretrained.config
         _check_image_size(d.image_size, pre.model.patch_size)
@@ -159,7 +158,7 @@ class Finetuner:
         print(f"fine-tuning {what}: {len(self.train_set)} train / {len(self.test_set)} test "
               f"images, {self.num_classes} classes, {o.epochs} epochs x {self.steps_per_epoch} "
               f"steps, peak lr {self.schedule.peak_lr:.2e}, layer decay {o.layer_decay}, "
-              f"{self.device.type} {self.precision}")
+              f"{self.device.type}, precision {self.precision_choice}")
         train_loader = make_loader(self.train_set, o.batch_size, True, workers, self.device,
                                    self.shuffle)
         test_loader = make_loader(self.test_set, o.eval_batch_size, False, workers, self.device)

@@ -7,12 +7,17 @@ Submodules: `sere.runtime.distributed` (process groups, distributed start-up) an
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sere.errors import SereError
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -24,11 +29,57 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` is fp16 on a GPU (as the recipes) and bf16 on the CPU."""
+# The CPU features with which PyTorch computes bf16 natively, as `torch.cpu.get_capabilities()`
+# names them; without one, every bf16 matrix product is emulated in fp32 arithmetic with
+# conversions on both sides, several times slower than plain fp32 (docs/benchmarks.md, "Precision").
+NATIVE_BF16_FEATURES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "bf16": "Arm BF16",
+                        "sve_bf16": "Arm SVE-BF16"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The arithmetic a run uses, and why it was chosen (the run's first lines say both)."""
+
+    name: str  # "fp32", "bf16" or "fp16"
+    reason: str  # e.g. "auto: this CPU has no native bf16 (AVX2); bf16 would be emulated"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+def native_bf16_feature(capabilities: Mapping[str, object] | None = None) -> str | None:
+    """The CPU feature that computes bf16 natively (e.g. "AMX-BF16"), or None without one.
+
+    `capabilities` defaults to `torch.cpu.get_capabilities()` (tests pass their own)."""
+    caps = torch.cpu.get_capabilities() if capabilities is None else capabilities
+    return next((label for key, label in NATIVE_BF16_FEATURES.items() if caps.get(key)), None)
+
+
+def choose_precision(name: str, device: torch.device) -> Precision:
+    """`train.precision` resolved for `device`, with the reason.
+
+    `auto` is fp16 on a GPU (the recipes' mixed precision) and, on the CPU, bf16 only where the
+    CPU computes it natively, else fp32. An explicit `bf16` on a CPU without native bf16 runs as
+    asked, with one warning; `fp16` on the CPU is an error (no CPU kernels worth using).
+    """
+    if name == "fp16" and device.type != "cuda":
+        raise SereError("train.precision=fp16 needs a GPU; use auto, bf16 or fp32 on the CPU")
+    if device.type == "cuda":
+        reason = "mixed precision on the GPU" if name == "auto" else "as set"
+        return Precision("fp16" if name == "auto" else name, reason)
+    feature = native_bf16_feature()
+    cpu = str(torch.cpu.get_capabilities().get("cpu_name") or "this CPU")
     if name == "auto":
-        return "fp16" if device.type == "cuda" else "bf16"
-    return name
+        if feature:
+            return Precision("bf16", f"auto: {cpu} computes bf16 natively ({feature})")
+        return Precision("fp32", f"auto: {cpu} has no native bf16; bf16 would be emulated, "
+                                 "several times slower")
+    if name == "bf16" and feature is None:
+        logger.warning("train.precision=bf16 on %s, which has no native bf16 (no AVX512-BF16, "
+                       "AMX or Arm BF16): PyTorch emulates it, several times slower than fp32; "
+                       "train.precision=auto picks fp32 here", cpu)
+        return Precision("bf16", "as set; emulated on this CPU, slow")
+    return Precision(name, "as set")
 
 
 def autocast_context(precision: str, device: torch.device):

@@ -24,7 +24,7 @@ from sere.io.pretrained import UntrustedPickle, load_pretrained_weights
 from sere.losses.objective import LossTerms, SERELoss, compute_losses
 from sere.models.backbone import ViTBackbone, fused_attention_pays
 from sere.models.network import NetworkOutputs, Networks, build_networks
-from sere.runtime import autocast_context, check_writable, resolve_device, resolve_precision
+from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
 from sere.runtime import distributed as dist_utils
 from sere.io.checkpoint import (
     latest_valid_checkpoint,
@@ -44,6 +44,7 @@ from sere.train.optim import (
     set_rates,
 )
 from sere.train.schedules import Schedules
+from sere.train.summary import RunPlan, describe_run
 
 
 # A periodic evaluation of the teacher's backbone (`eval.knn_every`), run on rank 0: it gets the
@@ -134,14 +135,24 @@ class Pretrainer:
             save_config(cfg, self.output_dir / "config.yaml")
             self.metrics = MetricsWriter(self.output_dir,
                                          resume_step=self.step if resumed_from else None)
+            print("\n".join(describe_run(self.plan())))
+
+    def plan(self) -> RunPlan:
+        """What this run is about to do (its first lines)."""
+        return RunPlan(
+            images=len(self.dataset), source_images=len(self.dataset.source),
+            skipped=len(set(self.skipped_images)), classes=self.dataset.source.classes,
+            steps_per_epoch=self.steps_per_epoch, planned_steps=self.schedules.total_steps,
+            max_steps=self.cfg.train.max_steps, start_step=self.step, device=str(self.device),
+            precision=self.precision_choice, threads=torch.get_num_threads(),
+            workers=self.cfg.data.num_workers, world_size=self.dist.world_size)
 
     def _start_runtime(self) -> None:
         """Device, precision and the process group."""
         cfg = self.cfg
         self.device = resolve_device(cfg.train.device)
-        self.precision = resolve_precision(cfg.train.precision, self.device)
-        if self.precision == "fp16" and self.device.type != "cuda":
-            raise SereError("train.precision=fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        self.precision_choice = choose_precision(cfg.train.precision, self.device)
+        self.precision = self.precision_choice.name
         self.dist = dist_utils.init_distributed(self.device.type)
         if self.dist.world_size > 1:
             self._check_same_config()
