@@ -1,6 +1,6 @@
 """SERE: feature self-relation for self-supervised Vision Transformers (Li, Gao, Cheng, 2023)."""
 
-from sere.api import LoadedRun, compute_losses, load_run
+from sere.api import ForwardBackward, LoadedRun, SEREPretraining, compute_losses, load_run
 from sere.config import Config, apply_overrides, config_from_dict, load_config
 from sere.geometry import CropBox, overlap_grids
 from sere.errors import SereError
@@ -14,8 +14,9 @@ from sere.models.network import Networks, SERENetwork, build_networks
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackboneOutput", "Config", "CropBox", "LoadedRun", "LossTerms", "Networks", "SereError",
-    "SERELoss", "SERENetwork", "ViTBackbone", "apply_overrides", "build_networks",
+    "BackboneOutput", "Config", "CropBox", "ForwardBackward", "LoadedRun", "LossTerms", "Networks",
+    "SereError", "SERELoss", "SERENetwork", "SEREPretraining", "ViTBackbone", "apply_overrides",
+    "build_networks",
     "channel_relation", "compute_losses", "config_from_dict", "export_backbone", "load_config",
     "load_pretrained_weights", "load_run",
     "overlap_grids", "spatial_relation",

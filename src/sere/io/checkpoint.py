@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from sere.errors import SereError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "sere-checkpoint-v1"
 FINETUNE_KIND = "sere-finetune"  # the "kind" entry of a fine-tuned classifier's checkpoint
@@ -108,7 +111,7 @@ def latest_valid_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] |
         try:
             state = load_checkpoint(path)
         except SereError as err:
-            print(f"warning: skipping {err}")
+            logger.warning(f"warning: skipping {err}")
             continue
         candidates.append((int(state.get("step", -1)), path, state))
     if not candidates:
