@@ -50,7 +50,8 @@ SUBSET_SEED = 1  # evaluation subsets, drawn as `sere knn` and `sere linear` dra
 
 @dataclass(frozen=True)
 class Method:
-    """One pretraining objective: a name and the four loss weights of SERE-SPEC.md section 6.
+    """One pretraining objective: a name and the four loss weights of
+    docs/design.md#base-objective-and-total.
 
     `L = (lambda1 L_cls + lambda2 L_patch) (4 - alpha - beta) / 2 + alpha L_spatial
     + beta L_channel`; a term with weight 0 is not computed (lambda2 = 0 also turns masking off).

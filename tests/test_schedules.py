@@ -1,4 +1,4 @@
-"""Schedules and optimisation helpers (SERE-SPEC.md section 7)."""
+"""Schedules and optimisation helpers (docs/design.md#optimisation-and-schedules)."""
 
 from __future__ import annotations
 

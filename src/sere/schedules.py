@@ -1,4 +1,4 @@
-"""Schedules as pure functions of the step or epoch (SERE-SPEC.md section 7).
+"""Schedules as pure functions of the step or epoch (docs/design.md#optimisation-and-schedules).
 
 Shared by pretraining (`sere.train.schedules`) and fine-tuning; imports nothing of sere.
 """

@@ -1,4 +1,5 @@
-"""DINO's [CLS] term and iBOT's patch term, with their centers (SERE-SPEC.md section 6)."""
+"""DINO's [CLS] term and iBOT's patch term, with their centers
+(docs/design.md#base-objective-and-total)."""
 
 from __future__ import annotations
 

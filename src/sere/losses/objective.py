@@ -1,4 +1,5 @@
-"""The whole SERE objective: the weighted sum of the four terms (SERE-SPEC.md section 6)."""
+"""The whole SERE objective: the weighted sum of the four terms
+(docs/design.md#base-objective-and-total)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""SERE self-relations and their losses (SERE-SPEC.md sections 3, 4 and 5).
+"""SERE self-relations and their losses (docs/design.md#self-relations,
+docs/design.md#aligning-two-views and docs/design.md#relation-losses).
 
 Alignment samples the feature map on the overlap grid first and forms the relation of the sampled
 features: `W (Z Z^T) W^T = (W Z)(W Z)^T`, so this equals resampling the N x N relation, at a

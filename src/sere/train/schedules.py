@@ -1,4 +1,5 @@
-"""Schedules as pure functions of the step (SERE-SPEC.md section 7): resume needs no state."""
+"""Schedules as pure functions of the step (docs/design.md#optimisation-and-schedules): resume
+needs no state."""
 
 from __future__ import annotations
 
