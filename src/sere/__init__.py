@@ -6,7 +6,7 @@ from sere.geometry import CropBox, overlap_grids
 from sere.errors import SereError
 from sere.io.export import export_backbone
 from sere.io.pretrained import load_pretrained_weights
-from sere.losses.objective import LossTerms, SERELoss
+from sere.losses.objective import LossTerms, SEREObjective, SERELoss
 from sere.losses.relation import channel_relation, spatial_relation
 from sere.models.backbone import BackboneOutput, ViTBackbone
 from sere.models.network import Networks, SERENetwork, build_networks
@@ -15,9 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackboneOutput", "Config", "CropBox", "ForwardBackward", "LoadedRun", "LossTerms", "Networks",
-    "SereError", "SERELoss", "SERENetwork", "SEREPretraining", "ViTBackbone", "apply_overrides",
-    "build_networks",
-    "channel_relation", "compute_losses", "config_from_dict", "export_backbone", "load_config",
-    "load_pretrained_weights", "load_run",
-    "overlap_grids", "spatial_relation",
+    "SereError", "SEREObjective", "SERELoss", "SERENetwork", "SEREPretraining", "ViTBackbone",
+    "apply_overrides", "build_networks", "channel_relation", "compute_losses", "config_from_dict",
+    "export_backbone", "load_config", "load_pretrained_weights", "load_run", "overlap_grids",
+    "spatial_relation",
 ]

@@ -110,7 +110,8 @@ class MaskConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and temperatures (sections 5 and 6)."""
+    """Loss weights and temperatures (docs/design.md#relation-losses and
+    docs/design.md#base-objective-and-total)."""
 
     lambda1: float = 1.0  # [CLS] term
     lambda2: float = 1.0  # iBOT patch term; 0 gives DINO
