@@ -33,7 +33,7 @@ from sere.train.monitor import CollapseStats, collapse_stats
 from sere.train.optim import (build_optimizer, cancel_last_layer_gradients, clip_per_parameter,
                               set_rates)
 from sere.train.pretraining import SEREPretraining
-from sere.train.schedules import Schedules
+from sere.train.hyperparameters import Schedules
 from sere.train.state import (RunState, checkpoint_size, checkpoint_state, resume_run,
                               save_run)
 
