@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,27 +17,13 @@ from typing import Any
 import torch
 
 from sere.errors import SereError
+from sere.runtime.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "sere-checkpoint-v1"
 FINETUNE_KIND = "sere-finetune"  # the "kind" entry of a fine-tuned classifier's checkpoint
 STEP_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a flushed temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
