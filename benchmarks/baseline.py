@@ -96,8 +96,8 @@ class BaselineSERELoss(SERELoss):
 
     def spatial_term(self, teacher_maps: Tensor, student_maps: Tensor,
                      student_local_maps: Tensor | None, boxes: Tensor) -> Tensor:
-        heads, tau = self.num_heads, self.weights.tau_spatial
-        g, s_local = self.grids.global_grid, self.grids.local_grid
+        heads, tau = self.num_heads, self.spatial.tau
+        g, s_local = self.spatial.global_grid, self.spatial.local_grid
         teacher = [spatial_relation(m.flatten(2).float(), heads) for m in teacher_maps.chunk(2)]
         student = [spatial_relation(m.flatten(2).float(), heads) for m in student_maps.chunk(2)]
         losses = []
@@ -117,7 +117,7 @@ class BaselineSERELoss(SERELoss):
 
     def channel_term(self, teacher_maps: Tensor, student_maps: Tensor,
                      student_local_maps: Tensor | None) -> Tensor:
-        tau = self.weights.tau_channel
+        tau = self.channel.tau
 
         def relation(m: Tensor) -> Tensor:  # (B, C, h, w) -> (B, C, C)
             z = m.flatten(2).float()

@@ -1,7 +1,8 @@
 """Does SERE help? A small, reproducible study on Fashion-MNIST.
 
 Pretrains the same small ViT (the CPU demo preset, `configs/demo.yaml`) for the same number of
-steps under six objectives that differ only in their loss weights (SERE-SPEC.md section 6):
+steps under six objectives that differ only in their loss weights
+(docs/design.md#base-objective-and-total):
 
     DINO, DINO+SERE, iBOT, iBOT+SERE, iBOT+SERE spatial only, iBOT+SERE channel only
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from sere.eval.knn_classifier import knn_classify_many, top1_accuracy
 from sere.io.checkpoint import load_checkpoint
 from sere.models.backbone import ViTBackbone
 from sere.runtime import resolve_device
+from sere.runtime.files import atomic_write_text
 from sere.train.loop import PeriodicEval, Pretrainer
 from sere.train.metrics import read_metrics
 
@@ -50,7 +50,8 @@ SUBSET_SEED = 1  # evaluation subsets, drawn as `sere knn` and `sere linear` dra
 
 @dataclass(frozen=True)
 class Method:
-    """One pretraining objective: a name and the four loss weights of SERE-SPEC.md section 6.
+    """One pretraining objective: a name and the four loss weights of
+    docs/design.md#base-objective-and-total.
 
     `L = (lambda1 L_cls + lambda2 L_patch) (4 - alpha - beta) / 2 + alpha L_spatial
     + beta L_channel`; a term with weight 0 is not computed (lambda2 = 0 also turns masking off).
@@ -119,9 +120,7 @@ def unfinished(output: Path, order: list[tuple[str, int]]) -> list[tuple[str, in
 
 def write_json(path: Path, value: Any) -> None:
     """Write JSON through a temporary file and a rename, so a kill leaves no half file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=2, allow_nan=True) + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -23,6 +23,7 @@ relation heads, relations, alignment or relation losses), from which `sere_share
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -42,12 +43,11 @@ from sere.config import load_config  # noqa: E402
 from sere.cli import resolve_config_path  # noqa: E402
 from sere.data.augment import MultiCropAugmentation  # noqa: E402
 from sere.data.datasets import SyntheticSource  # noqa: E402
-from sere.data.loader import MultiCropDataset, collate  # noqa: E402
-from sere.losses.objective import SERELoss  # noqa: E402
+from sere.data.loader import MultiCropBatch, MultiCropDataset, collate  # noqa: E402
 from sere.models.backbone import fused_attention_pays  # noqa: E402
-from sere.models.network import build_networks  # noqa: E402
 from sere.runtime import autocast_context  # noqa: E402
-from sere.train.optim import TeacherEMA, build_optimizer, clip_per_parameter, set_rates  # noqa: E402
+from sere.train.optim import build_optimizer, clip_per_parameter, set_rates  # noqa: E402
+from sere.train.pretraining import SEREPretraining  # noqa: E402
 
 PATHS = ("baseline", "ours", "ours_no_sere")
 
@@ -79,19 +79,6 @@ def make_batch(cfg, batch: int, device: torch.device):
 
 
 @dataclass
-class StepParts:
-    """What one path's training step is made of: the networks, the loss, the optimiser, and
-    its gradient clipping and teacher EMA as calls (`clip()`, `ema(momentum)`)."""
-
-    student: torch.nn.Module
-    teacher: torch.nn.Module
-    loss_fn: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    clip: Callable[[], None]
-    ema: Callable[[float], None]
-
-
-@dataclass
 class StepMeasurement:
     """One path's timed steps: median seconds, first loss, peak and step memory, FLOP."""
 
@@ -102,84 +89,64 @@ class StepMeasurement:
     flops: int | None
 
 
-def baseline_parts(cfg, device: torch.device) -> StepParts:
-    """The baseline's networks (on `device`), loss, optimiser, clipping and EMA
-    (`benchmarks/baseline.py`)."""
+def baseline_step(cfg, precision: str,
+                  device: torch.device) -> Callable[[MultiCropBatch], float]:
+    """The reference path (`benchmarks/baseline.py`): the baseline's networks, loss, optimiser,
+    clipping and EMA, written out step by step as the authors' release computes them. The
+    call returned runs one whole update on a batch and returns its loss."""
     from baseline import (BaselineSERELoss, baseline_clip, baseline_ema, baseline_networks,
                           baseline_optimizer)
     nets = baseline_networks(cfg)
-    nets.student.to(device)
-    nets.teacher.to(device)
-    loss_fn = BaselineSERELoss(cfg, nets.student.backbone.num_heads)
-    optimizer = baseline_optimizer(nets.student)
+    student, teacher = nets.student.to(device), nets.teacher.to(device)
+    loss_fn = BaselineSERELoss(cfg, student.backbone.num_heads).to(device)
+    optimizer = baseline_optimizer(student)
+    set_rates(optimizer, cfg.optim.lr, cfg.optim.weight_decay)
 
-    def clip() -> None:
-        baseline_clip(nets.student, cfg.optim.clip_grad)
-
-    def ema(m: float) -> None:
-        baseline_ema(nets.student, nets.teacher, m)
-
-    return StepParts(nets.student, nets.teacher, loss_fn, optimizer, clip, ema)
-
-
-def our_parts(cfg, device: torch.device) -> StepParts:
-    """`sere`'s networks (on `device`), loss, optimiser, per-parameter clipping and EMA, as
-    training has them."""
-    nets = build_networks(cfg)
-    nets.student.to(device)
-    nets.teacher.to(device)
-    loss_fn = SERELoss(cfg, nets.student.backbone.num_heads)
-    optimizer = build_optimizer(nets.student)  # fused where PyTorch has it, as in training
-    trainable = [p for p in nets.student.parameters() if p.requires_grad]
-    teacher_ema = TeacherEMA(nets.student, nets.teacher)
-
-    def clip() -> None:
-        clip_per_parameter(trainable, cfg.optim.clip_grad)
-
-    def ema(m: float) -> None:
-        teacher_ema.update(m)
-
-    return StepParts(nets.student, nets.teacher, loss_fn, optimizer, clip, ema)
-
-
-def build_parts(args: argparse.Namespace, cfg, path: str, device: torch.device) -> StepParts:
-    """`path`'s step parts on `device`; ours with the fused attention `sere pretrain` would
-    choose, and compiled under `--compile`."""
-    if path == "baseline":
-        parts = baseline_parts(cfg, device)
-    else:
-        parts = our_parts(cfg, device)
-        # as `sere pretrain` does: the faster attention for this set-up
-        fused = fused_attention_pays(device, args.precision)
-        parts.student.backbone.set_fused_attention(fused)
-        parts.teacher.backbone.set_fused_attention(fused)
-    parts.loss_fn = parts.loss_fn.to(device)
-    if args.compile and path != "baseline":
-        parts.student.compile()
-        parts.teacher.compile()
-    set_rates(parts.optimizer, cfg.optim.lr, cfg.optim.weight_decay)
-    return parts
-
-
-def make_step(parts: StepParts, cfg, batch, precision: str,
-              device: torch.device) -> Callable[[], float]:
-    """A call that runs one whole update on `batch` and returns its loss."""
-
-    def step() -> float:
+    def step(batch: MultiCropBatch) -> float:
         with autocast_context(precision, device):
             with torch.no_grad():
-                teacher_out = parts.teacher(batch.global_crops, masks=batch.masks)
-            student_out = parts.student(batch.global_crops, batch.local_crops, batch.masks)
-            terms = parts.loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
-                                  cfg.loss.warmup_teacher_temp,
-                                  cfg.loss.warmup_teacher_patch_temp)
+                teacher_out = teacher(batch.global_crops, masks=batch.masks)
+            student_out = student(batch.global_crops, batch.local_crops, batch.masks)
+            terms = loss_fn(student_out, teacher_out, batch.boxes, batch.masks,
+                            cfg.loss.warmup_teacher_temp, cfg.loss.warmup_teacher_patch_temp)
         terms.total.backward()
-        parts.loss_fn.update_centers(teacher_out)
-        parts.clip()
-        parts.optimizer.step()
-        parts.optimizer.zero_grad(set_to_none=True)
-        parts.ema(cfg.optim.momentum_teacher)
+        loss_fn.update_centers(teacher_out)
+        baseline_clip(student, cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        baseline_ema(student, teacher, cfg.optim.momentum_teacher)
         return float(terms.total)
+
+    return step
+
+
+def our_step(args: argparse.Namespace, cfg,
+             device: torch.device) -> Callable[[MultiCropBatch], float]:
+    """`sere`'s path: the pretraining object the trainer drives (`SEREPretraining`), with the
+    fused attention `sere pretrain` would choose, compiled under `--compile`, the fused AdamW
+    and per-parameter clipping. The call returned runs one whole update on a batch and returns
+    its loss."""
+    pretraining = SEREPretraining(cfg, device=device)
+    fused = fused_attention_pays(device, args.precision)
+    pretraining.student.backbone.set_fused_attention(fused)
+    pretraining.teacher.backbone.set_fused_attention(fused)
+    if args.compile:
+        pretraining.student.compile()
+        pretraining.teacher.compile()
+    optimizer = build_optimizer(pretraining.student)  # fused where PyTorch has it
+    set_rates(optimizer, cfg.optim.lr, cfg.optim.weight_decay)
+    trainable = [p for p in pretraining.student.parameters() if p.requires_grad]
+
+    def step(batch: MultiCropBatch) -> float:
+        with autocast_context(args.precision, device):
+            out = pretraining.forward_backward(batch, cfg.loss.warmup_teacher_temp,
+                                               cfg.loss.warmup_teacher_patch_temp)
+        pretraining.update_centers(out.teacher)
+        clip_per_parameter(trainable, cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pretraining.update_teacher(cfg.optim.momentum_teacher)
+        return float(out.terms.total)
 
     return step
 
@@ -221,9 +188,10 @@ def child(args: argparse.Namespace, path: str) -> dict:
     cfg = config_for(args, path)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    parts = build_parts(args, cfg, path, device)
+    step = (baseline_step(cfg, args.precision, device) if path == "baseline"
+            else our_step(args, cfg, device))
     batch = make_batch(cfg, args.batch, device)
-    m = measure_steps(make_step(parts, cfg, batch, args.precision, device), args, device)
+    m = measure_steps(functools.partial(step, batch), args, device)
     return dict(path=path, batch=args.batch, seconds_per_step=m.seconds,
                 images_per_second=args.batch / m.seconds,
                 peak_memory_mb=m.peak_mb, step_memory_mb=m.step_mb, first_loss=m.first_loss,

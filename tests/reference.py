@@ -1,4 +1,5 @@
-"""A deliberately naive second implementation of SERE (SERE-SPEC.md sections 3-6).
+"""A deliberately naive second implementation of SERE (docs/design.md, from self-relations to
+the base objective).
 
 Written straight from the specification, independently of `sere`, for the reference tests:
 

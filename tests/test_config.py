@@ -1,4 +1,5 @@
-"""Configuration: defaults, YAML files and `a.b=c` overrides, validation, presets (SERE-SPEC 9)."""
+"""Configuration: defaults, YAML files and `a.b=c` overrides, validation, presets
+(docs/design.md#published-recipes)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def test_defaults_without_data_path_are_refused_naming_the_key():
 
 
 def test_defaults_hold_the_vit_small_recipe_and_the_authors_values_it_restates():
-    # The defaults are the ViT-S/16 recipe of SERE-SPEC section 9 (tests/test_fidelity.py
-    # compares every setting with the preset); these are the values section 9 states.
+    # The defaults are the ViT-S/16 recipe of docs/design.md#published-recipes
+    # (tests/test_fidelity.py compares every setting with the preset); these are its values.
     cfg = Config()
     assert cfg.loss.tau_spatial == 0.5
     assert cfg.loss.tau_channel == 0.1
@@ -225,7 +226,7 @@ def test_boundary_values_are_accepted():
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets (SERE-SPEC section 9)
+# Presets (docs/design.md#published-recipes)
 
 
 def preset(name: str) -> Config:

@@ -168,7 +168,7 @@ def test_pretrain_on_scenes(tmp_path):
     """Two pretraining steps of the tiny model on real Fashion-MNIST scenes."""
     from sere.cli import main
     from sere.config import load_config
-    from sere.data.datasets import build_source
+    from sere.data.sources import build_source
 
     from conftest import TINY
 

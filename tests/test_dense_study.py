@@ -12,7 +12,7 @@ import pytest
 
 from sere.data.datasets import subset_indices
 from sere.errors import SereError
-from sere.train.schedules import Schedules
+from sere.train.hyperparameters import Schedules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

@@ -1,4 +1,5 @@
-"""Issue 15, "faithful to the last digit": SERE-SPEC.md section 10 against naive implementations.
+"""Issue 15, "faithful to the last digit": docs/design.md#details-that-decide-the-numbers
+against naive implementations.
 
 Position embedding at other grids, initial values, the teacher's shared last layer, the
 defaults (the ViT-S/16 recipe) and importing an authors' checkpoint with its relation heads.
@@ -56,8 +57,8 @@ def _bicubic_matrix(n_in: int, n_out: int, scale_factor: float) -> Tensor:
 
 
 def _naive_authors_pos_embed(pos_embed: Tensor, side: int, n: int, m: int) -> Tensor:
-    """SERE-SPEC 10 in float64: the side x side x C table, bicubic with scale factor
-    ((n + 0.1) / side, (m + 0.1) / side); the [CLS] entry kept."""
+    """docs/design.md#details-that-decide-the-numbers in float64: the side x side x C table,
+    bicubic with scale factor ((n + 0.1) / side, (m + 0.1) / side); the [CLS] entry kept."""
     table = pos_embed[0, 1:].double().reshape(side, side, -1)  # (side, side, C)
     rows = _bicubic_matrix(side, n, (n + 0.1) / side)  # (n, side)
     cols = _bicubic_matrix(side, m, (m + 0.1) / side)  # (m, side)

@@ -1,4 +1,5 @@
-"""Overlap grids (SERE-SPEC.md section 4) against hand-computed values and a source round trip."""
+"""Overlap grids (docs/design.md#aligning-two-views) against hand-computed values and a source
+round trip."""
 
 from __future__ import annotations
 

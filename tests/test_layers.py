@@ -1,5 +1,6 @@
 """The code map holds: every import in src/sere runs down the layer order of README.md's "Code
-map", and no function in src/sere or benchmarks/ is longer than 60 lines.
+map", no two modules import each other (directly or round a longer circle), and no function in
+src/sere or benchmarks/ is longer than 60 lines.
 
 Imports are read with `ast`, so imports inside functions count too; relative imports are resolved
 against the importing module's package.
@@ -18,7 +19,7 @@ MAX_FUNCTION_LINES = 60
 # Low to high; a module may import only from its own layer or lower ones (README.md, Code map).
 LAYERS: dict[str, int] = {
     "sere.errors": 0,
-    "sere.config": 1, "sere.geometry": 1, "sere.schedules": 1,
+    "sere.config": 1, "sere.geometry": 1, "sere.schedule_curves": 1,
     "sere.runtime": 2,
     "sere.data": 3, "sere.models": 3,
     "sere.losses": 4,
@@ -50,21 +51,25 @@ def owner(module: str) -> str | None:
     return best
 
 
+def from_module(node: ast.ImportFrom, name: str, path: Path) -> str:
+    """The module a `from ... import` statement of module `name` reads, relative resolved."""
+    if not node.level:
+        return node.module or ""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    base = package.split(".")
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def imported_modules(path: Path, src: Path = SRC) -> list[tuple[int, str]]:
     """(line, module) for every sere import in the file, in functions too, relative resolved."""
     name = module_name(path, src)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
+            module = from_module(node, name, path)
             # `from sere import cli` imports the module sere.cli; `from sere.x import f` sere.x.
             found += [(node.lineno, f"{module}.{alias.name}" if module == "sere" else module)
                       for alias in node.names]
@@ -117,6 +122,65 @@ def test_readme_code_map_states_the_same_layers():
         for name in re.findall(r"`(sere(?:\.\w+)?)[`/]", match.group(2)):
             stated[name] = int(match.group(1))
     assert stated == LAYERS
+
+
+def module_imports(paths: list[Path], src: Path = SRC) -> dict[str, set[str]]:
+    """Module -> the modules of `paths` it imports (in functions too): `from sere.data import
+    scenes` and `from sere.data.scenes import f` both name the module sere.data.scenes."""
+    modules = {module_name(p, src) for p in paths}
+    graph = {}
+    for path in paths:
+        name = module_name(path, src)
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                module = from_module(node, name, path)
+                targets |= {f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules
+                            else module for alias in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every circle a depth-first walk of the import graph meets, as [a, b, ..., a]."""
+    state: dict[str, str] = {}  # "open" on the walk's path, "done" once left
+    circles: list[list[str]] = []
+
+    def walk(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                circles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                walk(target, path)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module, [])
+    return circles
+
+
+def test_no_import_circle_between_modules():
+    circles = import_circles(module_imports(sources()))
+    assert circles == [], "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_circle_checker_finds_a_circle_hidden_in_a_function(tmp_path):
+    package = tmp_path / "sere" / "data"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sources.py").write_text("def build():\n    from sere.data.scenes import f\n")
+    (package / "scenes.py").write_text("from sere.data import sources\n")
+    (package / "masks.py").write_text("from . import sources\n")
+    graph = module_imports(sorted(package.glob("*.py")), tmp_path)
+    assert graph["sere.data.masks"] == {"sere.data.sources"}
+    assert import_circles(graph) == [["sere.data.sources", "sere.data.scenes",
+                                      "sere.data.sources"]]
 
 
 def checked_for_length() -> list[Path]:

@@ -1,4 +1,5 @@
-"""Every loss term (SERE-SPEC.md sections 5 and 6) against naive loops from the spec, and the
+"""Every loss term (docs/design.md#relation-losses and
+docs/design.md#base-objective-and-total) against naive loops from the spec, and the
 weighted total through `sere.compute_losses` on a tiny network."""
 
 from __future__ import annotations

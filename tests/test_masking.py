@@ -1,4 +1,4 @@
-"""Block-wise iBOT masks and the per-crop mask ratio (SERE-SPEC.md section 6)."""
+"""Block-wise iBOT masks and the per-crop mask ratio (docs/design.md#masking)."""
 
 from __future__ import annotations
 

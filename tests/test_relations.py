@@ -1,4 +1,5 @@
-"""Self-relations and their alignment (SERE-SPEC.md sections 3 and 4) against the naive route:
+"""Self-relations and their alignment (docs/design.md#self-relations and
+docs/design.md#aligning-two-views) against the naive route:
 full N x N relation of the unsampled map, resampled as W S W^T with a hand-built bilinear matrix."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Schedules and optimisation helpers (SERE-SPEC.md section 7)."""
+"""Schedules and optimisation helpers (docs/design.md#optimisation-and-schedules)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from sere.train.optim import (
     is_decayed,
     set_rates,
 )
-from sere.schedules import cosine_schedule, warmup_then_constant
-from sere.train.schedules import Schedules
+from sere.schedule_curves import cosine_schedule, warmup_then_constant
+from sere.train.hyperparameters import Schedules
 
 DATA = ["data.path=/some/images"]
 

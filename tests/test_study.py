@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sere.errors import SereError
-from sere.train.schedules import Schedules
+from sere.train.hyperparameters import Schedules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

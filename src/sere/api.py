@@ -1,11 +1,11 @@
-"""The Python API: build networks, load weights, and compute every loss term of a batch.
+"""The Python API: build the pretraining object, load weights, run one step's losses.
 
     import sere
     cfg = sere.load_config(["configs/demo.yaml"], ["optim.batch_size=8"])
-    nets = sere.build_networks(cfg)
-    loss_fn = sere.SERELoss(cfg, nets.student.backbone.num_heads)
-    terms = sere.compute_losses(nets, loss_fn, global_crops, local_crops, masks, boxes,
-                                teacher_temp=0.04, teacher_patch_temp=0.04)
+    pretraining = sere.SEREPretraining(cfg)          # student, teacher, heads, loss, EMA
+    out = pretraining.forward_backward(batch, teacher_temp=0.04, teacher_patch_temp=0.04)
+    pretraining.update_centers(out.teacher)
+    pretraining.update_teacher(momentum=0.996)
 """
 
 from __future__ import annotations
@@ -14,31 +14,42 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sere.config import Config
+from sere.io.weights import read_run_checkpoint
 from sere.losses.objective import LossTerms, SERELoss, compute_losses
 from sere.models.network import Networks, build_networks
-from sere.io.weights import read_run_checkpoint
+from sere.train.pretraining import ForwardBackward, SEREPretraining
 
 
 @dataclass
 class LoadedRun:
-    """A checkpoint's configuration, networks and loss (with its centers)."""
+    """A checkpoint's configuration, its pretraining object (networks, loss with its centers)
+    and step."""
 
     config: Config
-    networks: Networks
-    loss_fn: SERELoss
+    pretraining: SEREPretraining
     step: int
+
+    @property
+    def networks(self) -> Networks:
+        """The run's student and teacher."""
+        return self.pretraining.networks
+
+    @property
+    def loss_fn(self) -> SERELoss:
+        """The run's loss, with its centers."""
+        return self.pretraining.loss
 
 
 def load_run(path: str | Path) -> LoadedRun:
     """Student, teacher, centers and configuration of a `sere pretrain` checkpoint."""
     run = read_run_checkpoint(path)
     cfg, state = run.config, run.state
-    nets = build_networks(cfg)
-    nets.student.load_state_dict(state["student"])
-    nets.teacher.load_state_dict(state["teacher"])
-    loss_fn = SERELoss(cfg, nets.student.backbone.num_heads)
-    loss_fn.load_state_dict(state["loss"])
-    return LoadedRun(cfg, nets, loss_fn, run.step)
+    pretraining = SEREPretraining(cfg, build_networks(cfg))
+    pretraining.student.load_state_dict(state["student"])
+    pretraining.teacher.load_state_dict(state["teacher"])
+    pretraining.loss.load_state_dict(state["loss"])
+    return LoadedRun(cfg, pretraining, run.step)
 
 
-__all__ = ["LoadedRun", "LossTerms", "compute_losses", "load_run"]
+__all__ = ["ForwardBackward", "LoadedRun", "LossTerms", "SEREPretraining", "compute_losses",
+           "load_run"]

@@ -1,11 +1,12 @@
 """Typed configuration: dataclasses with defaults, YAML files and `a.b=c` overrides on top.
 
-The defaults are the authors' ViT-S/16 recipe (SERE-SPEC.md section 9, the `vit_small_ibot_sere`
-preset), so `sere pretrain data.path=...` with no `--config` trains the paper's recipe; only
-per-machine and per-run settings (paths, workers, checkpoint spacing) differ from the preset. The
-authors' code has other defaults where its recipes override them (e.g. no local crops, alpha =
-beta = 1, clip 3.0); those are not ours. `load_config` builds a `Config` from presets and overrides, and
-`validate` refuses bad values before any work starts, naming the key and what is allowed.
+The defaults are the authors' ViT-S/16 recipe (docs/design.md#published-recipes, the
+`vit_small_ibot_sere` preset), so `sere pretrain data.path=...` with no `--config` trains the
+paper's recipe; only per-machine and per-run settings (paths, workers, checkpoint spacing)
+differ from the preset. The authors' code has other defaults where its recipes override them
+(e.g. no local crops, alpha = beta = 1, clip 3.0); those are not ours. `load_config` builds a
+`Config` from presets and overrides, and `validate` refuses bad values before any work starts,
+naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
 
 @dataclass
 class ModelConfig:
-    """The backbone and the heads (SERE-SPEC.md section 2)."""
+    """The backbone and the heads (docs/design.md#networks-and-heads)."""
 
     # vit_tiny, vit_small, vit_base or vit_large (ARCHITECTURES); embed_dim, depth and num_heads
     # below override its width, depth and head count
@@ -68,7 +69,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are cropped (section 8)."""
+    """Where images come from and how they are cropped (docs/design.md#multi-crop-augmentation)."""
 
     # where images come from: an image folder, Fashion-MNIST, scenes of it, or generated patterns
     dataset: Literal["folder", "fashion_mnist", "fashion_mnist_scenes", "synthetic"] = "folder"
@@ -100,7 +101,7 @@ class DataConfig:
 
 @dataclass
 class MaskConfig:
-    """iBOT block-wise masking of the student's global crops (section 6)."""
+    """iBOT block-wise masking of the student's global crops (docs/design.md#masking)."""
 
     ratio: tuple[float, ...] = (0.0, 0.3)  # masked fractions; each image picks one at random
     ratio_jitter: tuple[float, ...] = (0.0, 0.2)  # each picked ratio is drawn within +- its jitter
@@ -109,7 +110,8 @@ class MaskConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and temperatures (sections 5 and 6)."""
+    """Loss weights and temperatures (docs/design.md#relation-losses and
+    docs/design.md#base-objective-and-total)."""
 
     lambda1: float = 1.0  # [CLS] term
     lambda2: float = 1.0  # iBOT patch term; 0 gives DINO
@@ -150,7 +152,7 @@ class Switches:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the schedules (section 7)."""
+    """AdamW and the schedules (docs/design.md#optimisation-and-schedules)."""
 
     epochs: int = 100  # passes over the data; the schedules span them
     # per process; the schedules scale by batch_size * processes * accum (the recipe's total

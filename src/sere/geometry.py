@@ -1,4 +1,4 @@
-"""Crop boxes and the overlap grids that align two views (SERE-SPEC.md section 4)."""
+"""Crop boxes and the overlap grids that align two views (docs/design.md#aligning-two-views)."""
 
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ import sys
 
 from sere.cli import finetune, knn, linear, pictures, pretrain, segment, settings, weights
 from sere.cli.common import SereParser, package_version, resolve_config_path, split_overrides
+from sere.cli.logs import install_log_handler
 from sere.errors import SereError
 
 __all__ = ["build_parser", "main", "parse_args", "resolve_config_path"]
@@ -72,6 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sere` command."""
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    install_log_handler(getattr(args, "verbosity", 0))
     try:
         return args.func(args)
     except SereError as err:

@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from sere.cli.logs import add_verbosity_flags
 from sere.data.datasets import ImageSource
 from sere.data.labelled import labelled_sources
 from sere.errors import SereError
@@ -39,11 +40,13 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 
 class SereParser(argparse.ArgumentParser):
-    """The parser class of `sere` and its sub-commands: help in `DefaultsFormatter`."""
+    """The parser class of `sere` and its sub-commands: help in `DefaultsFormatter`, and
+    `-q/--quiet` and `-v/--verbose` on every command."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
+        add_verbosity_flags(self)
 
 
 def package_version() -> str:

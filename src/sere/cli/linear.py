@@ -20,6 +20,7 @@ from sere.eval.linear import (
     NORMS,
     LinearResult,
     align_test_labels,
+    check_learning_rates,
     run_probe,
     save_linear,
 )
@@ -43,8 +44,7 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse flag values that cannot work, before anything is loaded."""
     if args.epochs < 1 or args.batch_size < 1:
         raise SereError("--epochs and --batch-size must be at least 1")
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
-        raise SereError(f"--lrs {args.lrs}: every learning rate must be a positive number")
+    check_learning_rates(args.lrs, "--lrs")
     for flag, value in (("--max-train", args.max_train), ("--max-test", args.max_test)):
         if value is not None and value < 1:
             raise SereError(f"{flag} must be at least 1")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,9 +20,11 @@ from sere.errors import SereError
 from sere.eval.dense_features import check_patch_size, dense_features, scene_dense_set
 from sere.eval.dense_pictures import save_dense_pictures
 from sere.eval.features import LAST_BLOCKS, PATCH_KINDS
+from sere.eval.linear import check_learning_rates
 from sere.eval.segment import (KMeansRun, LinearProbeRun, ProbeSettings, format_report,
                                kmeans_segmentation, linear_segmentation, predict_masks)
 from sere.runtime import resolve_device
+from sere.runtime.files import atomic_write_text
 
 SCENE_DEFAULTS = {"train": 5000, "test": 1000}  # scenes for --fashion-mnist-scenes on a CPU
 CLASS_FILE = "classes.txt"  # optional class names of a dense folder, one per line
@@ -104,8 +104,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.epochs < 1 or args.batch_size < 1 or args.workers < 0 or args.probe_threads < 1:
         raise SereError("--epochs, --batch-size and --probe-threads must be at least 1, "
                         "--workers at least 0")
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lrs):
-        raise SereError(f"--lrs {args.lrs}: every learning rate must be a positive number")
+    check_learning_rates(args.lrs, "--lrs")
     if args.max_train is not None and args.max_train < 2:
         raise SereError("--max-train must be at least 2 (10 % are held out to choose the lr)")
     if args.max_test is not None and args.max_test < 1:
@@ -162,15 +161,10 @@ def run_probes(pair: DensePair, train: torch.Tensor, test: torch.Tensor,
 
 def write_text(path: Path, text: str) -> None:
     """Write through a temporary file and a rename: the file is whole or absent."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
+        atomic_write_text(path, text)
     except OSError as err:
         raise SereError(f"could not write {path}: {err}") from None
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def write_outputs(out: Path, runs: SegmentRuns, pair: DensePair, test: torch.Tensor,

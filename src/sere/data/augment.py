@@ -1,4 +1,5 @@
-"""Multi-crop augmentation whose crops remember their box and flip (SERE-SPEC.md section 8).
+"""Multi-crop augmentation whose crops remember their box and flip
+(docs/design.md#multi-crop-augmentation).
 
 Every random draw comes from a `torch.Generator` that the caller seeds per sample, so a sample's
 crops depend only on (seed, epoch, index): not on the worker that made them, nor on what ran before.

@@ -16,7 +16,6 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from sere.config import DataConfig
 from sere.errors import SereError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -273,21 +272,6 @@ class SyntheticSource(ImageSource):
         noise = 0.1 * torch.rand(self.in_chans, s, s, generator=g)
         image = (pattern.float()[None] * colour + noise).clamp(0, 1)
         return (image * 255).to(torch.uint8), label
-
-
-def build_source(cfg: DataConfig, in_chans: int, train: bool = True) -> ImageSource:
-    """The image source that `cfg.dataset` names (the training split for pretraining)."""
-    if cfg.dataset == "folder":
-        return ImageFolderSource(cfg.path, in_chans)
-    if cfg.dataset == "fashion_mnist":
-        return FashionMNISTSource(cfg.path, train=train, in_chans=in_chans, download=cfg.download)
-    if cfg.dataset == "fashion_mnist_scenes":
-        from sere.data.scenes import SceneSpec, fashion_mnist_scenes  # noqa: PLC0415 (imports us)
-
-        return fashion_mnist_scenes(cfg.path, train, cfg.scenes, SceneSpec(size=cfg.scene_size),
-                                    cfg.scene_seed if train else cfg.scene_seed + 1, in_chans)
-    return SyntheticSource(cfg.synthetic_images, cfg.synthetic_size, in_chans,
-                           seed=0 if train else 1)
 
 
 def subset_indices(length: int, max_images: int | None, seed: int = 0) -> list[int]:

@@ -21,10 +21,10 @@ from sere.data.datasets import (
     MAX_CONSECUTIVE_BAD_IMAGES,
     ImageSource,
     UnreadableImage,
-    build_source,
     subset_indices,
 )
 from sere.data.masking import block_mask, draw_mask_ratio
+from sere.data.sources import build_source
 from sere.errors import SereError
 from sere.runtime.stop import SIGNALS as STOP_SIGNALS
 

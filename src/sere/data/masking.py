@@ -1,4 +1,4 @@
-"""Block-wise masks for iBOT's masked patch prediction (SERE-SPEC.md section 6)."""
+"""Block-wise masks for iBOT's masked patch prediction (docs/design.md#masking)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,6 @@ timm's dynamic image size.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from torch import Tensor
 
 from sere.data.datasets import FASHION_MNIST_CLASSES, FashionMNISTSource, ImageSource
 from sere.errors import SereError
+from sere.runtime.files import atomic_path
 
 ITEM_THRESHOLD = 40  # an item's pixel: resized intensity above this (of 255)
 SCENE_CLASSES = ("background", *FASHION_MNIST_CLASSES)  # mask value -> name; K = 11
@@ -180,9 +180,8 @@ def fashion_mnist_scenes(path: str | None, train: bool, count: int, spec: SceneS
 
 
 def _write_png(array: np.ndarray, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    Image.fromarray(array, "L").save(temporary, format="PNG")
-    os.replace(temporary, path)  # a file is either whole or absent
+    with atomic_path(path) as temporary:
+        Image.fromarray(array, "L").save(temporary, format="PNG")
 
 
 def write_dense_folder(source: SceneSource, root: str | Path, count: int | None = None) -> Path:

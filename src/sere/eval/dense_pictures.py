@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
 from sere.errors import SereError
+from sere.runtime.files import atomic_path
 
 # Fixed colours (RGB, 0-255) for classes 0..10: black background, then 10 distinct hues; any
 # class beyond is drawn grey, the ignore index white.
@@ -66,10 +66,9 @@ def save_dense_pictures(images: Tensor, masks: Tensor, probe: Tensor, clusters: 
                 axis.set_title(titles[column], fontsize=9)
     if class_names:
         _add_legend(figure, class_names)
-    temporary = path.with_name(path.name + ".tmp")
     try:
-        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
     except OSError as err:
         raise SereError(f"could not write {path}: {err}") from None
     finally:

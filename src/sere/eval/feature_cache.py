@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +24,7 @@ from sere.config import Config
 from sere.data.datasets import FashionMNISTSource, ImageFolderSource, ImageSource, SyntheticSource
 from sere.eval.features import EvalImages, FeatureSplit, check_feature_kind, extract_features
 from sere.models.backbone import ViTBackbone
+from sere.runtime.files import atomic_path
 
 CACHE_FORMAT = "sere-linear-features-v1"
 
@@ -118,14 +118,9 @@ def read_cache(path: Path, key: str, count: int) -> FeatureSplit | None:
 def write_cache(path: Path, key: str, split: FeatureSplit, meta: dict[str, Any]) -> None:
     """Save through a temporary file and a rename, so that an interrupted write leaves none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as temporary:
         torch.save({"key": key, "features": split.features.contiguous(),
-                    "labels": split.labels.contiguous(), "meta": meta}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+                    "labels": split.labels.contiguous(), "meta": meta}, temporary)
 
 
 def cached_split(folder: str | Path | None, model_key: str, kind: str, name: str,

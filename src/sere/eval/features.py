@@ -18,6 +18,7 @@ global kinds; the per-patch kinds are for dense evaluation.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ from sere.data.datasets import ImageSource, UnreadableImage
 from sere.data.loader import loader_batches
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
+
+logger = logging.getLogger(__name__)
 
 GLOBAL_KINDS = ("cls", "cls_avgpool", "cls4_avgpool")  # one vector per image
 PATCH_KINDS = ("patch", "patch4")  # one vector per patch, (B, h, w, D)
@@ -144,7 +147,7 @@ def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch
     try:
         # loader_batches: a worker's error is one line and its workers are shut down at once
         for x, y in tqdm(loader_batches(loader), desc=desc, unit="batch", leave=False,
-                         total=len(loader)):
+                         total=len(loader), disable=not logger.isEnabledFor(logging.INFO)):
             f = batch_features(backbone, x.to(device), kind).float()
             feats.append((F.normalize(f, dim=-1) if normalize else f).to("cpu", dtype))
             labels.append(torch.as_tensor(y, dtype=torch.int64))

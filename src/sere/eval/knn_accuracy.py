@@ -3,12 +3,12 @@ pretraining (a callback the command hands to the trainer)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from sere.config import Config
 from sere.data.datasets import ImageSource, subset_indices
@@ -17,6 +17,8 @@ from sere.errors import SereError
 from sere.eval.feature_cache import cached_features
 from sere.eval.knn_classifier import knn_classify_many, top1_accuracy
 from sere.models.backbone import ViTBackbone
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,7 +88,7 @@ def periodic_knn(cfg: Config) -> Callable[[ViTBackbone, torch.device, int], dict
         train, test = sources[0]
         e = cfg.eval
         result = knn_top1(backbone, cfg, train, test, device, e.knn_max_train, e.knn_max_test)
-        tqdm.write(f"step {step}: k-NN top-1 {result.top1:.1f} %")
+        logger.info(f"step {step}: k-NN top-1 {result.top1:.1f} %")
         return {"knn_top1": result.top1}
 
     return evaluate

@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,13 @@ class SweepWeights:
         return torch.einsum("nd,ldk->lnk", features, self.weight) + self.bias[:, None, :]
 
 
+def check_learning_rates(lrs: Sequence[float], name: str) -> None:
+    """Refuse an empty list or any learning rate that is not a positive finite number, naming
+    the setting (`name`) in the one-line error."""
+    if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+        raise SereError(f"{name} {list(lrs)}: every learning rate must be a positive number")
+
+
 def train_sweep(features: Tensor, labels: Tensor, num_classes: int, lrs: tuple[float, ...],
                 epochs: int, batch_size: int, seed: int = 0,
                 device: torch.device | str = "cpu") -> SweepWeights:
@@ -121,8 +128,7 @@ def train_sweep(features: Tensor, labels: Tensor, num_classes: int, lrs: tuple[f
     """
     if epochs < 1 or batch_size < 1:
         raise SereError("the linear probe needs epochs >= 1 and batch size >= 1")
-    if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
-        raise SereError(f"learning rates {list(lrs)} must be positive numbers")
+    check_learning_rates(lrs, "learning rates")
     n, dim = features.shape
     if n == 0:
         raise SereError("no training features to fit the linear probe on")

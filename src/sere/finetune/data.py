@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,8 @@ from sere.data.labelled import labelled_sources
 from sere.errors import SereError
 from sere.finetune.config import FinetuneConfig
 from sere.finetune.transforms import test_transform, to_pil, train_transform
+
+logger = logging.getLogger(__name__)
 
 
 class FinetuneImages(torch.utils.data.Dataset):
@@ -46,7 +49,7 @@ class FinetuneImages(torch.utils.data.Dataset):
             try:
                 image, label = self.source[index]  # uint8 (C, H, W), int
             except UnreadableImage as err:
-                print(f"warning: skipping unreadable image {err}")
+                logger.warning(f"warning: skipping unreadable image {err}")
                 continue
             return self.transform(to_pil(image)), label
         raise SereError(f"{MAX_CONSECUTIVE_BAD_IMAGES} unreadable images in a row near "

@@ -18,7 +18,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 from sere.finetune.config import FinetuneOptimConfig
-from sere.schedules import cosine_schedule
+from sere.schedule_curves import cosine_schedule
 
 
 def build_optimizer(model: nn.Module, o: FinetuneOptimConfig) -> torch.optim.Optimizer:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from sere.io.checkpoint import atomic_write_bytes
+from sere.runtime.files import atomic_write_bytes
 
 CONFIG_NAME = "finetune.yaml"
 LOG_NAME = "finetune.jsonl"

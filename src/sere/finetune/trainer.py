@@ -12,6 +12,7 @@ the floor that pretraining should beat.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from sere.finetune.outputs import (
 from sere.io.checkpoint import FINETUNE_KIND, save_checkpoint
 from sere.io.weights import load_backbone
 from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,10 +158,11 @@ class Finetuner:
         o, workers = self.cfg.optim, self.cfg.train.num_workers
         log = start_run_folder(self.output_dir, self.cfg.to_dict())
         what = "random init" if self.random_init else f"{self.checkpoint_path}"
-        print(f"fine-tuning {what}: {len(self.train_set)} train / {len(self.test_set)} test "
-              f"images, {self.num_classes} classes, {o.epochs} epochs x {self.steps_per_epoch} "
-              f"steps, peak lr {self.schedule.peak_lr:.2e}, layer decay {o.layer_decay}, "
-              f"{self.device.type}, precision {self.precision_choice}")
+        logger.info(f"fine-tuning {what}: {len(self.train_set)} train / {len(self.test_set)} "
+                    f"test images, {self.num_classes} classes, {o.epochs} epochs x "
+                    f"{self.steps_per_epoch} steps, peak lr {self.schedule.peak_lr:.2e}, layer "
+                    f"decay {o.layer_decay}, {self.device.type}, precision "
+                    f"{self.precision_choice}")
         train_loader = make_loader(self.train_set, o.batch_size, True, workers, self.device,
                                    self.shuffle)
         test_loader = make_loader(self.test_set, o.eval_batch_size, False, workers, self.device)
@@ -179,7 +183,7 @@ class Finetuner:
         o, log_every = self.cfg.optim, self.cfg.train.log_every
         self.model.train()
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step",
-                   leave=False)
+                   leave=False, disable=not logger.isEnabledFor(logging.INFO))
         tick, images, loss_sum, losses = time.perf_counter(), 0, 0.0, 0
         window_tick, window_images = tick, 0
         for x, y in train_loader:
@@ -204,8 +208,9 @@ class Finetuner:
                   "test_loss": test.loss, "images_per_s": images / max(train_seconds, 1e-9),
                   "elapsed_s": time.perf_counter() - start}
         log.write(record)
-        print(f"epoch {epoch + 1}/{o.epochs}: train loss {record['train_loss']:.3f}, test top-1 "
-              f"{test.top1:.1f} % (top-5 {test.top5:.1f} %), {record['images_per_s']:.0f} img/s")
+        logger.info(f"epoch {epoch + 1}/{o.epochs}: train loss {record['train_loss']:.3f}, test "
+                    f"top-1 {test.top1:.1f} % (top-5 {test.top5:.1f} %), "
+                    f"{record['images_per_s']:.0f} img/s")
         return record
 
     def _save_classifier(self, last: dict) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -17,25 +17,13 @@ from typing import Any
 import torch
 
 from sere.errors import SereError
+from sere.runtime.files import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "sere-checkpoint-v1"
 FINETUNE_KIND = "sere-finetune"  # the "kind" entry of a fine-tuned classifier's checkpoint
 STEP_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a flushed temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -108,7 +96,7 @@ def latest_valid_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] |
         try:
             state = load_checkpoint(path)
         except SereError as err:
-            print(f"warning: skipping {err}")
+            logger.warning(f"warning: skipping {err}")
             continue
         candidates.append((int(state.get("step", -1)), path, state))
     if not candidates:

@@ -30,7 +30,7 @@ from torch import Tensor
 from sere.config import ARCHITECTURES, Config
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
-from sere.io.checkpoint import atomic_write_bytes
+from sere.runtime.files import atomic_write_bytes
 from sere.io.weights import load_backbone
 
 WEIGHTS_NAME = "model.safetensors"

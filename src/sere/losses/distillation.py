@@ -1,4 +1,5 @@
-"""DINO's [CLS] term and iBOT's patch term, with their centers (SERE-SPEC.md section 6)."""
+"""DINO's [CLS] term and iBOT's patch term, with their centers
+(docs/design.md#base-objective-and-total)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def _global_mean(x: Tensor) -> Tensor:
 
 
 class DistillationLoss(nn.Module):
-    """Teacher-student cross-entropy on [CLS] outputs and on masked patch outputs.
+    """Teacher-student cross-entropy on [CLS] outputs (DINO: Caron et al., ICCV 2021) and on
+    masked patch outputs (iBOT: Zhou et al., ICLR 2022), with centred, sharpened teacher
+    outputs (docs/design.md#base-objective-and-total).
 
     The centers are buffers, so they live in the state dict and in checkpoints.
 
@@ -32,6 +35,14 @@ class DistillationLoss(nn.Module):
         out_dim: K.
         student_temp: the student's temperature (0.1).
         center_momentum: 0.9.
+
+    >>> import math, torch
+    >>> loss = DistillationLoss(out_dim=16, student_temp=0.1, center_momentum=0.9)
+    >>> student = torch.zeros(4 * 3, 16)  # 4 views (2 global, 2 local) x B=3, K=16
+    >>> teacher = torch.zeros(2 * 3, 16)  # the 2 global views: uniform targets
+    >>> value = loss.cls_loss(student, teacher, teacher_temp=0.04)
+    >>> round(float(value), 4) == round(math.log(16), 4)
+    True
     """
 
     center: Tensor

@@ -1,4 +1,5 @@
-"""The whole SERE objective: the weighted sum of the four terms (SERE-SPEC.md section 6)."""
+"""The whole SERE objective: the weighted sum of the four terms
+(docs/design.md#base-objective-and-total)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 
 from sere.config import Config, Switches
 from sere.losses.distillation import DistillationLoss
-from sere.losses.relation import channel_loss, spatial_loss
+from sere.losses.relation import ChannelRelationLoss, SpatialRelationLoss
 from sere.models.network import NetworkOutputs, Networks
 
 
@@ -41,32 +42,58 @@ class GridSizes:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "GridSizes":
-        """Configured sizes, else the spec's rule: global patch grid - 1, local patch grid."""
+        """Configured sizes, else global patch grid - 1 and the local patch grid
+        (docs/design.md#aligning-two-views)."""
         patch = cfg.model.patch_size
         g = cfg.loss.global_grid or cfg.data.global_crop_size // patch - 1
         l = cfg.loss.local_grid or cfg.data.local_crop_size // patch  # noqa: E741
         return cls(global_grid=g, local_grid=l)
 
 
-class SERELoss(nn.Module):
-    """`(lambda1 L_cls + lambda2 L_patch) (4 - alpha - beta) / 2 + alpha L_spatial + beta L_channel`.
+class SEREObjective(nn.Module):
+    """The whole SERE objective (docs/design.md#base-objective-and-total):
+    `(lambda1 L_cls + lambda2 L_patch) (4 - alpha - beta) / 2 + alpha L_spatial + beta L_channel`,
+    with L_cls and L_patch from iBOT and L_spatial, L_channel from SERE (Li, Gao, Cheng, TPAMI
+    2023, arXiv 2206.05184). A term whose weight is 0 is not computed.
 
     Holds the [CLS] and patch centers. Call `forward` for the loss, then `update_centers` once
     the step's loss has been computed.
 
     Args:
-        cfg: the run configuration.
-        num_heads: the ViT's head count H, which splits channels for the spatial relation.
+        out_dim: K, the projection head's output size.
+        num_heads: H, the ViT's head count, which splits channels for the spatial relation.
+        lambda1: weight of the [CLS] term.
+        lambda2: weight of the patch term (0: DINO).
+        alpha: weight of the spatial relation term.
+        beta: weight of the channel relation term.
+        student_temp: the student's temperature in the [CLS] and patch terms.
+        center_momentum: EMA momentum of the teacher centers.
+        tau_spatial: teacher temperature of the spatial relations.
+        tau_channel: teacher temperature of the channel relations.
+        global_grid: S for global pairs (13 at 224 px, patch 16).
+        local_grid: S for local-global pairs (6 at 96 px, patch 16).
+
+    >>> import torch
+    >>> objective = SEREObjective(out_dim=16, num_heads=2, alpha=0.2, beta=0.5)
+    >>> objective.switches
+    Switches(cls=True, patch=True, spatial=True, channel=True)
+    >>> one = torch.tensor(1.0)
+    >>> float(objective.weighted_total(one, one, one, one))  # 2 * 3.3 / 2 + 0.2 + 0.5
+    4.0
     """
 
-    def __init__(self, cfg: Config, num_heads: int):
+    def __init__(self, out_dim: int, num_heads: int, lambda1: float = 1.0, lambda2: float = 1.0,
+                 alpha: float = 1.0, beta: float = 1.0, student_temp: float = 0.1,
+                 center_momentum: float = 0.9, tau_spatial: float = 0.5,
+                 tau_channel: float = 0.1, global_grid: int = 13, local_grid: int = 6):
         super().__init__()
-        self.weights = cfg.loss
-        self.switches = Switches.from_config(cfg)
+        self.lambda1, self.lambda2, self.alpha, self.beta = lambda1, lambda2, alpha, beta
+        self.switches = Switches(cls=lambda1 > 0, patch=lambda2 > 0, spatial=alpha > 0,
+                                 channel=beta > 0)
         self.num_heads = num_heads
-        self.grids = GridSizes.from_config(cfg)
-        self.distillation = DistillationLoss(cfg.model.out_dim, cfg.loss.student_temp,
-                                             cfg.loss.center_momentum)
+        self.distillation = DistillationLoss(out_dim, student_temp, center_momentum)
+        self.spatial = SpatialRelationLoss(num_heads, global_grid, local_grid, tau_spatial)
+        self.channel = ChannelRelationLoss(tau_channel)
 
     def forward(self, student: NetworkOutputs, teacher: NetworkOutputs, boxes: Tensor,
                 masks: list[Tensor], teacher_temp: float, teacher_patch_temp: float) -> LossTerms:
@@ -80,7 +107,7 @@ class SERELoss(nn.Module):
             teacher_temp: teacher temperature for [CLS] at this step.
             teacher_patch_temp: teacher temperature for patches at this step.
         """
-        w, on = self.weights, self.switches
+        on = self.switches
         zero = boxes.new_zeros((), dtype=torch.float32)
         cls = patch = spatial = channel = zero
         s_glob, s_loc, t_glob = student.globals, student.locals, teacher.globals
@@ -98,22 +125,24 @@ class SERELoss(nn.Module):
         if on.channel:
             channel = self.channel_term(t_glob.channel_map, s_glob.channel_map,
                                         s_loc.channel_map if s_loc is not None else None)
-        base = (w.lambda1 * cls + w.lambda2 * patch) * (4 - w.alpha - w.beta) / 2
-        total = base + w.alpha * spatial + w.beta * channel
+        total = self.weighted_total(cls, patch, spatial, channel)
         return LossTerms(total=total, cls=cls, patch=patch, spatial=spatial, channel=channel)
+
+    def weighted_total(self, cls: Tensor, patch: Tensor, spatial: Tensor,
+                       channel: Tensor) -> Tensor:
+        """The authors' weighting of the four terms (docs/design.md#base-objective-and-total)."""
+        base = (self.lambda1 * cls + self.lambda2 * patch) * (4 - self.alpha - self.beta) / 2
+        return base + self.alpha * spatial + self.beta * channel
 
     def spatial_term(self, teacher_maps: Tensor, student_maps: Tensor,
                      student_local_maps: Tensor | None, boxes: Tensor) -> Tensor:
         """L_spatial of (2B, C, h, w) teacher `z` and student `p` maps; see `spatial_loss`."""
-        return spatial_loss(teacher_maps, student_maps, student_local_maps, boxes,
-                            self.num_heads, self.grids.global_grid, self.grids.local_grid,
-                            self.weights.tau_spatial)
+        return self.spatial(teacher_maps, student_maps, student_local_maps, boxes)
 
     def channel_term(self, teacher_maps: Tensor, student_maps: Tensor,
                      student_local_maps: Tensor | None) -> Tensor:
         """L_channel of (2B, C, h, w) teacher `z` and student `p` maps; see `channel_loss`."""
-        return channel_loss(teacher_maps, student_maps, student_local_maps,
-                            self.weights.tau_channel)
+        return self.channel(teacher_maps, student_maps, student_local_maps)
 
     @torch.no_grad()
     def update_centers(self, *teachers: NetworkOutputs) -> None:
@@ -126,6 +155,23 @@ class SERELoss(nn.Module):
         cls = torch.cat([t.globals.cls_logits for t in teachers]) if on.cls else None
         patch = torch.cat([t.globals.patch_logits_mean for t in teachers]) if on.patch else None
         self.distillation.update_centers(cls, patch)
+
+
+class SERELoss(SEREObjective):
+    """`SEREObjective` with the weights, temperatures and grid sizes of a run configuration.
+
+    Args:
+        cfg: the run configuration.
+        num_heads: the ViT's head count H, which splits channels for the spatial relation.
+    """
+
+    def __init__(self, cfg: Config, num_heads: int):
+        w, grids = cfg.loss, GridSizes.from_config(cfg)
+        super().__init__(cfg.model.out_dim, num_heads, lambda1=w.lambda1, lambda2=w.lambda2,
+                         alpha=w.alpha, beta=w.beta, student_temp=w.student_temp,
+                         center_momentum=w.center_momentum, tau_spatial=w.tau_spatial,
+                         tau_channel=w.tau_channel, global_grid=grids.global_grid,
+                         local_grid=grids.local_grid)
 
 
 def compute_losses(networks: Networks, loss_fn: SERELoss, global_crops: list[Tensor],

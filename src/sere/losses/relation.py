@@ -1,4 +1,5 @@
-"""SERE self-relations and their losses (SERE-SPEC.md sections 3, 4 and 5).
+"""SERE self-relations and their losses (docs/design.md#self-relations,
+docs/design.md#aligning-two-views and docs/design.md#relation-losses).
 
 Alignment samples the feature map on the overlap grid first and forms the relation of the sampled
 features: `W (Z Z^T) W^T = (W Z)(W Z)^T`, so this equals resampling the N x N relation, at a
@@ -11,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from sere.geometry import overlap_grids
 from sere.losses.distillation import soft_cross_entropy
@@ -141,3 +142,61 @@ def channel_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps:
     for t in range(2):
         total = total + n_local * relation_cross_entropy(teacher[t][None], local, tau)
     return total / (n_terms + 2 * n_local)
+
+
+class SpatialRelationLoss(nn.Module):
+    """SERE's spatial self-relation term (docs/design.md#relation-losses; Li, Gao, Cheng, TPAMI
+    2023, arXiv 2206.05184): per-head patch-to-patch relations of two views, aligned on the grid
+    of their overlap, teacher against student by cross-entropy. See `spatial_loss`.
+
+    Args:
+        num_heads: H; the channels split into H groups of C / H.
+        global_grid: S for the two global pairs.
+        local_grid: S for the local-global pairs.
+        tau: the teacher's temperature (the student is not tempered).
+
+    >>> import math, torch
+    >>> loss = SpatialRelationLoss(num_heads=2, global_grid=3, local_grid=2, tau=0.5)
+    >>> maps = torch.zeros(2, 4, 4, 4)  # 2 views x B=1, C=4, 4 x 4: every relation is uniform
+    >>> boxes = torch.tensor([[[0.0, 0.0, 8.0, 8.0, 0.0], [2.0, 2.0, 8.0, 8.0, 1.0]]])
+    >>> round(float(loss(maps, maps, None, boxes)), 4) == round(math.log(3 * 3), 4)
+    True
+    """
+
+    def __init__(self, num_heads: int, global_grid: int, local_grid: int, tau: float):
+        super().__init__()
+        self.num_heads, self.global_grid, self.local_grid, self.tau = (num_heads, global_grid,
+                                                                       local_grid, tau)
+
+    def forward(self, teacher_maps: Tensor, student_maps: Tensor,
+                student_local_maps: Tensor | None, boxes: Tensor) -> Tensor:
+        """L_spatial of (2B, C, h, w) teacher `z` and student `p` maps, (L*B, C, hl, wl) local
+        student maps or None, and (B, 2 + L, 5) boxes."""
+        return spatial_loss(teacher_maps, student_maps, student_local_maps, boxes,
+                            self.num_heads, self.global_grid, self.local_grid, self.tau)
+
+
+class ChannelRelationLoss(nn.Module):
+    """SERE's channel self-relation term (docs/design.md#relation-losses; Li, Gao, Cheng, TPAMI
+    2023, arXiv 2206.05184): channel-to-channel relations, teacher against student by
+    cross-entropy, no alignment. See `channel_loss`.
+
+    Args:
+        tau: the teacher's temperature (the student is not tempered).
+
+    >>> import math, torch
+    >>> loss = ChannelRelationLoss(tau=0.1)
+    >>> maps = torch.zeros(2, 8, 3, 3)  # 2 views x B=1, C=8: every relation is uniform
+    >>> round(float(loss(maps, maps, None)), 4) == round(math.log(8), 4)
+    True
+    """
+
+    def __init__(self, tau: float):
+        super().__init__()
+        self.tau = tau
+
+    def forward(self, teacher_maps: Tensor, student_maps: Tensor,
+                student_local_maps: Tensor | None) -> Tensor:
+        """L_channel of (2B, C, h, w) teacher `z` and student `p` maps and (L*B, C, hl, wl)
+        local student maps or None."""
+        return channel_loss(teacher_maps, student_maps, student_local_maps, self.tau)

@@ -25,7 +25,8 @@ def fused_attention_pays(device: torch.device, precision: str) -> bool:
 
 def interpolate_pos_embed(pos_embed: Tensor, old_grid: tuple[int, int],
                           new_grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
-    """The authors' (DINO/iBOT) position embedding for an `n x m` patch grid (SERE-SPEC.md s. 10).
+    """The authors' (DINO/iBOT) position embedding for an `n x m` patch grid
+    (docs/design.md#details-that-decide-the-numbers).
 
     The patch part of the (1, prefix + h0*w0, C) table, laid out h0 x w0 x C, is interpolated
     bicubically without antialiasing, `align_corners=False`, with the scale factor
@@ -71,7 +72,8 @@ class ViTBackbone(nn.Module):
     Position embeddings are stored for `img_size` and interpolated for other sizes: the
     authors' way by default (`interpolate_pos_embed`), or timm's `resample_abs_pos_embed` with
     `pos_embed_interp: timm`. The mask token replaces a patch's embedding before the position
-    embedding is added. The initial values are the authors' (SERE-SPEC.md section 10): timm's
+    embedding is added. The initial values are the authors'
+    (docs/design.md#details-that-decide-the-numbers): timm's
     ViT init (Linear and position embedding trunc_normal 0.02, zero biases, LayerNorm 1/0, the
     patch convolution PyTorch's default), except the [CLS] token, trunc_normal 0.02 instead of
     timm's normal(1e-6); the mask token starts at zero.

@@ -1,4 +1,4 @@
-"""The iBOT/DINO projection head and the SERE relation heads (SERE-SPEC.md section 2)."""
+"""The iBOT/DINO projection head and the SERE relation heads (docs/design.md#networks-and-heads)."""
 
 from __future__ import annotations
 

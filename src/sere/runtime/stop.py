@@ -6,14 +6,16 @@ each step, so all of them stop at the same step.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 
 import torch
 import torch.distributed as dist
 
 from sere.runtime.distributed import is_distributed
+
+logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -43,13 +45,13 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         if self.requested:
-            print(f"\nsecond {signal.Signals(signum).name}: exiting now without a checkpoint",
-                  file=sys.stderr, flush=True)
+            logger.warning(f"\nsecond {signal.Signals(signum).name}: exiting now without a "
+                           "checkpoint")
             os._exit(1)
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name} received: finishing this step, then writing a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr, flush=True)
+        logger.warning(f"\n{self.signal_name} received: finishing this step, then writing a "
+                       "checkpoint (send it again to exit at once)")
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank was asked to stop."""

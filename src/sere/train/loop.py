@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 import random
 import time
@@ -15,67 +15,36 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sere.config import Config, save_config, saved_model_settings
+from sere.config import Config, save_config
 from sere.data.datasets import MOSTLY_BAD_MIN_READS
 from sere.data.loader import (EpochBatchSampler, build_dataset, collate, loader_batches,
                               worker_init)
 from sere.errors import SereError
+from sere.io.checkpoint import refuse_earlier_run
 from sere.io.pretrained import UntrustedPickle, load_pretrained_weights
-from sere.losses.objective import LossTerms, SERELoss, compute_losses
+from sere.losses.objective import LossTerms
 from sere.models.backbone import ViTBackbone, fused_attention_pays
-from sere.models.network import NetworkOutputs, Networks, build_networks
+from sere.models.network import NetworkOutputs, build_networks
 from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
 from sere.runtime import distributed as dist_utils
-from sere.io.checkpoint import (
-    latest_valid_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    refuse_earlier_run,
-    save_checkpoint,
-)
+from sere.runtime.stop import StopRequest
 from sere.train.metrics import MetricsWriter, plot_losses
 from sere.train.monitor import CollapseStats, collapse_stats
-from sere.runtime.stop import StopRequest
-from sere.train.optim import (
-    TeacherEMA,
-    build_optimizer,
-    cancel_last_layer_gradients,
-    clip_per_parameter,
-    set_rates,
-)
-from sere.train.schedules import Schedules
+from sere.train.optim import (build_optimizer, cancel_last_layer_gradients, clip_per_parameter,
+                              set_rates)
+from sere.train.pretraining import SEREPretraining
+from sere.train.hyperparameters import Schedules
 from sere.train.summary import RunPlan, describe_run
+from sere.train.state import (RunState, checkpoint_size, checkpoint_state, resume_run,
+                              save_run)
+
+logger = logging.getLogger(__name__)
 
 
 # A periodic evaluation of the teacher's backbone (`eval.knn_every`), run on rank 0: it gets the
 # backbone, the device and the step, prints what it wants and returns metrics to log. The
 # command builds it (sere.eval.knn_accuracy.periodic_knn): training never imports evaluation.
 PeriodicEval = Callable[[ViTBackbone, torch.device, int], dict[str, float]]
-
-
-def checkpoint_size(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
-    """Rough bytes of a checkpoint: student, teacher and AdamW's two moments."""
-    student_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
-    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    return 3 * student_bytes + teacher_bytes
-
-
-def rng_state() -> dict:
-    """Every RNG the step depends on (drop path uses torch's)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -119,8 +88,8 @@ class Pretrainer:
         if resume is None:  # a fresh run never overwrites another one
             refuse_earlier_run(self.output_dir)
         self._build_data()
-        nets = self._build_networks()
-        self._build_optimisation(nets)
+        self._build_networks()
+        self._build_optimisation()
         self.step = 0
         self.skipped_images: list[str] = []
         self.nonfinite_in_a_row = 0
@@ -135,7 +104,8 @@ class Pretrainer:
             save_config(cfg, self.output_dir / "config.yaml")
             self.metrics = MetricsWriter(self.output_dir,
                                          resume_step=self.step if resumed_from else None)
-            print("\n".join(describe_run(self.plan())))
+            for line in describe_run(self.plan()):
+                logger.info(line)
 
     def plan(self) -> RunPlan:
         """What this run is about to do (its first lines)."""
@@ -176,9 +146,9 @@ class Pretrainer:
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
-    def _build_networks(self) -> Networks:
-        """Student and teacher on the device (the same initial weights on every rank), then the
-        per-rank random state (drop path)."""
+    def _build_networks(self) -> None:
+        """The pretraining object (student and teacher on the device, the same initial weights
+        on every rank), then the per-rank random state (drop path)."""
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         nets = build_networks(cfg)
@@ -188,20 +158,19 @@ class Pretrainer:
         np.random.seed(seed % 2**32)
         if self.dist.is_main:
             check_writable(self.output_dir, checkpoint_size(nets.student, nets.teacher))
-        self.student = nets.student.to(self.device)
-        self.teacher = nets.teacher.to(self.device)
+        self.pretraining = SEREPretraining(cfg, nets, self.device)
+        self.student, self.teacher = self.pretraining.student, self.pretraining.teacher
+        self.loss_fn = self.pretraining.loss
         fused = fused_attention_pays(self.device, self.precision)
         self.student.backbone.set_fused_attention(fused)
         self.teacher.backbone.set_fused_attention(fused)
-        return nets
 
-    def _build_optimisation(self, nets: Networks) -> None:
-        """Loss (with its centers), optimizer, gradient scaler and the teacher's EMA."""
-        self.loss_fn = SERELoss(self.cfg, self.student.backbone.num_heads).to(self.device)
+    def _build_optimisation(self) -> None:
+        """Optimizer and gradient scaler."""
         self.optimizer = build_optimizer(self.student)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.ema = TeacherEMA(self.student, self.teacher)
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.run_state = RunState(self.cfg, self.pretraining, self.optimizer, self.scaler)
 
     def _wrap_networks(self) -> None:
         """torch.compile and DistributedDataParallel, as configured."""
@@ -211,7 +180,7 @@ class Pretrainer:
         self.model = (DistributedDataParallel(self.student, device_ids=[self.dist.local_rank]
                                               if self.device.type == "cuda" else None)
                       if self.dist.world_size > 1 else self.student)
-        self.networks = Networks(student=self.model, teacher=self.teacher)
+        self.pretraining.wrap_student(self.model)
 
     # -----------------------------------------------------------------------------------------
 
@@ -222,41 +191,12 @@ class Pretrainer:
                             "rank with the same files and overrides")
 
     def _resume(self, resume: str) -> Path | None:
-        if resume == "auto":
-            found = latest_valid_checkpoint(self.output_dir)
-            if found is None:
-                if self.dist.is_main:
-                    print(f"no valid checkpoint in {self.output_dir}; starting a fresh run")
-                return None
-            path, state = found
-        else:
-            path, state = Path(resume), load_checkpoint(resume)
-        saved, current = saved_model_settings(state["config"]["model"]), self.cfg.to_dict()["model"]
-        if saved != current:
-            differ = ", ".join(f"model.{k}={saved.get(k)} (now {current.get(k)})"
-                               for k in sorted(set(saved) | set(current))
-                               if saved.get(k) != current.get(k))
-            raise SereError(f"{path} was made with a different model configuration ({differ}); "
-                            "resume with the configuration it was made with")
-        try:
-            self.student.load_state_dict(state["student"])
-            self.teacher.load_state_dict(state["teacher"])
-            self.loss_fn.load_state_dict(state["loss"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0]
-            raise SereError(f"{path} does not fit this configuration ({first}); the loss weights "
-                            "decide which heads exist, so resume with the configuration saved "
-                            "in the checkpoint") from None
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.skipped_images = list(state.get("skipped_images", []))
-        rng = state["rng"]
-        set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
-        if self.dist.is_main:
-            print(f"resuming from {path} at step {self.step}")
-        return path
+        resumed = resume_run(resume, self.output_dir, self.run_state, self.dist.rank)
+        if resumed is None:
+            return None
+        self.step = resumed.step
+        self.skipped_images = resumed.skipped_images
+        return resumed.path
 
     def _init_from(self, path: str) -> None:
         """Load published or earlier weights into the student; the teacher starts as a copy.
@@ -272,35 +212,17 @@ class Pretrainer:
             raise err.advice("pass init.trust_pickle=true") from None
         self.teacher.load_state_dict(self.student.state_dict(), strict=False)
         if self.dist.is_main:
-            print(f"initialised from {path}:\n{report.table()}")
+            logger.info(f"initialised from {path}:\n{report.table()}")
 
     def checkpoint_state(self) -> dict:
         """Everything the run depends on (RNG states of every rank included)."""
-        rngs = dist_utils.all_gather_objects(rng_state())
-        return {
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "config": self.cfg.to_dict(),
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "loss": self.loss_fn.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rngs,
-            "skipped_images": self.skipped_images,
-        }
+        return checkpoint_state(self.run_state, self.step, self.steps_per_epoch,
+                                self.skipped_images)
 
     def save(self) -> Path:
         """Write `checkpoint-<step>.pt` and `last.pt` (rank 0), prune old ones."""
-        state = self.checkpoint_state()
-        last = self.output_dir / "last.pt"
-        if self.dist.is_main:
-            step_path = self.output_dir / f"checkpoint-{self.step:08d}.pt"
-            save_checkpoint(step_path, state)
-            save_checkpoint(last, state)
-            prune_checkpoints(self.output_dir, self.cfg.train.keep_last, self.cfg.train.keep_every)
-        dist_utils.barrier()
-        return last
+        return save_run(self.output_dir, self.checkpoint_state(), self.cfg.train.keep_last,
+                        self.cfg.train.keep_every, self.dist.is_main)
 
     # -----------------------------------------------------------------------------------------
 
@@ -333,19 +255,15 @@ class Pretrainer:
         teacher_outs = []
         for i, batch in enumerate(micro_batches):
             batch = self.dataset.finish_batch(batch.to(self.device))
-            sync = (i == len(micro_batches) - 1 or self.dist.world_size == 1)
-            no_sync = contextlib.nullcontext() if sync else self.model.no_sync()
-            with no_sync, autocast_context(self.precision, self.device):
-                terms = compute_losses(self.networks, self.loss_fn, batch.global_crops,
-                                       batch.local_crops, batch.masks, batch.boxes,
-                                       values.teacher_temp, values.teacher_patch_temp)
-                teacher_out = terms.teacher
-                if not self._all_finite(terms):
-                    return StepOutput(self._nonfinite(terms), teacher_out)
-                loss = terms.total / len(micro_batches)
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            teacher_outs.append(teacher_out)
-        self.loss_fn.update_centers(*teacher_outs)
+            with autocast_context(self.precision, self.device):
+                out = self.pretraining.forward_backward(
+                    batch, values.teacher_temp, values.teacher_patch_temp, len(micro_batches),
+                    sync=i == len(micro_batches) - 1, scaler=self.scaler)
+            if not out.finite:
+                return StepOutput(self._nonfinite(out.terms), out.teacher)
+            teacher_outs.append(out.teacher)
+            terms = out.terms
+        self.pretraining.update_centers(*teacher_outs)
         self.nonfinite_in_a_row = 0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -359,16 +277,9 @@ class Pretrainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(values.momentum)
+        self.pretraining.update_teacher(values.momentum)
         self.step += 1
         return StepOutput(terms, teacher_outs[-1])
-
-    def _all_finite(self, terms: LossTerms) -> bool:
-        """Whether the loss is finite on every rank (all ranks must take the same branch)."""
-        finite = torch.isfinite(terms.total.detach()).float().reshape(1)
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        return bool(finite.item() > 0)
 
     def _nonfinite(self, terms: LossTerms) -> LossTerms:
         """Skip this step, or stop the run with a note, as `train.on_nonfinite` says."""
@@ -378,7 +289,7 @@ class Pretrainer:
         self.nonfinite_steps += 1
         limit = self.cfg.train.max_nonfinite
         if self.cfg.train.on_nonfinite == "skip" and self.nonfinite_in_a_row < limit:
-            print(f"warning: non-finite loss at step {self.step} {bad}; step skipped")
+            logger.warning(f"warning: non-finite loss at step {self.step} {bad}; step skipped")
             self.step += 1
             return terms
         why = ("" if self.cfg.train.on_nonfinite == "stop"
@@ -398,7 +309,8 @@ class Pretrainer:
         cfg = self.cfg
         images_per_step = cfg.optim.batch_size * self.dist.world_size * cfg.optim.accum_steps
         batches = self._batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
+        bar = tqdm(total=self.total_steps, initial=self.step,
+                   disable=not (self.dist.is_main and logger.isEnabledFor(logging.INFO)),
                    unit="step", dynamic_ncols=True, desc="pretrain")
         last_losses: dict[str, float] = {}
         stop = StopRequest().install()
@@ -413,8 +325,8 @@ class Pretrainer:
         last_checkpoint = self.save()
         if preempted:
             if self.dist.is_main:
-                print(f"stopped by {stop.signal_name or 'a signal'} at step {self.step}; "
-                      f"checkpoint {last_checkpoint}. Continue with the same command and "
+                logger.info(f"stopped by {stop.signal_name or 'a signal'} at step {self.step}; "
+                            f"checkpoint {last_checkpoint}. Continue with the same command and "
                       "--resume auto")
             if self.metrics is not None:
                 self.metrics.close()
@@ -447,7 +359,7 @@ class Pretrainer:
                 if warnings:
                     postfix["warn"] = "collapse?"
                     if self.dist.is_main:
-                        tqdm.write(f"warning at step {self.step}: {'; '.join(warnings)}")
+                        logger.warning(f"warning at step {self.step}: {'; '.join(warnings)}")
                 bar.set_postfix(**postfix)
             if self._eval_due():
                 self._periodic_eval()
@@ -506,5 +418,5 @@ class Pretrainer:
             if skipped:
                 unique = sorted(set(skipped))
                 (self.output_dir / "skipped_images.txt").write_text("\n".join(unique) + "\n")
-                print(f"skipped {len(unique)} unreadable images; listed in "
-                      f"{self.output_dir / 'skipped_images.txt'}")
+                logger.info(f"skipped {len(unique)} unreadable images; listed in "
+                            f"{self.output_dir / 'skipped_images.txt'}")

@@ -1,11 +1,13 @@
-"""Schedules as pure functions of the step (SERE-SPEC.md section 7): resume needs no state."""
+"""The hyperparameters of every step of a run (learning rate, weight decay, teacher momentum and
+temperatures) as pure functions of the step (docs/design.md#optimisation-and-schedules): resume
+needs no state."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from sere.config import Config
-from sere.schedules import cosine_schedule, warmup_then_constant
+from sere.schedule_curves import cosine_schedule, warmup_then_constant
 
 
 @dataclass

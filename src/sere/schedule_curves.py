@@ -1,6 +1,7 @@
-"""Schedules as pure functions of the step or epoch (SERE-SPEC.md section 7).
+"""Schedule curves as pure functions of the step or epoch
+(docs/design.md#optimisation-and-schedules).
 
-Shared by pretraining (`sere.train.schedules`) and fine-tuning; imports nothing of sere.
+Shared by pretraining (`sere.train.hyperparameters`) and fine-tuning; imports nothing of sere.
 """
 
 from __future__ import annotations

@@ -1,0 +1,152 @@
+"""A run's state on disk: what a checkpoint holds, writing it, and resuming from it (weights,
+centers, optimiser, gradient scaler and every random generator of every process)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sere.config import Config, saved_model_settings
+from sere.errors import SereError
+from sere.io.checkpoint import (latest_valid_checkpoint, load_checkpoint, prune_checkpoints,
+                                save_checkpoint)
+from sere.runtime import distributed as dist_utils
+from sere.train.pretraining import SEREPretraining
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_size(student: torch.nn.Module, teacher: torch.nn.Module) -> int:
+    """Rough bytes of a checkpoint: student, teacher and AdamW's two moments."""
+    student_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    return 3 * student_bytes + teacher_bytes
+
+
+def rng_state() -> dict:
+    """Every RNG the step depends on (drop path uses torch's)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class RunState:
+    """The live objects a checkpoint is made of (references, not copies)."""
+
+    cfg: Config
+    pretraining: SEREPretraining
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run continues."""
+
+    path: Path
+    step: int
+    skipped_images: list[str]
+
+
+def checkpoint_state(run: RunState, step: int, steps_per_epoch: int,
+                     skipped_images: list[str]) -> dict:
+    """Everything the run depends on (RNG states of every process included)."""
+    rngs = dist_utils.all_gather_objects(rng_state())
+    return {
+        "step": step,
+        "epoch": step // steps_per_epoch,
+        "config": run.cfg.to_dict(),
+        "student": run.pretraining.student.state_dict(),
+        "teacher": run.pretraining.teacher.state_dict(),
+        "loss": run.pretraining.loss.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": rngs,
+        "skipped_images": skipped_images,
+    }
+
+
+def save_run(output_dir: Path, state: dict, keep_last: int, keep_every: int | None,
+             is_main: bool) -> Path:
+    """Write `checkpoint-<step>.pt` and `last.pt` (main process), prune old ones; every process
+    waits for it. Returns the path of `last.pt`."""
+    last = output_dir / "last.pt"
+    if is_main:
+        save_checkpoint(output_dir / f"checkpoint-{state['step']:08d}.pt", state)
+        save_checkpoint(last, state)
+        prune_checkpoints(output_dir, keep_last, keep_every)
+    dist_utils.barrier()
+    return last
+
+
+def _check_model_settings(path: Path, state: dict, cfg: Config) -> None:
+    """Refuse a checkpoint made with another model configuration."""
+    saved, current = saved_model_settings(state["config"]["model"]), cfg.to_dict()["model"]
+    if saved != current:
+        differ = ", ".join(f"model.{k}={saved.get(k)} (now {current.get(k)})"
+                           for k in sorted(set(saved) | set(current))
+                           if saved.get(k) != current.get(k))
+        raise SereError(f"{path} was made with a different model configuration ({differ}); "
+                        "resume with the configuration it was made with")
+
+
+def _load_weights(path: Path, state: dict, run: RunState) -> None:
+    """Networks, centers, optimiser and scaler from `state`, or one clear error."""
+    try:
+        run.pretraining.student.load_state_dict(state["student"])
+        run.pretraining.teacher.load_state_dict(state["teacher"])
+        run.pretraining.loss.load_state_dict(state["loss"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise SereError(f"{path} does not fit this configuration ({first}); the loss weights "
+                        "decide which heads exist, so resume with the configuration saved "
+                        "in the checkpoint") from None
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+
+
+def resume_run(resume: str, output_dir: Path, run: RunState, rank: int) -> Resumed | None:
+    """Load a checkpoint into the run and restore this process's random generators.
+
+    Args:
+        resume: a checkpoint path, or "auto" for the newest valid one in `output_dir` (None,
+            a fresh run, when there is none).
+        output_dir: the run's folder.
+        run: the objects to load into.
+        rank: this process's rank (it takes its own RNG state, else rank 0's).
+    """
+    if resume == "auto":
+        found = latest_valid_checkpoint(output_dir)
+        if found is None:
+            if rank == 0:
+                logger.info(f"no valid checkpoint in {output_dir}; starting a fresh run")
+            return None
+        path, state = found
+    else:
+        path, state = Path(resume), load_checkpoint(resume)
+    _check_model_settings(path, state, run.cfg)
+    _load_weights(path, state, run)
+    rng = state["rng"]
+    set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    step = int(state["step"])
+    if rank == 0:
+        logger.info(f"resuming from {path} at step {step}")
+    return Resumed(path, step, list(state.get("skipped_images", [])))
