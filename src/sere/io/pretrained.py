@@ -18,8 +18,9 @@ Accepted files (a folder is read through the `model.safetensors` or `backbone.pt
   keys and renames it to timm's; `LoadReport.mapped` says which file key filled which tensor.
 
 The position embedding is resampled (bicubic, as timm does; a DINOv2 backbone by its family's
-rule) when the file's patch grid differs from the model's. Any other shape difference means the file holds another architecture, and the
-load stops with a one-line SereError that names the file's width, depth and patch size.
+rule) when the file's patch grid differs from the model's. Any other shape difference means the
+file holds another architecture, and the load stops with a one-line SereError that names the
+file's width, depth and patch size.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
@@ -174,13 +176,23 @@ class UntrustedPickle(SereError):
         return UntrustedPickle(self.path, self.what, how)
 
 
+def harmless_globals() -> list[Any]:
+    """The Python objects besides tensors that the SERE, iBOT and DINO releases' full
+    checkpoints pickle, allowed without `trust_pickle`: their argparse arguments and numpy
+    scalars (rebuilt from a numeric dtype and its bytes; the numpy 1 and 2 module names). An
+    object-dtype scalar, a numpy array or any other object still needs `trust_pickle`."""
+    scalar = np._core.multiarray.scalar
+    numeric = [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]  # bool, ints, floats
+    return [argparse.Namespace, np.dtype, *numeric, scalar,
+            (scalar, "numpy.core.multiarray.scalar")]
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """torch.load, refusing arbitrary Python objects unless `trust_pickle`."""
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        # DINO and iBOT checkpoints store their argparse arguments next to the weights.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(harmless_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
