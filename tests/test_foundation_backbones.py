@@ -142,3 +142,30 @@ def test_backbone_name_checked():
         sere.load_config([], ["model.backbone=vit_small_patch14_dinov2", "model.patch_size=16"])
     with pytest.raises(SereError, match="model.backbone = 'resnet50' is unknown"):
         sere.load_config([], ["model.backbone=resnet50"])
+
+
+@pytest.mark.parametrize("name,patch", [("vit_small_patch14_reg4_dinov2", 14),
+                                        ("vit_small_patch16_dinov3", 16)])
+def test_cls_attention_skips_registers(name, patch):
+    """The [CLS] attention maps read the last block's own softmax (rotary positions included):
+    on the registers model it equals softmax(q k^T / sqrt(d)) computed by hand; its patch part
+    leaves out the 5 prefix tokens."""
+    from sere.eval.visualize import cls_attention
+
+    ours, _ = tiny_pair(name, patch)
+    images = torch.randn(2, 3, 3 * patch, 2 * patch)
+    maps = cls_attention(ours, images)
+    assert maps.shape == (2, 2, 3, 2)
+    assert (maps.sum(dim=(-2, -1)) < 1).all()  # some attention stays on [CLS] and registers
+    if ours.pos_rule == "rope":
+        return
+    with torch.no_grad():
+        last = ours.vit.blocks[-1]
+        x, _ = ours.embed(images)
+        for block in ours.vit.blocks[:-1]:  # the last block's input
+            x = block(x)
+        q, k, _ = last.attn.qkv(last.norm1(x)).reshape(2, x.shape[1], 3, 2, -1).permute(
+            2, 0, 3, 1, 4)  # each (B, H, T, d)
+        weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    expected = weights[:, :, 0, 5:].reshape(2, 2, 3, 2)
+    assert (maps - expected).abs().max() <= 1e-6
