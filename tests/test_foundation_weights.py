@@ -177,3 +177,29 @@ def test_import_check_lists_mapped_missing_and_unexpected(tmp_path, capsys):
             "backbone.vit.blocks.*.ls1.gamma", "2", "tensors"] in rows
     assert ["unexpected", "pooler.dense.weight", "(2,", "2)"] in rows
     assert rows[-1][0] == "ok:"
+
+
+@pytest.mark.parametrize("name", [DINOV2_REG, DINOV3_SWIGLU])
+def test_export_of_a_dino_backbone_loads_in_timm(name, tmp_path):
+    """`sere export` of a DINO backbone names timm's own architecture, and timm's model built
+    from the folder gives sere's features."""
+    import timm
+
+    import sere
+    from sere.io.export import write_timm_folder
+
+    p = published.patch_size(name)
+    sizes = published.sizes(name)
+    cfg = sere.load_config([], [f"model.backbone={name}", f"model.patch_size={p}",
+                                *(f"model.{k}={v}" for k, v in sizes.items()),
+                                "data.dataset=synthetic", f"data.global_crop_size={4 * p}",
+                                f"data.local_crop_size={2 * p}"])
+    ours = sere_backbone(name)
+    result = write_timm_folder(ours, cfg, tmp_path / "export")
+    assert result.architecture == name
+    model = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    images = torch.randn(2, 3, 4 * p, 4 * p)
+    with torch.no_grad():
+        out, tokens = ours(images), model.forward_features(images)
+    assert (out.cls - tokens[:, 0]).abs().max() <= 1e-5
+    assert (out.patch - tokens[:, model.num_prefix_tokens:]).abs().max() <= 1e-5
