@@ -58,7 +58,7 @@ class BackboneOutput:
     patch: Tensor  # (B, N, C) patch tokens after the final LayerNorm
     patch_prenorm: Tensor  # (B, N, C) patch tokens of the last block, before the final LayerNorm
     grid: tuple[int, int]  # (h, w) patch grid, N = h * w
-    last_blocks: tuple[Tensor, ...] = ()  # (B, 1 + N, C) pre-norm outputs of the last blocks
+    last_blocks: tuple[Tensor, ...] = ()  # (B, prefix + N, C) pre-norm, the last blocks
 
     def feature_map(self) -> Tensor:
         """The pre-norm patch tokens laid out as (B, C, h, w), the relation heads' input."""
