@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import keyword
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ class ModelConfig:
     # vit_tiny, vit_small, vit_base or vit_large (ARCHITECTURES); embed_dim, depth and num_heads
     # below override its width, depth and head count
     arch: str = "vit_small"
+    # "sere": the project's own ViT (arch and the keys below); or a timm DINOv2/DINOv3 model name
+    # (e.g. vit_small_patch14_dinov2, vit_small_patch14_reg4_dinov2, vit_small_patch16_dinov3):
+    # its own width, depth, layer scale, register tokens and position encoding (embed_dim, depth
+    # and num_heads still override it when set; patch_size must be the name's)
+    backbone: str = "sere"
     patch_size: int = 16  # side of the square patches, in pixels
     in_chans: int = 3  # image channels: 3 (RGB) or 1 (grayscale)
     embed_dim: int | None = None  # token width; None: the arch's
@@ -360,13 +366,15 @@ def saved_model_settings(model: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's `model` settings, completed with what the code that wrote it did.
 
     Checkpoints written before `pos_embed_interp` and `shared_head_teacher` existed were made
-    with timm's interpolation and a teacher whose head followed the student's; filling the
+    with timm's interpolation and a teacher whose head followed the student's, and those
+    before `backbone` with the project's own ViT; filling the
     missing keys with those values (not today's defaults) keeps such runs loading and
     resuming as they were trained.
     """
     completed = dict(model)
     completed.setdefault("pos_embed_interp", "timm")
     completed.setdefault("shared_head_teacher", bool(model.get("shared_head", True)))
+    completed.setdefault("backbone", "sere")
     return completed
 
 
@@ -430,10 +438,25 @@ def _validate_model(cfg: Config) -> None:
              f"model.embed_dim {dims['embed_dim']} must be divisible by model.num_heads "
              f"{dims['num_heads']}")
     _require(m.patch_size > 0, "model.patch_size must be positive")
+    _validate_backbone_name(m)
     _require(m.in_chans in (1, 3), f"model.in_chans = {m.in_chans} must be 1 or 3")
     _require(0 <= m.drop_path < 1, f"model.drop_path = {m.drop_path} must be in [0, 1)")
     for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive")
+
+
+def _validate_backbone_name(m: ModelConfig) -> None:
+    """`model.backbone` is "sere" or a timm DINOv2/DINOv3 name whose patch size is model's."""
+    if m.backbone == "sere":
+        return
+    found = re.fullmatch(r"vit_\w+?_patch(\d+)_\w*dinov[23]\w*", m.backbone)
+    _require(found is not None,
+             f"model.backbone = {m.backbone!r} is unknown; give 'sere' or a timm DINOv2/DINOv3 "
+             "name such as vit_small_patch14_dinov2 or vit_small_patch16_dinov3")
+    patch = int(found.group(1))
+    _require(m.patch_size == patch,
+             f"model.backbone {m.backbone} has {patch}-pixel patches but model.patch_size is "
+             f"{m.patch_size}; set model.patch_size={patch}")
 
 
 def _validate_data(cfg: Config) -> None:

@@ -9,6 +9,7 @@
     sere visualize --checkpoint runs/demo/last.pt --output pictures
     sere export --checkpoint runs/demo/last.pt --output exported
     sere import-check --weights dino_deitsmall16_pretrain.pth --config vit_small_ibot_sere
+    sere embed photos/ --output emb --model vit_small_patch14_dinov2 --weights dinov2_vits14.pth
     sere demo
     sere config --list | --show [--config X] [key=value ...]
     sere --version
@@ -24,7 +25,8 @@ import argparse
 import os
 import sys
 
-from sere.cli import finetune, knn, linear, pictures, pretrain, segment, settings, weights
+from sere.cli import (embed, finetune, knn, linear, pictures, pretrain, segment, settings,
+                      weights)
 from sere.cli.common import SereParser, package_version, resolve_config_path, split_overrides
 from sere.cli.logs import install_log_handler
 from sere.errors import SereError
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.register(sub)
     weights.register_export(sub)
     weights.register_import_check(sub)
+    embed.register(sub)
     pretrain.register_demo(sub)
     settings.register(sub)
     return parser

@@ -52,7 +52,7 @@ def cmd_import_check(args: argparse.Namespace) -> int:
     report = load_pretrained_weights(args.weights, network.backbone, head, which=args.backbone,
                                      strict=False, trust_pickle=args.trust_pickle,
                                      relation=relation)
-    print(report.table())
+    print(report.table(mapped=True))
     if not report.backbone_complete:
         count = sum(k.startswith("backbone.vit.") for k in report.missing)
         raise SereError(f"{count} backbone tensors are missing from {report.source}: these "
@@ -66,7 +66,8 @@ def register_import_check(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("import-check", help="dry run: load pretrained weights into the "
                               "configured model and list missing/unexpected tensors")
     p.add_argument("--weights", required=True, help="sere checkpoint, sere export folder, timm "
-                   "state dict, or SERE/iBOT/DINO checkpoint")
+                   "state dict, SERE/iBOT/DINO checkpoint, or DINOv2/DINOv3 weights as Meta or "
+                   "Hugging Face publish them (with model.backbone=<timm name>)")
     p.add_argument("--config", action="append", required=True,
                    help="YAML file or preset name; repeat to layer")
     p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",

@@ -72,11 +72,15 @@ class EvalImages(torch.utils.data.Dataset):
         except UnreadableImage as err:  # evaluation skips nothing: the score would change
             raise SereError(f"unreadable image {err}; an evaluation reads every image of its "
                             "folders: remove or fix the file") from None
+        return self.prepare(image), label
+
+    def prepare(self, image: Tensor) -> Tensor:
+        """A (C, H, W) uint8 image resized (bicubic) to size x size and normalised."""
         image = image.float()
         if image.shape[-2:] != (self.size, self.size):
             image = F.interpolate(image[None], size=(self.size, self.size), mode="bicubic",
                                   align_corners=False)[0].clamp(0, 255)
-        return (image / 255.0 - self.mean) / self.std, label
+        return (image / 255.0 - self.mean) / self.std  # (C, size, size)
 
 
 def feature_dim(embed_dim: int, kind: str) -> int:

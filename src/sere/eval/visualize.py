@@ -24,20 +24,24 @@ from sere.models.network import SERENetwork
 
 @torch.no_grad()
 def cls_attention(backbone: ViTBackbone, images: Tensor) -> Tensor:
-    """The last block's attention from [CLS] to every patch: (B, H, h, w), rows sum to <= 1."""
-    vit = backbone.vit
-    x, (h, w) = backbone.embed(images)  # (B, 1 + N, C)
-    b = x.shape[0]
-    for block in vit.blocks[:-1]:
-        x = block(x)
-    last = vit.blocks[-1]
-    attn = last.attn
-    qkv = attn.qkv(last.norm1(x)).reshape(b, x.shape[1], 3, attn.num_heads, -1)
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, 1 + N, d)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)  # (B, H, 1 + N, 1 + N)
-    prefix = vit.num_prefix_tokens
-    return weights[:, :, 0, prefix:].reshape(b, attn.num_heads, h, w)
+    """The last block's attention from [CLS] to every patch: (B, H, h, w), rows sum to <= 1
+    (the rest goes to [CLS] itself and any register tokens).
+
+    The last block runs with timm's explicit attention, and its softmax is read where it enters
+    the attention dropout: the same for every backbone, absolute positions or rotary (DINOv3).
+    """
+    attn = backbone.vit.blocks[-1].attn
+    captured: list[Tensor] = []
+    hook = attn.attn_drop.register_forward_hook(lambda m, a, out: captured.append(out))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        out = backbone(images)
+    finally:
+        attn.fused_attn = fused
+        hook.remove()
+    weights = captured[0]  # (B, H, prefix + N, prefix + N)
+    prefix = backbone.vit.num_prefix_tokens
+    return weights[:, :, 0, prefix:].reshape(*weights.shape[:2], *out.grid)  # (B, H, h, w)
 
 
 @torch.no_grad()

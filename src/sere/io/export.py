@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sere.config import ARCHITECTURES, Config
 from sere.errors import SereError
-from sere.models.backbone import ViTBackbone
+from sere.models.backbone import TimmDinoBackbone, ViTBackbone
 from sere.runtime.files import atomic_write_bytes
 from sere.io.weights import load_backbone
 
@@ -77,18 +77,13 @@ def timm_model_args(backbone: ViTBackbone, img_size: int) -> dict[str, Any]:
     of the patch size.
     """
     vit = backbone.vit
-    return dict(
-        img_size=img_size,
-        patch_size=backbone.patch_size,
-        in_chans=int(vit.patch_embed.proj.in_channels),
-        embed_dim=backbone.embed_dim,
-        depth=len(vit.blocks),
-        num_heads=backbone.num_heads,
-        mlp_ratio=vit.blocks[0].mlp.fc1.out_features / backbone.embed_dim,
-        num_classes=0,
-        global_pool="token",
-        dynamic_img_size=True,
-    )
+    shape = dict(img_size=img_size, in_chans=int(vit.patch_embed.proj.in_channels),
+                 embed_dim=backbone.embed_dim, depth=len(vit.blocks), num_heads=backbone.num_heads,
+                 num_classes=0, global_pool="token", dynamic_img_size=True)
+    if isinstance(backbone, TimmDinoBackbone):  # the registered DINO name fixes the rest
+        return shape
+    return dict(shape, patch_size=backbone.patch_size,
+                mlp_ratio=vit.blocks[0].mlp.fc1.out_features / backbone.embed_dim)
 
 
 def timm_state_dict(backbone: ViTBackbone, img_size: int | None = None) -> dict[str, Tensor]:
@@ -103,10 +98,10 @@ def timm_state_dict(backbone: ViTBackbone, img_size: int | None = None) -> dict[
              for k, v in vit.state_dict().items() if not k.startswith("head.")}
     if img_size is not None:
         grid = _grid(backbone, img_size)
-        if grid != tuple(vit.patch_embed.grid_size):
+        if grid != tuple(vit.patch_embed.grid_size) and "pos_embed" in state:  # not with RoPE
             state["pos_embed"] = resample_abs_pos_embed(
                 state["pos_embed"], new_size=list(grid), old_size=list(vit.patch_embed.grid_size),
-                num_prefix_tokens=vit.num_prefix_tokens,
+                num_prefix_tokens=backbone.table_prefix(),
             ).contiguous()  # (1, prefix + gh * gw, C), bicubic like the dynamic forward pass
     return state
 
@@ -130,6 +125,8 @@ def timm_architecture(cfg: Config, state: dict[str, Tensor], model_args: dict[st
     `vit_*_patch16_224` names; the first one whose model, built on the meta device with
     `model_args`, has exactly the tensor names and shapes of `state` is returned.
     """
+    if cfg.model.backbone != "sere":  # a timm DINOv2/DINOv3 architecture: its own name
+        return cfg.model.backbone
     dims = cfg.model.resolved()
     arch = next((name for name, d in ARCHITECTURES.items() if d == dims), cfg.model.arch)
     p, size = model_args["patch_size"], model_args["img_size"]

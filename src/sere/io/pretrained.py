@@ -12,11 +12,15 @@ Accepted files (a folder is read through the `model.safetensors` or `backbone.pt
   sere's `mask_token` and `head.last_layer_patch.*` (with a shared head the file lists the one
   last layer twice, as `last_layer` and `last_layer2`: both fill sere's `head.last_layer`), and
   SERE's relation heads `backbone.{pixel,channel}_sere[_local].{projection,predictor}.*` map to
-  sere's `relation.{spatial,channel}[_local].{projector,predictor}.*`.
+  sere's `relation.{spatial,channel}[_local].{projector,predictor}.*`;
+* DINOv2 and DINOv3 weights as Meta and Hugging Face publish them, for a backbone of
+  `model.backbone` (a timm DINO architecture): `sere.io.layouts` recognises the layout from the
+  keys and renames it to timm's; `LoadReport.mapped` says which file key filled which tensor.
 
-The position embedding is resampled (bicubic, as timm does) when the file's patch grid differs
-from the model's. Any other shape difference means the file holds another architecture, and the
-load stops with a one-line SereError that names the file's width, depth and patch size.
+The position embedding is resampled (bicubic, as timm does; a DINOv2 backbone by its family's
+rule) when the file's patch grid differs from the model's. Any other shape difference means the
+file holds another architecture, and the load stops with a one-line SereError that names the
+file's width, depth and patch size.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
@@ -38,9 +43,10 @@ from torch import Tensor, nn
 
 from sere.config import ARCHITECTURES
 from sere.errors import SereError
-from sere.models.backbone import ViTBackbone
+from sere.models.backbone import TimmDinoBackbone, ViTBackbone
 from sere.models.heads import ProjectionHead, RelationHeads
 from sere.io.checkpoint import FORMAT
+from sere.io.layouts import TIMM_NAMES, Converted, NoLayout, detect_layout
 from sere.io.weights import read_run_checkpoint
 
 # Folder contents tried in order when a folder is given.
@@ -66,6 +72,8 @@ class LoadReport:
 
     source: str  # the file read
     entry: str  # which part of the file: "teacher", "student", "state_dict" or "" (whole file)
+    layout: str = ""  # the file's key layout (sere.io.layouts), e.g. "Meta DINOv2 .pth"
+    mapped: dict[str, str] = field(default_factory=dict)  # model tensor -> the file's key(s)
     loaded: list[str] = field(default_factory=list)  # model tensors set from the file
     missing: list[str] = field(default_factory=list)  # model tensors the file has no value for
     unexpected: list[str] = field(default_factory=list)  # file tensors that fit nothing
@@ -79,14 +87,17 @@ class LoadReport:
         """Every tensor of the ViT itself (not the mask token) came from the file."""
         return not any(k.startswith("backbone.vit.") for k in self.missing)
 
-    def table(self) -> str:
-        """A text table of the resized, missing, unexpected and ignored tensors, with a summary."""
+    def table(self, mapped: bool = False) -> str:
+        """A text table of the resized, missing, unexpected and ignored tensors, with a summary;
+        `mapped` also lists which file keys filled which model tensors (blocks folded)."""
         entry = f" [{self.entry}]" if self.entry else ""
-        lines = [f"weights: {self.source}{entry}",
+        layout = f" ({self.layout} layout)" if self.layout not in ("", TIMM_NAMES) else ""
+        lines = [f"weights: {self.source}{entry}{layout}",
                  f"loaded {len(self.loaded)} tensors, resized {len(self.resized)}, "
                  f"missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
                  f"ignored {len(self.ignored)}"]
-        rows = [("resized", k, self.shapes.get(k, "")) for k in self.resized]
+        rows = _mapped_rows(self.mapped) if mapped else []
+        rows += [("resized", k, self.shapes.get(k, "")) for k in self.resized]
         rows += [("missing", k, self.shapes.get(k, "")) for k in self.missing]
         rows += [("unexpected", k, self.shapes.get(k, "")) for k in self.unexpected]
         groups = Counter(_group(k) for k in self.ignored)
@@ -100,6 +111,14 @@ class LoadReport:
             lines.append("every tensor of the model was loaded; nothing in the file was left over")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _mapped_rows(mapped: dict[str, str]) -> list[tuple[str, str, str]]:
+    """("mapped", "file key -> model name", count) rows, block numbers folded into `*`."""
+    fold = re.compile(r"(?<=\.)\d+(?=\.)")
+    groups = Counter(f"{fold.sub('*', key)} -> {fold.sub('*', name)}"
+                     for name, key in mapped.items())
+    return [("mapped", text, _count(n)) for text, n in groups.items()]
 
 
 def _group(key: str) -> str:
@@ -157,13 +176,23 @@ class UntrustedPickle(SereError):
         return UntrustedPickle(self.path, self.what, how)
 
 
+def harmless_globals() -> list[Any]:
+    """The Python objects besides tensors that the SERE, iBOT and DINO releases' full
+    checkpoints pickle, allowed without `trust_pickle`: their argparse arguments and numpy
+    scalars (rebuilt from a numeric dtype and its bytes; the numpy 1 and 2 module names). An
+    object-dtype scalar, a numpy array or any other object still needs `trust_pickle`."""
+    scalar = np._core.multiarray.scalar
+    numeric = [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]  # bool, ints, floats
+    return [argparse.Namespace, np.dtype, *numeric, scalar,
+            (scalar, "numpy.core.multiarray.scalar")]
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """torch.load, refusing arbitrary Python objects unless `trust_pickle`."""
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        # DINO and iBOT checkpoints store their argparse arguments next to the weights.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(harmless_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
@@ -292,16 +321,21 @@ def _model_description(backbone: ViTBackbone) -> str:
 
 def _resize_pos_embed(value: Tensor, target: Tensor, backbone: ViTBackbone) -> Tensor | None:
     """The file's (1, prefix + N, C) position embedding resampled to the model's grid, or None
-    when it cannot be (another width, or not a square grid)."""
-    prefix = backbone.vit.num_prefix_tokens
+    when it cannot be (another width, or not a square grid). A DINOv2 backbone resamples by its
+    family's rule (`TimmDinoBackbone`); the project's own ViT by timm's (bicubic, antialiased)."""
+    prefix = backbone.table_prefix()  # 0 where the table has no [CLS] entry (registers)
     if value.ndim != 3 or value.shape[-1] != target.shape[-1] or value.shape[1] <= prefix:
         return None
     side = math.isqrt(value.shape[1] - prefix)
     if side * side != value.shape[1] - prefix:
         return None
-    new_grid = list(backbone.vit.patch_embed.grid_size)
-    return resample_abs_pos_embed(value.float(), new_size=new_grid, old_size=[side, side],
-                                  num_prefix_tokens=prefix).to(target.dtype)  # (1, prefix+N', C)
+    new_grid = tuple(backbone.vit.patch_embed.grid_size)
+    if isinstance(backbone, TimmDinoBackbone):
+        resized = backbone.resize_pos_table(value.float(), (side, side), new_grid)
+    else:
+        resized = resample_abs_pos_embed(value.float(), new_size=list(new_grid),
+                                         old_size=[side, side], num_prefix_tokens=prefix)
+    return resized.to(target.dtype)  # (1, prefix + N', C)
 
 
 def _heads_note(state: dict[str, Tensor], backbone: ViTBackbone) -> str | None:
@@ -385,7 +419,10 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
             model of another shape.
     """
     raw, entry, file = read_weights(path, which, trust_pickle)
-    report = LoadReport(source=str(file), entry=entry)
+    converted = convert_layout(raw, file)
+    raw = converted.tensors
+    report = LoadReport(source=str(file), entry=entry, layout=converted.layout,
+                        ignored=list(converted.dropped))
     targets: dict[str, nn.Module] = {"backbone.": backbone}
     if head is not None:
         targets["head."] = head
@@ -396,6 +433,7 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
     file_view = {canonical_name(k): v for k, v in raw.items()}
     canonical = _match_names(raw, model_state, report, file, asked=set(targets))
     _check_has_vit(canonical, raw, file)
+    _set_aside_zero_biases(report, raw, file, strict)
     to_load = _fitting_tensors(canonical, model_state, backbone, report, file, file_view)
     report.missing = [n for n in model_state if n not in to_load]
     report.shapes.update({n: _shape(model_state[n]) for n in report.missing})
@@ -405,9 +443,41 @@ def load_pretrained_weights(path: str | Path, backbone: ViTBackbone,
         part = {n[len(prefix):]: v for n, v in to_load.items() if n.startswith(prefix)}
         module.load_state_dict(part, strict=False)  # copies into the existing parameters
     report.loaded = list(to_load)
+    report.mapped = {n: converted.sources.get(canonical[n][0], canonical[n][0]) for n in to_load}
     _add_notes(report, head is not None, relation is not None, file_view, backbone)
     return report
 
+
+
+def convert_layout(raw: dict[str, Tensor], file: Path) -> Converted:
+    """The file's tensors in timm's names, by the filter of the layout its keys show."""
+    found = detect_layout(list(raw))
+    if isinstance(found, NoLayout):
+        raise SereError(f"{file} holds no ViT backbone weights in a layout sere knows: "
+                        f"{found.describe()}; give DINOv2/DINOv3 weights as Meta, Hugging Face "
+                        "or timm publish them, or a sere, SERE, iBOT or DINO checkpoint")
+    return found.convert(raw)
+
+
+def _set_aside_zero_biases(report: LoadReport, raw: dict[str, Tensor], file: Path,
+                           strict: bool) -> None:
+    """DINOv3 files carry query/value biases even where they are all zero (timm's models
+    without `_qkvb` have none): zero ones are ignored, others need the `_qkvb` variant."""
+    biases = [k for k in report.unexpected if re.search(r"\.attn\.[qv]_bias$", k)]
+    if not biases:
+        return
+    zero = [k for k in biases if not raw[k].any()]
+    report.unexpected = [k for k in report.unexpected if k not in zero]
+    report.ignored += zero
+    if len(zero) < len(biases):
+        text = ("the file has non-zero attention query/value biases; set model.backbone to the "
+                "_qkvb variant of the architecture")
+        if strict:
+            raise SereError(f"{file}: {text}")
+        report.notes.append(text)
+    else:
+        report.notes.append("the file's attention query/value biases are all zero and the model "
+                            "has none: they were left out, which changes nothing")
 
 
 def _check_has_vit(canonical: dict[str, tuple[str, Tensor]], raw: dict[str, Tensor],

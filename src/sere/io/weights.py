@@ -14,7 +14,7 @@ import torch
 
 from sere.config import Config, config_from_dict
 from sere.errors import SereError
-from sere.models.backbone import ViTBackbone
+from sere.models.backbone import ViTBackbone, build_backbone
 from sere.io.checkpoint import FINETUNE_KIND, load_checkpoint
 
 
@@ -54,8 +54,8 @@ class LoadedBackbone:
 
 def backbone_from_state(cfg: Config, state: dict[str, torch.Tensor], source: str) -> ViTBackbone:
     """A ViTBackbone of `cfg`'s shape with the `backbone.*` entries of a network state dict."""
-    backbone = ViTBackbone(cfg.model, img_size=cfg.data.global_crop_size, drop_path=0.0,
-                           with_mask_token=True)
+    backbone = build_backbone(cfg.model, img_size=cfg.data.global_crop_size, drop_path=0.0,
+                              with_mask_token=True)
     weights = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     result = backbone.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if k != "mask_token"]
@@ -77,5 +77,5 @@ def load_backbone(path: str | Path, which: str = "teacher") -> LoadedBackbone:
 def random_backbone(cfg: Config, seed: int = 0) -> ViTBackbone:
     """A randomly initialised backbone of the same shape (the k-NN floor)."""
     torch.manual_seed(seed)
-    return ViTBackbone(cfg.model, img_size=cfg.data.global_crop_size, drop_path=0.0,
-                       with_mask_token=False).eval()
+    return build_backbone(cfg.model, img_size=cfg.data.global_crop_size, drop_path=0.0,
+                          with_mask_token=False).eval()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from sere.config import Config, Switches
-from sere.models.backbone import BackboneOutput, ViTBackbone
+from sere.models.backbone import BackboneOutput, build_backbone
 from sere.models.heads import ProjectionHead, RelationHeads
 
 
@@ -63,9 +63,9 @@ class SERENetwork(nn.Module):
         self.is_student = is_student
         self.switches = Switches.from_config(cfg)
         s = self.switches
-        self.backbone = ViTBackbone(m, img_size=cfg.data.global_crop_size,
-                                    drop_path=m.drop_path if is_student else 0.0,
-                                    with_mask_token=s.patch)
+        self.backbone = build_backbone(m, img_size=cfg.data.global_crop_size,
+                                       drop_path=m.drop_path if is_student else 0.0,
+                                       with_mask_token=s.patch)
         dim = self.backbone.embed_dim
         # The authors' teacher shares its last layer by default (`shared_head_teacher`) even
         # when the student's [CLS] and patch layers are separate. The EMA pairs parameters by
