@@ -44,6 +44,7 @@ if [ "$DRY" = 1 ]; then
   STEPS=4; LOG_EVERY=2
   COMPILE_BACKEND=(--compile-backend eager)  # dynamo's tracing, no C++ code generation
   STEP_PRESET=demo  # small heads; --max-batch needs CUDA
+  STEP_PRECISION=fp32  # bf16 is emulated (slow) on CPUs without native bf16
   STEP_ARGS=(--arch vit_tiny --patch 8 --global-size 32 --local-size 16 --local-crops 2
              --batch 2 --device cpu --warmup 1 --steps 1)
   DATA_ARGS=(--make-images 16 --global-size 64 --local-size 32 --local-crops 2 --batch 4
@@ -55,6 +56,7 @@ else
   STEPS=50; LOG_EVERY=10
   COMPILE_BACKEND=()
   STEP_PRESET=vit_small_ibot_sere
+  STEP_PRECISION=bf16
   # batches 256, 512, 1024: at most 6 child processes
   STEP_ARGS=(--arch vit_small --patch 16 --global-size 224 --local-size 96 --local-crops 10
              --device cuda --warmup 2 --steps 3 --batch 256 --max-batch --batch-limit 1024)
@@ -95,8 +97,9 @@ pretrain pretrain_auto "$T_PRETRAIN"
 pretrain pretrain_compile "$T_COMPILE" train.compile=true
 
 run_part train_step "$T_STEP" bash -c '"$0" benchmarks/train_step.py --preset "$3" \
-  --precision bf16 --paths baseline,ours --flops --peak-tflops "$1" --json "${@:4}" >"$2"' \
-  "$PY" "$PEAK_TFLOPS" "$OUT_DIR/train_step.jsonl" "$STEP_PRESET" "${STEP_ARGS[@]}"
+  --precision "$4" --paths baseline,ours --flops --peak-tflops "$1" --json "${@:5}" >"$2"' \
+  "$PY" "$PEAK_TFLOPS" "$OUT_DIR/train_step.jsonl" "$STEP_PRESET" "$STEP_PRECISION" \
+  "${STEP_ARGS[@]}"
 
 run_part data_pipeline "$T_DATA" bash -c '"$0" benchmarks/data_pipeline.py --images "$1/jpegs" \
   --loader-workers "$2" --device "$3" --photometric-on device --json "${@:5}" >"$4"' \
