@@ -18,6 +18,7 @@ from timm.loss import SoftTargetCrossEntropy
 import sere
 from sere.cli import main, resolve_config_path
 from sere.data.datasets import MAX_CONSECUTIVE_BAD_IMAGES, ImageSource, UnreadableImage
+from sere.data.labelled import UNKNOWN_LABEL
 from sere.finetune import config as ftc
 from sere.finetune import data as ftd
 from sere.finetune import model as ftm
@@ -380,7 +381,7 @@ def test_finetune_sits_above_io_and_eval_and_below_the_command_line():
         assert not any(n.startswith("sere.finetune") for n in _sere_imports(path)), path
 
 
-def test_folder_sources_must_share_their_classes(tmp_path):
+def test_folder_test_classes_must_be_training_classes(tmp_path):
     for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "dog")),
                            ("other", ("cat", "eel"))):
         for name in classes:
@@ -392,5 +393,9 @@ def test_folder_sources_must_share_their_classes(tmp_path):
     assert tuple(train.classes) == tuple(test.classes) == ("cat", "dog")
     assert len(train) == len(test) == 2
     cfg.data.test_path = str(tmp_path / "other")
-    with pytest.raises(sere.SereError, match="data.test_path .* other class folders"):
-        ftd.build_sources(cfg, in_chans=3)
+    with pytest.raises(sere.SereError, match="test class 'eel' is not among the 2 training "
+                                             "classes.*data.unknown_classes=wrong"):
+        ftd.build_data(cfg, 3, (0.5,) * 3, (0.25,) * 3)
+    cfg.data.unknown_classes = "wrong"
+    data = ftd.build_data(cfg, 3, (0.5,) * 3, (0.25,) * 3)
+    assert sorted(data.test[i][1] for i in range(2)) == [UNKNOWN_LABEL, 0]

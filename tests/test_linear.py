@@ -21,8 +21,8 @@ from sere.eval import feature_cache, features, linear
 from sere.eval.feature_cache import cached_features as cached_probe_features
 from sere.eval.features import FeatureSplit
 from sere.eval.features import batch_features as probe_features
+from sere.data.labelled import UNKNOWN_LABEL, class_mapping, map_labels
 from sere.eval.linear import (
-    align_test_labels,
     run_probe,
     split_train_val,
     train_sweep,
@@ -259,10 +259,11 @@ def test_unlabelled_training_and_unseen_test_classes_are_refused():
         run_probe(unlabelled, blobs(5, 2, 4, seed=1), 2, epochs=1)
     # Folder class names: a test folder with fewer classes is renumbered onto the training
     # classes; a class the training folder lacks is named in the error.
-    mapped = align_test_labels(("a", "b", "c"), ("a", "c"), torch.tensor([0, 1, 1]))
-    assert mapped.tolist() == [0, 2, 2]
-    with pytest.raises(SereError, match=r"\['d'\] are not among the training classes"):
-        align_test_labels(("a", "b"), ("a", "d"), torch.tensor([0, 1]))
+    mapped = map_labels(torch.tensor([0, 1, 1, -1]), class_mapping(("a", "b", "c"), ("a", "c")))
+    assert mapped.tolist() == [0, 2, 2, -1]
+    with pytest.raises(SereError, match=r"test class 'd' is not among the 2 training classes"):
+        class_mapping(("a", "b"), ("a", "d"))
+    assert class_mapping(("a", "b"), ("d", "a"), "wrong").tolist() == [UNKNOWN_LABEL, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def test_command_refuses_unlabelled_and_unseen_classes(folders):
     with pytest.raises(SereError, match="training set has no labels"):
         linear_main([*base, "--train-dir", str(folders / "flat"), "--test-dir",
                      str(folders / "test")])
-    with pytest.raises(SereError, match=r"\['spiral'\] are not among the training classes"):
+    with pytest.raises(SereError, match=r"test class 'spiral' is not among the 4 training classes"):
         linear_main([*base, "--train-dir", str(folders / "train"), "--test-dir",
                      str(folders / "extra")])
     assert not (folders / "run" / "linear_cache").exists()  # refused before any extraction

@@ -20,7 +20,7 @@ from sere.data.loader import worker_error_message
 from sere.errors import SereError
 from sere.train.loop import Pretrainer
 
-from conftest import TINY
+from conftest import TINY, tiny_on
 
 SOURCES = str(Path(sere.__file__).resolve().parents[1])
 
@@ -32,8 +32,8 @@ def _good(path: Path, seed: int) -> None:
 
 def _pretrain_with_workers(tmp_path: Path, folder: Path, *overrides: str):
     """`sere pretrain` in a subprocess with two DataLoader workers; a hang fails the test."""
-    cmd = [sys.executable, "-m", "sere.cli", "pretrain", *TINY, "data.num_workers=2",
-           "data.dataset=folder", f"data.path={folder}", "optim.batch_size=4",
+    cmd = [sys.executable, "-m", "sere.cli", "pretrain", *tiny_on("folder"),
+           "data.num_workers=2", f"data.path={folder}", "optim.batch_size=4",
            "eval.knn_every=null", f"train.output_dir={tmp_path / 'run'}", *overrides]
     env = {**os.environ, "PYTHONPATH": SOURCES, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)

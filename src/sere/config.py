@@ -434,9 +434,36 @@ def _validate_model(cfg: Config) -> None:
         _require(getattr(m, key) > 0, f"model.{key} must be positive")
 
 
+# Pretraining's `data.*` settings that only some data sets read: key -> the `data.dataset`
+# values that read it (sere.data.datasets.build_source).
+DATASET_KEYS = {
+    "path": ("folder", "fashion_mnist", "fashion_mnist_scenes"),
+    "download": ("fashion_mnist",),
+    "synthetic_images": ("synthetic",),
+    "synthetic_size": ("synthetic",),
+    "scenes": ("fashion_mnist_scenes",),
+    "scene_size": ("fashion_mnist_scenes",),
+    "scene_seed": ("fashion_mnist_scenes",),
+}
+
+
+def check_dataset_keys(data: Any, defaults: Any, readers: dict[str, tuple[str, ...]]) -> None:
+    """Refuse a `data.*` setting that the chosen `data.dataset` does not read (one set away
+    from its default would otherwise be ignored without a word), naming the setting and the
+    data sets that read it. Shared by pretraining and fine-tuning (their own `readers`)."""
+    for key, datasets in readers.items():
+        value = getattr(data, key)
+        if data.dataset in datasets or value == getattr(defaults, key):
+            continue
+        raise SereError(f"data.{key} = {value} is read only by data.dataset="
+                        f"{' or '.join(datasets)}, but data.dataset is {data.dataset}: set "
+                        f"data.dataset={datasets[0]}, or remove data.{key}")
+
+
 def _validate_data(cfg: Config) -> None:
     """Check the data section."""
     m, d = cfg.model, cfg.data
+    check_dataset_keys(d, DataConfig(), DATASET_KEYS)
     for key in ("global_crop_size", "local_crop_size"):
         size = getattr(d, key)
         _require(size > 0 and size % m.patch_size == 0,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sere.data.datasets import ImageSource
-from sere.data.labelled import labelled_sources
+from sere.data.labelled import UNKNOWN_CLASSES, labelled_sources
 from sere.errors import SereError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -76,13 +76,16 @@ def sources_from_args(args: argparse.Namespace, in_chans: int) -> tuple[ImageSou
 
 
 def add_labelled_flags(parser: argparse.ArgumentParser) -> None:
-    """--train-dir, --test-dir and --fashion-mnist-dir."""
+    """--train-dir, --test-dir, --fashion-mnist-dir and --unknown-classes."""
     parser.add_argument("--train-dir", help="labelled image folder (one sub-folder per class) "
                         "(default: the Fashion-MNIST training set)")
     parser.add_argument("--test-dir", help="labelled image folder with the same classes "
                         "(default: the Fashion-MNIST test set)")
     parser.add_argument("--fashion-mnist-dir", default=None,
                         help="folder of Fashion-MNIST IDX files (default: the system package)")
+    parser.add_argument("--unknown-classes", choices=UNKNOWN_CLASSES, default="error",
+                        help="a test class the training folder lacks (classes meet by name): "
+                        "refuse, or score its images as wrong")
 
 
 def option_action(parser: argparse.ArgumentParser, token: str) -> argparse.Action | None:

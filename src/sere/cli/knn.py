@@ -24,13 +24,13 @@ def cmd_knn(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else FeatureCacheSpec(
         folder, checkpoint_model_key(args.checkpoint, args.backbone))
     result = knn_top1(loaded.backbone, cfg, train, test, device, args.max_train, args.max_test,
-                      args.workers, ks, cache)
+                      args.workers, ks, cache, args.unknown_classes)
     floor = None
     if not args.no_random:
         floor_cache = None if args.no_cache else FeatureCacheSpec(folder,
                                                                    random_model_key(cfg, 0))
         floor = knn_top1(random_backbone(cfg, 0), cfg, train, test, device, args.max_train,
-                         args.max_test, args.workers, ks, floor_cache)
+                         args.max_test, args.workers, ks, floor_cache, args.unknown_classes)
     print(f"{result.train_images} train / {result.test_images} test images, "
           f"features={cfg.eval.features}, {args.backbone} backbone")
     print_table(result, floor, args.backbone)

@@ -12,6 +12,7 @@ import torch
 from sere.cli.common import add_labelled_flags, sources_from_args
 from sere.config import Config
 from sere.data.datasets import ImageSource, subset_indices
+from sere.data.labelled import class_mapping, map_labels
 from sere.errors import SereError
 from sere.eval.feature_cache import cached_features, checkpoint_model_key, random_model_key
 from sere.eval.features import GLOBAL_KINDS, FeatureSplit, check_feature_kind
@@ -19,7 +20,6 @@ from sere.eval.linear import (
     DEFAULT_LRS,
     NORMS,
     LinearResult,
-    align_test_labels,
     run_probe,
     save_linear,
 )
@@ -71,7 +71,7 @@ def labelled_pair(args: argparse.Namespace, in_chans: int) -> tuple[ImageSource,
     if not test_src.classes:
         raise SereError("the linear probe's test set has no labels: give an image folder with "
                         "one sub-folder per class (--test-dir)")
-    align_test_labels(train_src.classes, test_src.classes, torch.zeros(0, dtype=torch.int64))
+    class_mapping(train_src.classes, test_src.classes, args.unknown_classes)  # refused early
     return train_src, test_src
 
 
@@ -90,8 +90,8 @@ def probe_splits(args: argparse.Namespace, probed: ProbedBackbone, sources: tupl
         print(f"{name} features ({len(got.split.labels)} images): {how} {got.path}")
         splits[name] = got.split
     test = splits["test"]
-    return splits["train"], FeatureSplit(
-        test.features, align_test_labels(train_src.classes, test_src.classes, test.labels))
+    mapping = class_mapping(train_src.classes, test_src.classes, args.unknown_classes)
+    return splits["train"], FeatureSplit(test.features, map_labels(test.labels, mapping))
 
 
 def print_result(result: LinearResult, who: str) -> None:

@@ -16,7 +16,9 @@ import torch
 
 from sere.cli.linear import ProbedBackbone, probed_backbone
 from sere.data.datasets import subset_indices
-from sere.data.dense import DenseSet, read_dense_folder, unseen_class_warning
+from sere.data.dense import (CLASS_FILE, DenseSet, read_class_names, read_dense_folder,
+                             remap_masks, unseen_class_warning)
+from sere.data.labelled import class_mapping
 from sere.data.scenes import SCENE_CLASSES, SceneSpec, fashion_mnist_scenes, write_dense_folder
 from sere.errors import SereError
 from sere.eval.dense_features import check_patch_size, dense_features, scene_dense_set
@@ -27,7 +29,6 @@ from sere.eval.segment import (KMeansRun, LinearProbeRun, ProbeSettings, format_
 from sere.runtime import resolve_device
 
 SCENE_DEFAULTS = {"train": 5000, "test": 1000}  # scenes for --fashion-mnist-scenes on a CPU
-CLASS_FILE = "classes.txt"  # optional class names of a dense folder, one per line
 PICTURE_ROWS = 6  # test images drawn by `sere segment`
 
 
@@ -41,32 +42,33 @@ class DensePair:
     description: str  # where the data came from, for result.json
 
 
-def folder_class_names(root: Path, k: int) -> list[str]:
-    """Names of classes 0..k-1 from `root/classes.txt` when present (else the indices)."""
-    file = root / CLASS_FILE
-    names = file.read_text().splitlines() if file.is_file() else []
-    return [names[i].strip() if i < len(names) and names[i].strip() else str(i)
-            for i in range(k)]
-
-
 def subset(dense: DenseSet, limit: int | None) -> DenseSet:
     """A fixed random subset of at most `limit` images (all when None)."""
     keep = subset_indices(len(dense.images), limit, seed=1)
     return DenseSet(dense.images[keep], dense.masks[keep], dense.num_classes,
-                    [dense.stems[i] for i in keep])
+                    [dense.stems[i] for i in keep], dense.class_names)
 
 
 def folder_pair(args: argparse.Namespace, size: int, in_chans: int) -> DensePair:
-    """Two dense folders; K is the larger of the two folders' largest class index + 1."""
+    """Two dense folders on the training folder's numbering: K from the training folder's
+    classes.txt (else its masks); a test folder with its own classes.txt is matched by name
+    (`class_mapping`), one without is read on the training numbering."""
     if not (args.train_dir and args.test_dir):
         raise SereError("give both --train-dir and --test-dir (dense folders with images/ and "
                         "masks/), or --fashion-mnist-scenes")
     train = read_dense_folder(args.train_dir, size, in_chans)
-    test = read_dense_folder(args.test_dir, size, in_chans)
-    k = max(train.num_classes, test.num_classes)
-    train.num_classes = test.num_classes = k
-    return DensePair(subset(train, args.max_train), subset(test, args.max_test),
-                     folder_class_names(Path(args.train_dir), k),
+    if read_class_names(args.test_dir) is None:
+        test = read_dense_folder(args.test_dir, size, in_chans, train.num_classes)
+    elif train.class_names is None:
+        raise SereError(f"{Path(args.test_dir) / CLASS_FILE} names the test classes but "
+                        f"{args.train_dir} has no {CLASS_FILE}: classes meet by name, so give "
+                        f"both folders a {CLASS_FILE}, or neither")
+    else:
+        test = read_dense_folder(args.test_dir, size, in_chans)
+        mapping = class_mapping(train.class_names, test.class_names, option=None)
+        test = DenseSet(test.images, remap_masks(test.masks, mapping), train.num_classes,
+                        test.stems, train.class_names)
+    return DensePair(subset(train, args.max_train), subset(test, args.max_test), train.names(),
                      f"folders {args.train_dir} / {args.test_dir}")
 
 
@@ -352,8 +354,7 @@ def picture_pair(args: argparse.Namespace, size: int, in_chans: int) -> DensePai
                      dense.stems[:args.count])
     rest = DenseSet(dense.images[args.count:], dense.masks[args.count:], dense.num_classes,
                     dense.stems[args.count:])
-    return DensePair(subset(rest, PICTURE_TRAIN), drawn,
-                     folder_class_names(Path(args.dense), dense.num_classes), str(args.dense))
+    return DensePair(subset(rest, PICTURE_TRAIN), drawn, dense.names(), str(args.dense))
 
 
 def draw_dense(args: argparse.Namespace) -> Path:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from timm.data.auto_augment import rand_augment_transform
 
-from sere.config import load_settings
+from sere.config import check_dataset_keys, load_settings
 from sere.errors import SereError
 
 
@@ -31,7 +31,9 @@ class FinetuneDataConfig:
 
     dataset: Literal["folder", "fashion_mnist", "synthetic"] = "folder"
     train_path: str | None = None  # folder: labelled training images, one sub-folder per class
-    test_path: str | None = None  # folder: labelled test images with the same sub-folders
+    test_path: str | None = None  # folder: labelled test images, classes matched by name
+    # a test class that the training set lacks: "error", or "wrong" to score its images as wrong
+    unknown_classes: Literal["error", "wrong"] = "error"
     path: str | None = None  # fashion_mnist: folder of the IDX files (None: the system package)
     image_size: int = 224  # side fed to the network, a multiple of the patch size
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop, fraction of the area
@@ -149,8 +151,20 @@ def _require(ok: bool, message: str) -> None:
         raise SereError(message)
 
 
+# Fine-tuning's `data.*` settings that only some data sets read: key -> the data sets that do.
+DATASET_KEYS = {
+    "train_path": ("folder",),
+    "test_path": ("folder",),
+    "unknown_classes": ("folder",),
+    "path": ("fashion_mnist",),
+    "synthetic_images": ("synthetic",),
+    "synthetic_size": ("synthetic",),
+}
+
+
 def _validate_data(d: FinetuneDataConfig) -> None:
     """The `data.*` checks of `validate_finetune`."""
+    check_dataset_keys(d, FinetuneDataConfig(), DATASET_KEYS)
     if d.dataset == "folder":
         _require(d.train_path is not None and d.test_path is not None,
                  "data.dataset=folder needs data.train_path and data.test_path: labelled folders "

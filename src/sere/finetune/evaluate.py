@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sere.data.labelled import UNKNOWN_LABEL
 from sere.errors import SereError
 from sere.runtime import autocast_context
 
@@ -34,7 +35,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, device: torc
         with autocast_context(precision, device):
             logits = model(x)  # (B, classes)
         logits = logits.float()
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        # images of a class training lacks (UNKNOWN_LABEL) add no loss and are never a hit
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum",
+                                                      ignore_index=UNKNOWN_LABEL))
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices  # (B, k)
         hits = top == y[:, None]  # (B, k)
