@@ -399,3 +399,18 @@ def test_folder_test_classes_must_be_training_classes(tmp_path):
     cfg.data.unknown_classes = "wrong"
     data = ftd.build_data(cfg, 3, (0.5,) * 3, (0.25,) * 3)
     assert sorted(data.test[i][1] for i in range(2)) == [UNKNOWN_LABEL, 0]
+
+
+def test_a_used_folder_is_refused_as_pretraining_does(tmp_path, pretrained, capsys):
+    argv = ["finetune", "--checkpoint", str(pretrained), *EASY, "optim.epochs=1",
+            f"train.output_dir={tmp_path / 'ft'}"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()}
+    assert {"finetuned.pt", "results.json", "finetune.jsonl"} <= set(before)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'ft'} already holds a fine-tuning run "
+                          "(finetuned.pt, results.json, finetune.jsonl); fine-tuning cannot "
+                          "resume"), err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()} == before

@@ -4,7 +4,10 @@ and a fresh run refuses a folder that holds another run."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +153,32 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
     # --resume auto still continues it.
     assert main([*args[:-1], "train.max_steps=6", "--resume", "auto"]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_resuming_an_older_checkpoint_is_refused_and_branching_works(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["pretrain", *TINY, f"train.output_dir={run}", "train.max_steps=4"]
+    assert main([*args[:-1], "train.max_steps=2"]) == 0
+    older = tmp_path / "kept" / "at-2.pt"  # a copy of last.pt at step 2, kept aside
+    older.parent.mkdir()
+    shutil.copy(run / "last.pt", older)
+    assert main([*args, "--resume", "auto"]) == 0  # last.pt now at step 4
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert main([*args, "--resume", str(older)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {older} is at step 2 but {run} already holds step 4 "
+                          "(last.pt); resuming it there would roll the run back"), err
+    assert {name: (run / name).read_bytes() for name in before} == before  # nothing rolled back
+    # The advice: copy the checkpoint into a new folder and resume there.
+    branch = Path(re.search(r"mkdir (\S+) &&", err).group(1))
+    assert branch == tmp_path / "run-from-2"
+    branch.mkdir()
+    shutil.copy(older, branch)
+    assert main([*args[:-2], f"train.output_dir={branch}", "train.max_steps=3", "--resume",
+                 str(branch / older.name)]) == 0
+    assert json.loads((branch / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    assert {name: (run / name).read_bytes() for name in before} == before
 
 
 def test_a_fresh_run_refuses_metrics_without_a_checkpoint_but_not_an_empty_log(tiny, tmp_path):

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from sere.errors import SereError
 from sere.io.checkpoint import atomic_write_bytes
 
 CONFIG_NAME = "finetune.yaml"
@@ -35,6 +36,21 @@ class RunLog:
         """Append `record` as one line."""
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def refuse_used_folder(output_dir: Path) -> None:
+    """Raise SereError when `output_dir` holds an earlier fine-tuning run that this one would
+    overwrite (`finetuned.pt`, `results.json` or a `finetune.jsonl` with records), as
+    `sere pretrain` refuses a used folder. Fine-tuning has no resume: it saves its classifier
+    once, at the end, so there is nothing to continue from."""
+    log = output_dir / LOG_NAME
+    used = [p.name for p in (output_dir / CHECKPOINT_NAME, output_dir / RESULTS_NAME)
+            if p.is_file()] + ([LOG_NAME] if log.is_file() and log.read_text().strip() else [])
+    if used:
+        raise SereError(f"{output_dir} already holds a fine-tuning run ({', '.join(used)}); "
+                        "fine-tuning cannot resume (it saves finetuned.pt once, at the end): "
+                        "start over in another folder (train.output_dir=...) or after "
+                        "deleting this one")
 
 
 def start_run_folder(output_dir: Path, config: dict[str, Any]) -> RunLog:

@@ -33,6 +33,7 @@ from sere.finetune.outputs import (
     CHECKPOINT_NAME,
     RESULTS_NAME,
     RunLog,
+    refuse_used_folder,
     start_run_folder,
     write_results,
 )
@@ -75,6 +76,7 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, checkpoint: str | Path, random_init: bool = False,
                  which: str = "teacher"):
         validate_finetune(cfg)
+        refuse_used_folder(Path(cfg.train.output_dir))  # before any work, as pretraining
         self.cfg, self.checkpoint_path, self.random_init = cfg, Path(checkpoint), random_init
         d, o, t = cfg.data, cfg.optim, cfg.train
         if t.threads:

@@ -31,6 +31,7 @@ from sere.io.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     refuse_earlier_run,
+    refuse_rollback,
     save_checkpoint,
 )
 from sere.train.metrics import MetricsWriter, plot_losses
@@ -220,6 +221,7 @@ class Pretrainer:
             path, state = found
         else:
             path, state = Path(resume), load_checkpoint(resume)
+            refuse_rollback(self.output_dir, path, int(state["step"]))
         saved, current = saved_model_settings(state["config"]["model"]), self.cfg.to_dict()["model"]
         if saved != current:
             differ = ", ".join(f"model.{k}={saved.get(k)} (now {current.get(k)})"
