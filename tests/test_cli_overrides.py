@@ -30,7 +30,9 @@ def built_configs(monkeypatch):
         def run(self):
             return types.SimpleNamespace(preempted=True)
 
-    monkeypatch.setattr(pretrain_cli, "Pretrainer", FakePretrainer)
+    from sere.train import loop  # `sere pretrain` imports it when it runs (start-up time)
+
+    monkeypatch.setattr(loop, "Pretrainer", FakePretrainer)
     return built
 
 

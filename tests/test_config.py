@@ -365,3 +365,15 @@ def test_every_dataset_specific_key_is_refused_where_unread():
                                         r"data\.dataset=folder, but data\.dataset is "
                                         r"fashion_mnist"):
         load_finetune_config([resolve_config_path("finetune_demo")], ["data.train_path=/mine"])
+
+
+def test_load_config_takes_preset_names_as_the_commands_do():
+    from sere.cli.common import resolve_config_path
+
+    by_name = load_config(["demo"])
+    assert by_name.to_dict() == load_config([resolve_config_path("demo")]).to_dict()
+    assert by_name.data.dataset == "fashion_mnist"
+    assert load_config(["demo.yaml"]).to_dict() == by_name.to_dict()
+    with pytest.raises(SereError, match="nosuch does not exist and is not a preset; presets: "
+                                        ".*demo"):
+        load_config(["nosuch"])

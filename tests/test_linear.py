@@ -282,7 +282,7 @@ def write_folder(root, source: SyntheticSource, classes: tuple[str, ...] | None 
 
 def linear_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sere")
-    linear_cli.register(parser.add_subparsers(dest="command", required=True))
+    linear_cli.register(parser.add_subparsers(dest="command", required=True).add_parser("linear"))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -384,7 +384,8 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Defaults, then each YAML file in order, then each `a.b=c` override; validated."""
+    """Defaults, then each YAML file (a path, or a preset name such as "demo") in order, then
+    each `a.b=c` override; validated."""
     cfg = load_settings(Config(), paths, overrides)
     validate(cfg)
     return cfg
@@ -570,6 +571,23 @@ def _validate_train_eval(cfg: Config) -> None:
 # Any command's settings (fine-tuning, say) from the same files and overrides.
 
 
+PRESET_DIR = Path(__file__).resolve().parent / "configs"  # the presets shipped with sere
+
+
+def resolve_config_path(name: str | Path, what: str = "configuration file") -> Path:
+    """A config file path, or the name of a preset in `sere/configs/` (with or without
+    `.yaml`), as `load_config` and every command take them."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    text = str(name)
+    preset = PRESET_DIR / (text if text.endswith(".yaml") else f"{text}.yaml")
+    if "/" not in text and preset.is_file():
+        return preset
+    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise SereError(f"{what} {name} does not exist and is not a preset; presets: {presets}")
+
+
 def load_settings(settings: Any, paths: list[str | Path] = (), overrides: list[str] = (),
                   what: str = "configuration file") -> Any:
     """Fill a settings dataclass in place: its defaults, then each YAML file in order, then each
@@ -580,10 +598,8 @@ def load_settings(settings: Any, paths: list[str | Path] = (), overrides: list[s
         `settings`, filled.
     """
     sections = ", ".join(f"{_yaml_key(f.name)}:" for f in dataclasses.fields(settings))
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise SereError(f"{what} {path} does not exist")
+    for name in paths:
+        path = resolve_config_path(name, what)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

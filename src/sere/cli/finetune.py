@@ -17,10 +17,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `sere finetune` to the `sere` command's subparsers."""
-    p = subparsers.add_parser("finetune", help="supervised fine-tuning of a pretrained backbone "
-                              "(layer decay, Mixup/CutMix, RandAugment), top-1/top-5 each epoch")
+def register(p: argparse.ArgumentParser) -> None:
+    """The options of `sere finetune`."""
     p.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     p.add_argument("--config", action="append", default=[],

@@ -48,9 +48,8 @@ def print_table(result: KnnResult, floor: KnnResult | None, backbone: str) -> No
         print(f"k-NN top-1: {backbone} {result.top1:.1f} %")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere knn`."""
-    k = sub.add_parser("knn", help="k-NN top-1 of a checkpoint's backbone (DINO protocol)")
+def register(k: argparse.ArgumentParser) -> None:
+    """The options of `sere knn`."""
     k.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     k.add_argument("--backbone", choices=("teacher", "student"), default="teacher",

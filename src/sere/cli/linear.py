@@ -135,10 +135,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `sere linear` to the `sere` command's sub-commands."""
-    p = subparsers.add_parser("linear", help="linear probe on cached frozen features, learning "
-                              "rate chosen on held-out training images")
+def register(p: argparse.ArgumentParser) -> None:
+    """The options of `sere linear`."""
     p.add_argument("--checkpoint", required=True, help="a `sere pretrain` checkpoint")
     p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
                    help="the checkpoint's network to probe")

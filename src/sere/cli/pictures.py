@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 
 from sere.api import load_run
-from sere.cli.segment import draw_dense
 from sere.data.datasets import FashionMNISTSource, ImageFolderSource, ImageSource, subset_indices
 from sere.errors import SereError
 from sere.eval.features import EvalImages, extract_features
@@ -53,6 +52,8 @@ def draw(checkpoint: str, which: str, source: ImageSource, count: int, out_dir: 
 def cmd_visualize(args: argparse.Namespace) -> int:
     """Attention, relation and PCA pictures of a checkpoint's network."""
     if args.dense or args.fashion_mnist_scenes:
+        from sere.cli.segment import draw_dense  # scikit-learn's k-means: only for this picture
+
         print(f"wrote {draw_dense(args)}")
         return 0
     chans = load_backbone(args.checkpoint).config.model.in_chans
@@ -69,9 +70,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere visualize`."""
-    v = sub.add_parser("visualize", help="attention, self-relation and PCA pictures (PNG)")
+def register(v: argparse.ArgumentParser) -> None:
+    """The options of `sere visualize`."""
     v.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     v.add_argument("--backbone", choices=("teacher", "student"), default="teacher",

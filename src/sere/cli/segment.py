@@ -242,15 +242,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere segment`."""
-    p = sub.add_parser(
-        "segment",
-        help="linear segmentation probe (and k-means) on frozen patch features, mIoU",
-        description="Linear segmentation probe on a checkpoint's frozen patch features: a 1x1 "
-        "layer per patch, learning rate chosen on 10 %% of the training images, mIoU on the "
-        "test images. --cluster adds (does not replace) k-means on the test patch features, "
-        "Hungarian-matched to the classes. See docs/dense.md.")
+def register(p: argparse.ArgumentParser) -> None:
+    """The options of `sere segment`."""
+    # a description is printed as written (only option help goes through %-formatting)
+    p.description = ("Linear segmentation probe on a checkpoint's frozen patch features: a 1x1 "
+                     "layer per patch, learning rate chosen on 10 % of the training images, mIoU "
+                     "on the test images. --cluster adds (does not replace) k-means on the test "
+                     "patch features, Hungarian-matched to the classes. See docs/dense.md.")
     p.add_argument("checkpoint", nargs="?", help="a `sere pretrain` checkpoint")
     p.add_argument("--checkpoint", dest="checkpoint_flag", default=None,
                    help="the same, as a flag (like the other commands); default: the "
@@ -316,10 +314,8 @@ def cmd_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_scenes(sub: argparse._SubParsersAction) -> None:
-    """Add `sere scenes`."""
-    p = sub.add_parser("scenes",
-                       help="write Fashion-MNIST scenes (images and masks) as a dense folder")
+def register_scenes(p: argparse.ArgumentParser) -> None:
+    """The options of `sere scenes`."""
     p.add_argument("--output", required=True, help="folder to create (images/, masks/, "
                    f"{CLASS_FILE})")
     p.add_argument("--split", choices=("train", "test"), default="train",

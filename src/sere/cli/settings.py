@@ -27,10 +27,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere config`."""
-    p = sub.add_parser("config", help="list every setting with its default and meaning, or show "
-                       "the configuration a pretrain command line resolves to")
+def register(p: argparse.ArgumentParser) -> None:
+    """The options of `sere config`."""
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--list", action="store_true",
                       help="every key, its default, type and meaning")
