@@ -140,7 +140,7 @@ def test_finetune_subset_superset_through_the_cli(folders, capsys):
     assert "test class 'd'" in capsys.readouterr().err
     assert not (folders / "ft_superset").exists()  # refused before anything was written
     assert main(finetune_argv(folders, "superset", "data.unknown_classes=wrong")) == 0
-    record = json.loads((folders / "ft_superset" / "results.json").read_text())
+    record = json.loads((folders / "ft_superset" / "result.json").read_text())
     assert record["test_images"] == 24 and record["top1"] <= 75.0
 
 

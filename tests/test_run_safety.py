@@ -92,6 +92,22 @@ def test_mostly_bad_message_counts_the_files_it_tried(tiny, tmp_path, bad, good,
         dataset[(0, 0)]  # files are read in name order from position 0: the broken ones first
 
 
+def test_a_small_mostly_bad_folder_stops_the_run_too(tiny, tmp_path):
+    """Under 64 files the run judges after one pass over the folder (it never read 64 before)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(10):
+        if i % 5 == 0:
+            _good(folder / f"{i:02d}.png", i)
+        else:
+            (folder / f"{i:02d}.jpg").write_bytes(b"not an image")
+    cfg = tiny("data.dataset=folder", f"data.path={folder}", "optim.batch_size=2",
+               "train.max_steps=4")  # fewer than 64 reads: the old rule never judged
+    with pytest.raises(SereError, match=r"of the first \d+ image files could not be decoded .*"
+                                        r"mostly bad"):
+        Pretrainer(cfg).run()
+
+
 def test_worker_error_message_unwraps_only_the_dataloader_report():
     wrapped = ("Caught SereError in DataLoader worker process 0.\nOriginal Traceback (most "
                "recent call last):\n  File \"x.py\", line 1, in f\n    raise SereError(m)\n"

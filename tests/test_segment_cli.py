@@ -108,6 +108,8 @@ def test_segment_end_to_end_caches_features_and_writes_results(scenes, capsys, m
     assert calls == [(20, 1, 24, 24), (8, 1, 24, 24)]  # one batch per split, at --size
     record = json.loads((scenes / "run" / "segment" / "result.json").read_text())
     assert record["method"] == "linear" and record["lr"] in (0.01, 0.1)
+    # two rates: the chosen one is at the sweep's edge, which is said as `sere linear` says it
+    assert f"note: the chosen rate {record['lr']:g} is at the edge of the sweep" in out
     assert 0 <= record["miou"] <= 1 and 0 <= record["pixel_accuracy"] <= 1
     assert len(record["per_class_iou"]) == 11 and record["class_names"][0] == "background"
     assert f"{100 * record['miou']:.1f} %" in lines[-2]

@@ -60,6 +60,15 @@ def package_version() -> str:
         return "unknown"
 
 
+def edge_note(chosen: float, rates: list[float]) -> str | None:
+    """A note when the chosen learning rate is the smallest or largest of a sweep of several
+    (the optimum may lie beyond it), else None; `sere linear` and `sere segment` print it."""
+    if len(rates) > 1 and chosen in (min(rates), max(rates)):
+        return (f"note: the chosen rate {chosen:g} is at the edge of the sweep; extend --lrs "
+                "beyond it to check that the optimum is inside")
+    return None
+
+
 def sources_from_args(args: argparse.Namespace, in_chans: int) -> tuple[ImageSource, ImageSource]:
     """(train, test) from --train-dir/--test-dir, else Fashion-MNIST (--fashion-mnist-dir)."""
     from sere.data.labelled import labelled_sources

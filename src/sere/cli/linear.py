@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sere.cli.common import add_labelled_flags, sources_from_args
+from sere.cli.common import add_labelled_flags, edge_note, sources_from_args
 from sere.config import Config
 from sere.data.datasets import ImageSource, subset_indices
 from sere.data.labelled import class_mapping, map_labels
@@ -105,10 +105,9 @@ def print_result(result: LinearResult, who: str) -> None:
         mark = "  <- chosen" if row.lr == result.best_lr else ""
         print(f"{row.lr:>8g}  {row.scaled_lr:>8g}  {row.val_top1:>12.1f} %  "
               f"{row.val_loss:>13.4f}  {row.train_loss:>10.4f}{mark}")
-    edge = [r.lr for r in result.rows if not math.isnan(r.val_top1)]
-    if len(edge) > 1 and result.best_lr in (min(edge), max(edge)):
-        print(f"note: the chosen rate {result.best_lr:g} is at the edge of the sweep; extend "
-              "--lrs beyond it to check that the optimum is inside")
+    note = edge_note(result.best_lr, [r.lr for r in result.rows if not math.isnan(r.val_top1)])
+    if note:
+        print(note)
 
 
 def cmd_linear(args: argparse.Namespace) -> int:
@@ -131,7 +130,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
     weights_path, result_path = save_linear(out, result, classifier)
     print_result(result, probed.who)
     print(f"wrote {weights_path} and {result_path}")
-    print(f"linear top-1: {result.test_top1:.1f} % (top-5 {result.test_top5:.1f} %)")
+    top5 = "" if result.test_top5 is None else f" (top-5 {result.test_top5:.1f} %)"
+    print(f"linear top-1: {result.test_top1:.1f} %{top5}")
     return 0
 
 

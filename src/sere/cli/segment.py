@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sere.cli.common import edge_note
 from sere.cli.linear import ProbedBackbone, probed_backbone
 from sere.data.datasets import subset_indices
 from sere.data.dense import (CLASS_FILE, DenseSet, read_class_names, read_dense_folder,
@@ -238,6 +239,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(f"{probed.who}, features={args.features}, {size} px; "
           f"{len(pair.train.images)} train / {len(pair.test.images)} test images")
     print("wrote " + ", ".join(str(p) for p in written))
+    note = edge_note(runs.linear.result.lr, list(settings.lrs))
+    if note:
+        print(note)
     print("\n".join(summary_lines(runs)))
     return 0
 

@@ -46,6 +46,7 @@ from sere.eval.features import FeatureSplit
 
 NORMS = ("batchnorm", "none")
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # per 256 images
+TOP5 = 5  # top-5 is reported only with at least this many classes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class LinearResult:
     best_lr: float  # per 256 images
     val_top1: float  # percent, of the chosen rate
     test_top1: float  # percent
-    test_top5: float  # percent (top-min(5, K))
+    test_top5: float | None  # percent; None with fewer than 5 classes (top-5 would be 100 %)
     rows: list[LrRow]
     features: str  # "cls" or "cls4_avgpool"
     norm: str  # "batchnorm" or "none"
@@ -295,11 +296,11 @@ def run_probe(train: FeatureSplit, test: FeatureSplit, num_classes: int | None =
         test_logits = classifier.logits(test.features)  # (N_test, K)
     result = LinearResult(
         best_lr=rows[best].lr, val_top1=rows[best].val_top1,
-        test_top1=topk_accuracy(test_logits, test.labels, 1),
-        test_top5=topk_accuracy(test_logits, test.labels, 5), rows=rows, features=features,
-        norm=norm, feature_dim=train.features.shape[1], num_classes=classes,
-        fit_images=len(fit_idx), val_images=len(val_idx), test_images=len(test.labels),
-        epochs=epochs, batch_size=batch_size)
+        test_top1=topk_accuracy(test_logits, test.labels, 1), test_top5=(
+            topk_accuracy(test_logits, test.labels, TOP5) if classes >= TOP5 else None),
+        rows=rows, features=features, norm=norm, feature_dim=train.features.shape[1],
+        num_classes=classes, fit_images=len(fit_idx), val_images=len(val_idx),
+        test_images=len(test.labels), epochs=epochs, batch_size=batch_size)
     return result, classifier
 
 

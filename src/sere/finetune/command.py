@@ -36,5 +36,6 @@ def summary_lines(result: FinetuneResult, checkpoint: str | Path,
     return [f"{what}: {result.train_images} train / {result.test_images} test images, "
             f"{result.epochs} epochs in {result.seconds / 60:.1f} min; best top-1 "
             f"{result.best_top1:.1f} % at epoch {result.best_epoch}",
-            f"run folder: {result.output_dir} (finetune.jsonl, results.json, finetuned.pt)",
-            f"fine-tune top-1: {result.top1:.1f} % (top-5 {result.top5:.1f} %)"]
+            f"run folder: {result.output_dir} (finetune.jsonl, result.json, finetuned.pt)",
+            f"fine-tune top-1: {result.top1:.1f} %"
+            + ("" if result.top5 is None else f" (top-5 {result.top5:.1f} %)")]

@@ -79,7 +79,7 @@ class FinetuneOptimConfig:
 class FinetuneTrainConfig:
     """How the run is executed and what it writes."""
 
-    output_dir: str = "runs/finetune"  # run folder: finetune.jsonl, results.json, finetuned.pt
+    output_dir: str = "runs/finetune"  # run folder: finetune.jsonl, result.json, finetuned.pt
     seed: int = 0  # the head's initialisation, the batch order and the augmentations
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     threads: int | None = None  # torch CPU threads; None leaves PyTorch's default

@@ -5,7 +5,7 @@
   one line per epoch (train loss, lr, test top-1 / top-5 / loss, images/s, elapsed seconds);
 * `finetuned.pt`: the classifier (a checksummed checkpoint of kind `sere-finetune`, written
   atomically);
-* `results.json`: the `FinetuneResult` fields, the source checkpoint and the configuration.
+* `result.json`: the `FinetuneResult` fields, the source checkpoint and the configuration.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sere.io.checkpoint import atomic_write_bytes
 CONFIG_NAME = "finetune.yaml"
 LOG_NAME = "finetune.jsonl"
 CHECKPOINT_NAME = "finetuned.pt"
-RESULTS_NAME = "results.json"
+RESULTS_NAME = "result.json"  # the one name of every command's result file
 
 
 @dataclass
@@ -40,7 +40,7 @@ class RunLog:
 
 def refuse_used_folder(output_dir: Path) -> None:
     """Raise SereError when `output_dir` holds an earlier fine-tuning run that this one would
-    overwrite (`finetuned.pt`, `results.json` or a `finetune.jsonl` with records), as
+    overwrite (`finetuned.pt`, `result.json` or a `finetune.jsonl` with records), as
     `sere pretrain` refuses a used folder. Fine-tuning has no resume: it saves its classifier
     once, at the end, so there is nothing to continue from."""
     log = output_dir / LOG_NAME
@@ -63,6 +63,6 @@ def start_run_folder(output_dir: Path, config: dict[str, Any]) -> RunLog:
 
 
 def write_results(path: Path, record: dict[str, Any]) -> None:
-    """Write `results.json` atomically; paths in `record` become strings."""
+    """Write `result.json` atomically; paths in `record` become strings."""
     plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in record.items()}
     atomic_write_bytes(path, (json.dumps(plain, indent=2) + "\n").encode())

@@ -47,7 +47,7 @@ class FinetuneResult:
     """What a fine-tuning run leaves behind."""
 
     top1: float  # test top-1 (percent) after the last epoch
-    top5: float
+    top5: float | None  # None with fewer than 5 classes
     best_top1: float  # the best epoch's test top-1
     best_epoch: int  # 1-based
     epochs: int
@@ -59,7 +59,7 @@ class FinetuneResult:
     seconds: float
     output_dir: Path
     checkpoint: Path  # finetuned.pt
-    results: Path  # results.json
+    results: Path  # result.json
     history: list[dict] = field(default_factory=list)  # the per-epoch records
 
 
@@ -207,8 +207,9 @@ class Finetuner:
                   "test_loss": test.loss, "images_per_s": images / max(train_seconds, 1e-9),
                   "elapsed_s": time.perf_counter() - start}
         log.write(record)
+        top5 = "" if test.top5 is None else f" (top-5 {test.top5:.1f} %)"
         print(f"epoch {epoch + 1}/{o.epochs}: train loss {record['train_loss']:.3f}, test top-1 "
-              f"{test.top1:.1f} % (top-5 {test.top5:.1f} %), {record['images_per_s']:.0f} img/s")
+              f"{test.top1:.1f} %{top5}, {record['images_per_s']:.0f} img/s")
         return record
 
     def _save_classifier(self, last: dict) -> Path:

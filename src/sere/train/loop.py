@@ -460,9 +460,11 @@ class Pretrainer:
         dist_utils.barrier()
 
     def _check_mostly_bad(self) -> None:
-        """Stop when more than half of the files read so far could not be decoded."""
+        """Stop when more than half of the files read so far could not be decoded (judged after
+        64 reads, or after one pass over a smaller folder)."""
         bad = len(self.skipped_images)
-        if self.images_read >= MOSTLY_BAD_MIN_READS and bad > 0.5 * self.images_read:
+        enough = min(MOSTLY_BAD_MIN_READS, len(self.dataset))
+        if self.images_read >= enough and bad > 0.5 * self.images_read:
             listing = self.output_dir / "skipped_images.txt"
             if self.dist.is_main:
                 listing.write_text("\n".join(sorted(set(self.skipped_images))) + "\n")
@@ -485,7 +487,7 @@ class Pretrainer:
             "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **losses,
             "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
             "teacher_temp": values.teacher_temp, "teacher_patch_temp": values.teacher_patch_temp,
-            "images_per_second": rate, "skipped_images": len(self.skipped_images),
+            "images_per_second": rate, "skipped_images": len(set(self.skipped_images)),
             "nonfinite_steps": self.nonfinite_steps,
         })
 
