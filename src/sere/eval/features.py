@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from sere.data.datasets import ImageSource, UnreadableImage
 from sere.data.loader import loader_batches
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
+from sere.runtime.progress import progress_bar
 
 GLOBAL_KINDS = ("cls", "cls_avgpool", "cls4_avgpool")  # one vector per image
 PATCH_KINDS = ("patch", "patch4")  # one vector per patch, (B, h, w, D)
@@ -143,7 +143,7 @@ def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch
     feats, labels = [], []
     try:
         # loader_batches: a worker's error is one line and its workers are shut down at once
-        for x, y in tqdm(loader_batches(loader), desc=desc, unit="batch", leave=False,
+        for x, y in progress_bar(loader_batches(loader), desc=desc, unit="batch", leave=False,
                          total=len(loader)):
             f = batch_features(backbone, x.to(device), kind).float()
             feats.append((F.normalize(f, dim=-1) if normalize else f).to("cpu", dtype))

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from sere.errors import SereError
 from sere.finetune.config import FinetuneConfig, validate_finetune
@@ -40,6 +39,7 @@ from sere.finetune.outputs import (
 from sere.io.checkpoint import FINETUNE_KIND, save_checkpoint
 from sere.io.weights import load_backbone
 from sere.runtime import autocast_context, check_writable, resolve_device, resolve_precision
+from sere.runtime.progress import progress_bar
 
 
 @dataclass
@@ -181,7 +181,7 @@ class Finetuner:
         """Train one epoch (a step line every `train.log_every` steps), test, log the epoch."""
         o, log_every = self.cfg.optim, self.cfg.train.log_every
         self.model.train()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step",
+        bar = progress_bar(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step",
                    leave=False)
         tick, images, loss_sum, losses = time.perf_counter(), 0, 0.0, 0
         window_tick, window_images = tick, 0

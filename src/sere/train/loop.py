@@ -26,6 +26,7 @@ from sere.models.backbone import ViTBackbone, fused_attention_pays
 from sere.models.network import NetworkOutputs, Networks, build_networks
 from sere.runtime import autocast_context, check_writable, resolve_device, resolve_precision
 from sere.runtime import distributed as dist_utils
+from sere.runtime.progress import progress_bar
 from sere.io.checkpoint import (
     latest_valid_checkpoint,
     load_checkpoint,
@@ -389,7 +390,7 @@ class Pretrainer:
         cfg = self.cfg
         images_per_step = cfg.optim.batch_size * self.dist.world_size * cfg.optim.accum_steps
         batches = self._batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
+        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
                    unit="step", dynamic_ncols=True, desc="pretrain")
         last_losses: dict[str, float] = {}
         stop = StopRequest().install()
