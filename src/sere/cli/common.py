@@ -82,7 +82,7 @@ def add_labelled_flags(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--train-dir", help="labelled image folder (one sub-folder per class) "
                         "(default: the Fashion-MNIST training set)")
-    parser.add_argument("--test-dir", help="labelled image folder with the same classes "
+    parser.add_argument("--test-dir", help="labelled image folder, classes matched by name "
                         "(default: the Fashion-MNIST test set)")
     parser.add_argument("--fashion-mnist-dir", default=None,
                         help="folder of Fashion-MNIST IDX files (default: the system package)")
