@@ -408,11 +408,40 @@ def test_a_used_folder_is_refused_as_pretraining_does(tmp_path, pretrained, caps
             f"train.output_dir={tmp_path / 'ft'}"]
     assert main(argv) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()}
-    assert {"finetuned.pt", "result.json", "finetune.jsonl"} <= set(before)
+    assert {"finetuned.pt", "result.json", "finetune.jsonl", "finetune_state.pt"} <= set(before)
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'ft'} already holds a fine-tuning run "
-                          "(finetuned.pt, result.json, finetune.jsonl); fine-tuning cannot "
-                          "resume"), err
+                          "(finetuned.pt, result.json, finetune_state.pt, finetune.jsonl); "
+                          "continue it with --resume"), err
     assert {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()} == before
+    assert main([*argv, "--resume"]) == 2  # all epochs done: nothing to resume
+    assert "has finished all 1 epochs" in capsys.readouterr().err
+
+
+def test_resume_continues_after_the_last_finished_epoch(tmp_path, pretrained, monkeypatch):
+    cfg = easy_config(tmp_path, "optim.epochs=3")
+    real = Finetuner._epoch
+
+    def stop_in_the_second_epoch(self, epoch, *args):
+        if epoch == 1:
+            (self.output_dir / "finetune.jsonl").open("a").write('{"step": 17, "epoch": 2}\n')
+            raise KeyboardInterrupt  # as Ctrl-C in the middle of epoch 2
+        return real(self, epoch, *args)
+
+    monkeypatch.setattr(Finetuner, "_epoch", stop_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        Finetuner(cfg, pretrained).run()
+    monkeypatch.setattr(Finetuner, "_epoch", real)
+    with pytest.raises(sere.SereError, match="already holds a fine-tuning run"):
+        Finetuner(cfg, pretrained)
+    with pytest.raises(sere.SereError, match=r"other settings \(optim\.lr\)"):
+        Finetuner(easy_config(tmp_path, "optim.epochs=3", "optim.lr=1e-3"), pretrained,
+                  resume=True).run()
+    result = Finetuner(cfg, pretrained, resume=True).run()
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.steps == 3 * 16
+    epochs = [json.loads(line)["epoch"] for line in
+              (tmp_path / "ft" / "finetune.jsonl").read_text().splitlines()]
+    assert epochs == sorted(epochs) and epochs.count(2) == epochs.count(1)  # no stale line
+    assert result.top1 >= 60.0

@@ -5,7 +5,8 @@
   one line per epoch (train loss, lr, test top-1 / top-5 / loss, images/s, elapsed seconds);
 * `finetuned.pt`: the classifier (a checksummed checkpoint of kind `sere-finetune`, written
   atomically);
-* `result.json`: the `FinetuneResult` fields, the source checkpoint and the configuration.
+* `result.json`: the `FinetuneResult` fields, the source checkpoint and the configuration;
+* `finetune_state.pt`: after every epoch, what `--resume` continues from (`sere.finetune.state`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from sere.errors import SereError
+from sere.finetune.state import STATE_NAME
 from sere.io.checkpoint import atomic_write_bytes
 
 CONFIG_NAME = "finetune.yaml"
@@ -40,17 +42,15 @@ class RunLog:
 
 def refuse_used_folder(output_dir: Path) -> None:
     """Raise SereError when `output_dir` holds an earlier fine-tuning run that this one would
-    overwrite (`finetuned.pt`, `result.json` or a `finetune.jsonl` with records), as
-    `sere pretrain` refuses a used folder. Fine-tuning has no resume: it saves its classifier
-    once, at the end, so there is nothing to continue from."""
+    overwrite (`finetuned.pt`, `result.json`, `finetune_state.pt` or a `finetune.jsonl` with
+    records), as `sere pretrain` refuses a used folder."""
     log = output_dir / LOG_NAME
-    used = [p.name for p in (output_dir / CHECKPOINT_NAME, output_dir / RESULTS_NAME)
-            if p.is_file()] + ([LOG_NAME] if log.is_file() and log.read_text().strip() else [])
+    used = [p.name for p in (output_dir / CHECKPOINT_NAME, output_dir / RESULTS_NAME,
+                             output_dir / STATE_NAME) if p.is_file()] + ([LOG_NAME] if log.is_file() and log.read_text().strip() else [])
     if used:
         raise SereError(f"{output_dir} already holds a fine-tuning run ({', '.join(used)}); "
-                        "fine-tuning cannot resume (it saves finetuned.pt once, at the end): "
-                        "start over in another folder (train.output_dir=...) or after "
-                        "deleting this one")
+                        "continue it with --resume, or start over in another folder "
+                        "(train.output_dir=...) or after deleting this one")
 
 
 def start_run_folder(output_dir: Path, config: dict[str, Any]) -> RunLog:
