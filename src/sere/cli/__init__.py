@@ -57,7 +57,7 @@ COMMANDS = (
     Command("segment", "linear segmentation probe (and k-means) on frozen patch features, mIoU",
             "sere.cli.segment"),
     Command("scenes", "write Fashion-MNIST scenes (images and masks) as a dense folder",
-            "sere.cli.segment", "register_scenes"),
+            "sere.cli.scenes"),
     Command("finetune", "supervised fine-tuning of a pretrained backbone (layer decay, "
             "Mixup/CutMix, RandAugment), top-1/top-5 each epoch", "sere.cli.finetune"),
     Command("export", "write a backbone as timm weights (model.safetensors + config.json) and "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -130,3 +131,16 @@ def split_overrides(parser: argparse.ArgumentParser, tokens: list[str]) -> tuple
         else:
             kept.append(token)
     return kept, overrides
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: the file is whole or absent."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise SereError(f"could not write {path}: {err}") from None
+    finally:
+        if temporary.exists():
+            temporary.unlink()

@@ -1,12 +1,12 @@
-"""`sere segment`: linear (and k-means) segmentation of frozen patch features; `sere scenes`:
-Fashion-MNIST scenes written as a dense folder. The method and its numbers: docs/dense.md."""
+"""`sere segment`: linear (and k-means) segmentation of frozen patch features (`sere scenes`,
+which writes Fashion-MNIST scenes as a dense folder, is `sere.cli.scenes`). The method and its
+numbers: docs/dense.md."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from sere.cli.common import edge_note
+from sere.cli.common import edge_note, write_text
 from sere.cli.linear import ProbedBackbone, probed_backbone
 from sere.data.datasets import subset_indices
 from sere.data.dense import (CLASS_FILE, DenseSet, read_class_names, read_dense_folder,
                              remap_masks, unseen_class_warning)
 from sere.data.labelled import class_mapping
-from sere.data.scenes import SCENE_CLASSES, SceneSpec, fashion_mnist_scenes, write_dense_folder
+from sere.data.scenes import SCENE_CLASSES, SceneSpec, fashion_mnist_scenes
 from sere.errors import SereError
 from sere.eval.dense_features import check_patch_size, dense_features, scene_dense_set
 from sere.eval.dense_pictures import save_dense_pictures
@@ -163,19 +163,6 @@ def run_probes(pair: DensePair, train: torch.Tensor, test: torch.Tensor,
     return SegmentRuns(linear, kmeans)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename: the file is whole or absent."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except OSError as err:
-        raise SereError(f"could not write {path}: {err}") from None
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 def write_outputs(out: Path, runs: SegmentRuns, pair: DensePair, test: torch.Tensor,
                   settings: dict[str, Any]) -> list[Path]:
     """result.json, report.txt and dense_pictures.png (the first test images) in `out`."""
@@ -298,40 +285,6 @@ def register(p: argparse.ArgumentParser) -> None:
                         "busy 2-core machine)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     p.set_defaults(func=cmd_segment)
-
-
-def cmd_scenes(args: argparse.Namespace) -> int:
-    """`sere scenes`: write Fashion-MNIST scenes as a dense folder (with classes.txt)."""
-    root = Path(args.output)
-    images = root / "images"
-    if images.is_dir() and any(images.iterdir()):
-        raise SereError(f"{images} already holds files: choose an empty or new --output folder")
-    if args.count < 1:
-        raise SereError(f"--count must be at least 1, got {args.count}")
-    seed = args.seed if args.seed is not None else (0 if args.split == "train" else 1)
-    source = fashion_mnist_scenes(args.fashion_mnist_dir, args.split == "train", args.count,
-                                  SceneSpec(size=args.size), seed)
-    write_dense_folder(source, root)
-    write_text(root / CLASS_FILE, "\n".join(SCENE_CLASSES) + "\n")
-    print(f"wrote {args.count} {args.size} px {args.split} scenes (seed {seed}) to {root}/images "
-          f"and {root}/masks (classes 0..{len(SCENE_CLASSES) - 1}: {root / CLASS_FILE})")
-    return 0
-
-
-def register_scenes(p: argparse.ArgumentParser) -> None:
-    """The options of `sere scenes`."""
-    p.add_argument("--output", required=True, help="folder to create (images/, masks/, "
-                   f"{CLASS_FILE})")
-    p.add_argument("--split", choices=("train", "test"), default="train",
-                   help="which Fashion-MNIST items the scenes are made of")
-    p.add_argument("--count", type=int, default=1000, help="number of scenes")
-    p.add_argument("--size", type=int, default=SceneSpec.size, help="canvas side in pixels "
-                   "(at least 36, the largest item side)")
-    p.add_argument("--seed", type=int, default=None, help="scene seed; default 0 for train, 1 "
-                   "for test (the scenes of `sere segment --fashion-mnist-scenes`)")
-    p.add_argument("--fashion-mnist-dir", default=None,
-                   help="folder of Fashion-MNIST IDX files (default: the system package)")
-    p.set_defaults(func=cmd_scenes)
 
 
 PICTURE_PROBE = ProbeSettings(lrs=(3e-3, 1e-2, 3e-2), epochs=5)  # quick, for pictures only
