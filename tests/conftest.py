@@ -26,9 +26,19 @@ TINY = [
 ]
 
 
+def tiny_on(dataset: str) -> list[str]:
+    """TINY on another `data.dataset`, without the synthetic settings that it would not read
+    (and refuse)."""
+    return [f"data.dataset={dataset}" if o.startswith("data.dataset=") else o for o in TINY
+            if dataset == "synthetic" or not o.startswith("data.synthetic_")]
+
+
 def tiny_config(tmp_path, *overrides: str) -> sere.Config:
-    """A tiny iBOT+SERE configuration writing into `tmp_path`."""
-    return sere.load_config([], [*TINY, f"train.output_dir={tmp_path / 'run'}", *overrides])
+    """A tiny iBOT+SERE configuration writing into `tmp_path` (on the last `data.dataset` of
+    `overrides`, synthetic without one)."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("data.dataset=")]
+    base = tiny_on(chosen[-1] if chosen else "synthetic")
+    return sere.load_config([], [*base, f"train.output_dir={tmp_path / 'run'}", *overrides])
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def test_a_run_over_odd_and_broken_images_finishes_and_lists_them(tiny, tmp_path
     listed = (result.output_dir / "skipped_images.txt").read_text().split("\n")
     assert {line.split(":")[0].rsplit("/", 1)[-1] for line in listed if line} == broken
     record = json.loads((result.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["skipped_images"] >= 2
+    assert record["skipped_images"] == 2  # images, however often each was skipped
     assert np.isfinite(record["loss"])
 
 

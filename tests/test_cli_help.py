@@ -75,3 +75,20 @@ def test_version_is_pyproject_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"sere {version}"
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["config", "--list"],
+                                  ["pretrain", "--help"]])
+def test_start_up_imports_no_heavy_library(argv):
+    """`sere --version`, `--help`, `config --list` and a command's help import none of torch,
+    timm, matplotlib and scikit-learn (benchmarks/startup.py times them)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from sere.cli import main\ntry:\n    main(sys.argv[1:])\n"
+             "except SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'timm', 'matplotlib', 'sklearn') "
+             "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT / "src")}, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:] + done.stderr

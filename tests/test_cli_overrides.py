@@ -30,7 +30,9 @@ def built_configs(monkeypatch):
         def run(self):
             return types.SimpleNamespace(preempted=True)
 
-    monkeypatch.setattr(pretrain_cli, "Pretrainer", FakePretrainer)
+    from sere.train import loop  # `sere pretrain` imports it when it runs (start-up time)
+
+    monkeypatch.setattr(loop, "Pretrainer", FakePretrainer)
     return built
 
 
@@ -128,6 +130,22 @@ def test_config_list_names_every_key_with_default_and_meaning(capsys):
         assert item.meaning in out
     assert "  optim.lr = 0.0005  (float)\n      per 256 images of total batch" in out
     assert "  init.from = null  (str | null)" in out
+
+
+def test_config_list_covers_fine_tuning_keys(capsys):
+    from sere.finetune.config import FinetuneConfig
+
+    assert main(["config", "--list"]) == 0
+    out = capsys.readouterr().out
+    pretraining, finetuning = out.split("sere finetune: its own settings")
+    listed = {k.key: k for k in config_keys(FinetuneConfig())}
+    assert list(listed) == leaf_keys(FinetuneConfig())
+    empty = [key for key, item in listed.items() if not item.meaning.strip()]
+    assert not empty, f"settings without a comment in src/sere/finetune/config.py: {empty}"
+    for key, item in listed.items():
+        assert f"  {key} = " in finetuning and item.meaning in finetuning, key
+    assert "  data.unknown_classes = error  (" in finetuning
+    assert "data.train_path" not in pretraining and "  optim.layer_decay = " in finetuning
 
 
 def test_config_list_defaults_are_the_config_defaults():

@@ -315,3 +315,66 @@ def test_repository_configs_folder_shows_the_presets():
         shown = root / "configs" / f"{name}.yaml"
         assert shown.is_file(), shown
         assert shown.read_text() == (root / "src/sere/configs" / f"{name}.yaml").read_text()
+
+
+def _other_value(default) -> str:
+    """A value other than `default` for a dataset-specific setting, as an override."""
+    if isinstance(default, bool):
+        return str(not default).lower()
+    if isinstance(default, int):
+        return str(default + 8)
+    return "wrong" if default == "error" else "/some/folder"
+
+
+def _walk_dataset_keys(load, defaults, readers: dict, datasets: tuple[str, ...],
+                       needs: dict[str, list[str]]) -> int:
+    """Set each dataset-specific key under every data set: refused, naming the key and its
+    readers, exactly where the data set does not read it. Returns the pairs checked."""
+    checked = 0
+    for key, readers_of_key in readers.items():
+        setting = f"data.{key}={_other_value(getattr(defaults, key))}"
+        for dataset in datasets:
+            overrides = [f"data.dataset={dataset}", *needs.get(dataset, []), setting]
+            if dataset in readers_of_key:
+                load(overrides)  # read: accepted
+                continue
+            with pytest.raises(SereError, match=rf"data\.{key} = .* is read only by "
+                                                rf"data\.dataset={readers_of_key[0]}"):
+                load(overrides)
+            checked += 1
+    return checked
+
+
+def test_every_dataset_specific_key_is_refused_where_unread():
+    from sere.config import DATASET_KEYS, DataConfig
+    from sere.finetune.config import DATASET_KEYS as FT_KEYS
+    from sere.finetune.config import FinetuneDataConfig, load_finetune_config
+
+    pretrain = _walk_dataset_keys(
+        lambda o: load_config([], o), DataConfig(), DATASET_KEYS,
+        ("folder", "fashion_mnist", "fashion_mnist_scenes", "synthetic"),
+        {"folder": ["data.path=/images"]})
+    finetune = _walk_dataset_keys(
+        lambda o: load_finetune_config([], o), FinetuneDataConfig(), FT_KEYS,
+        ("folder", "fashion_mnist", "synthetic"),
+        {"folder": ["data.train_path=/train", "data.test_path=/test"]})
+    assert (pretrain, finetune) == (19, 12)  # every (key, data set not reading it)
+    # The issue's case: the fine-tuning demo (Fashion-MNIST) with a folder's paths.
+    from sere.cli.common import resolve_config_path
+
+    with pytest.raises(SereError, match=r"data\.train_path = /mine is read only by "
+                                        r"data\.dataset=folder, but data\.dataset is "
+                                        r"fashion_mnist"):
+        load_finetune_config([resolve_config_path("finetune_demo")], ["data.train_path=/mine"])
+
+
+def test_load_config_takes_preset_names_as_the_commands_do():
+    from sere.cli.common import resolve_config_path
+
+    by_name = load_config(["demo"])
+    assert by_name.to_dict() == load_config([resolve_config_path("demo")]).to_dict()
+    assert by_name.data.dataset == "fashion_mnist"
+    assert load_config(["demo.yaml"]).to_dict() == by_name.to_dict()
+    with pytest.raises(SereError, match="nosuch does not exist and is not a preset; presets: "
+                                        ".*demo"):
+        load_config(["nosuch"])

@@ -60,9 +60,23 @@ def test_class_out_of_range(tmp_path):
     mask = index_mask()
     mask[0, 0] = 7
     write(tmp_path, "a", np.zeros((8, 8), np.uint8), Image.fromarray(mask, "L"))
-    with pytest.raises(SereError, match=r"mask .*a\.png holds class 7, outside 0\.\.2"):
+    with pytest.raises(SereError, match=r"mask .*a\.png holds class 7 in 1 pixel, outside 0\.\.2"):
         read_dense_folder(tmp_path, size=8, num_classes=3)
     assert read_dense_folder(tmp_path, size=8).num_classes == 8  # K from the largest index
+
+
+def test_classes_txt_sets_k_and_a_mask_beyond_it_is_an_error(tmp_path):
+    # The case: classes.txt names 11 classes, one mask holds 40 in some pixels.
+    mask = index_mask()
+    (tmp_path / "classes.txt").write_text("\n".join(f"c{i}" for i in range(11)) + "\n")
+    write(tmp_path, "a", np.zeros((8, 8), np.uint8), Image.fromarray(mask, "L"))
+    dense = read_dense_folder(tmp_path, size=8)
+    assert dense.num_classes == 11 and dense.class_names[10] == "c10"  # not 3, from the masks
+    mask[:3, :2] = 40
+    write(tmp_path, "b", np.zeros((8, 8), np.uint8), Image.fromarray(mask, "L"))
+    with pytest.raises(SereError, match=r"mask .*b\.png holds class 40 in 6 pixels, outside "
+                                        r"0\.\.10 \(.*classes\.txt names 11 classes\)"):
+        read_dense_folder(tmp_path, size=8)
 
 
 def test_colour_mask_rejected(tmp_path):
@@ -170,9 +184,9 @@ def test_pretrain_on_scenes(tmp_path):
     from sere.config import load_config
     from sere.data.sources import build_source
 
-    from conftest import TINY
+    from conftest import tiny_on
 
-    overrides = [*TINY, "data.dataset=fashion_mnist_scenes", "data.scenes=64",
+    overrides = [*tiny_on("fashion_mnist_scenes"), "data.scenes=64",
                  "train.max_steps=2", f"train.output_dir={tmp_path / 'run'}"]
     source = build_source(load_config([], overrides).data, 3)
     image, label = source[0]

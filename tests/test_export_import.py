@@ -323,8 +323,8 @@ def test_wrong_size_and_non_checkpoints_raise_clear_errors(tmp_path):
 def test_cli_export_and_import_check(run, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="sere")
     sub = parser.add_subparsers(dest="command", required=True)
-    weights_cli.register_export(sub)
-    weights_cli.register_import_check(sub)
+    weights_cli.register_export(sub.add_parser("export"))
+    weights_cli.register_import_check(sub.add_parser("import-check"))
     out = tmp_path / "cli_export"
     args = parser.parse_args(["export", "--checkpoint", str(run), "--output", str(out),
                               "--img-size", "32"])

@@ -18,6 +18,7 @@ from timm.loss import SoftTargetCrossEntropy
 import sere
 from sere.cli import main, resolve_config_path
 from sere.data.datasets import MAX_CONSECUTIVE_BAD_IMAGES, ImageSource, UnreadableImage
+from sere.data.labelled import UNKNOWN_LABEL
 from sere.finetune import config as ftc
 from sere.finetune import data as ftd
 from sere.finetune import model as ftm
@@ -179,7 +180,7 @@ def test_tiny_finetune_beats_chance_and_writes_its_outputs(tmp_path, pretrained)
     # 60 % leaves room for platform noise yet fails a network that did not learn.
     assert result.test_images == 512 and result.num_classes == 4
     assert result.top1 >= 60.0, result.history
-    assert result.top5 == 100.0  # 4 classes: top-min(5, 4) always holds the label
+    assert result.top5 is None  # 4 classes: top-5 would hold the label by construction
     assert result.steps == 6 * (512 // 32)
 
     lines = [json.loads(line) for line in (tmp_path / "ft" / "finetune.jsonl").read_text()
@@ -202,8 +203,10 @@ def test_cli_prints_the_final_line(tmp_path, pretrained, capsys):
     assert main(["finetune", "--checkpoint", str(pretrained), "--random-init",
                  *EASY, "optim.epochs=1", f"train.output_dir={out}"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.fullmatch(r"fine-tune top-1: \d+\.\d % \(top-5 100\.0 %\)", last), last
-    assert json.loads((tmp_path / "cli_random_init" / "results.json").read_text())["random_init"]
+    # 4 synthetic classes: no top-5, which would be 100 % by construction
+    assert re.fullmatch(r"fine-tune top-1: \d+\.\d %", last), last
+    assert json.loads((tmp_path / "cli_random_init" / "result.json").read_text())["top5"] is None
+    assert json.loads((tmp_path / "cli_random_init" / "result.json").read_text())["random_init"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +383,7 @@ def test_finetune_sits_above_io_and_eval_and_below_the_command_line():
         assert not any(n.startswith("sere.finetune") for n in _sere_imports(path)), path
 
 
-def test_folder_sources_must_share_their_classes(tmp_path):
+def test_folder_test_classes_must_be_training_classes(tmp_path):
     for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "dog")),
                            ("other", ("cat", "eel"))):
         for name in classes:
@@ -392,5 +395,53 @@ def test_folder_sources_must_share_their_classes(tmp_path):
     assert tuple(train.classes) == tuple(test.classes) == ("cat", "dog")
     assert len(train) == len(test) == 2
     cfg.data.test_path = str(tmp_path / "other")
-    with pytest.raises(sere.SereError, match="data.test_path .* other class folders"):
-        ftd.build_sources(cfg, in_chans=3)
+    with pytest.raises(sere.SereError, match="test class 'eel' is not among the 2 training "
+                                             "classes.*data.unknown_classes=wrong"):
+        ftd.build_data(cfg, 3, (0.5,) * 3, (0.25,) * 3)
+    cfg.data.unknown_classes = "wrong"
+    data = ftd.build_data(cfg, 3, (0.5,) * 3, (0.25,) * 3)
+    assert sorted(data.test[i][1] for i in range(2)) == [UNKNOWN_LABEL, 0]
+
+
+def test_a_used_folder_is_refused_as_pretraining_does(tmp_path, pretrained, capsys):
+    argv = ["finetune", "--checkpoint", str(pretrained), *EASY, "optim.epochs=1",
+            f"train.output_dir={tmp_path / 'ft'}"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()}
+    assert {"finetuned.pt", "result.json", "finetune.jsonl", "finetune_state.pt"} <= set(before)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'ft'} already holds a fine-tuning run "
+                          "(finetuned.pt, result.json, finetune_state.pt, finetune.jsonl); "
+                          "continue it with --resume"), err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ft").iterdir()} == before
+    assert main([*argv, "--resume"]) == 2  # all epochs done: nothing to resume
+    assert "has finished all 1 epochs" in capsys.readouterr().err
+
+
+def test_resume_continues_after_the_last_finished_epoch(tmp_path, pretrained, monkeypatch):
+    cfg = easy_config(tmp_path, "optim.epochs=3")
+    real = Finetuner._epoch
+
+    def stop_in_the_second_epoch(self, epoch, *args):
+        if epoch == 1:
+            (self.output_dir / "finetune.jsonl").open("a").write('{"step": 17, "epoch": 2}\n')
+            raise KeyboardInterrupt  # as Ctrl-C in the middle of epoch 2
+        return real(self, epoch, *args)
+
+    monkeypatch.setattr(Finetuner, "_epoch", stop_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        Finetuner(cfg, pretrained).run()
+    monkeypatch.setattr(Finetuner, "_epoch", real)
+    with pytest.raises(sere.SereError, match="already holds a fine-tuning run"):
+        Finetuner(cfg, pretrained)
+    with pytest.raises(sere.SereError, match=r"other settings \(optim\.lr\)"):
+        Finetuner(easy_config(tmp_path, "optim.epochs=3", "optim.lr=1e-3"), pretrained,
+                  resume=True).run()
+    result = Finetuner(cfg, pretrained, resume=True).run()
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.steps == 3 * 16
+    epochs = [json.loads(line)["epoch"] for line in
+              (tmp_path / "ft" / "finetune.jsonl").read_text().splitlines()]
+    assert epochs == sorted(epochs) and epochs.count(2) == epochs.count(1)  # no stale line
+    assert result.top1 >= 60.0

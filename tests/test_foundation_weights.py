@@ -153,18 +153,14 @@ def test_unknown_layout_names_the_closest(tmp_path):
 
 
 def test_import_check_lists_mapped_missing_and_unexpected(tmp_path, capsys):
-    import argparse
-
-    from sere.cli import weights as weights_cli
+    from sere.cli import parse_args
 
     ref = published.random_timm_model(DINOV2_REG)
     state = published.hf_dinov2(ref.state_dict())
     state["pooler.dense.weight"] = torch.zeros(2, 2)  # a tensor no backbone has
     path = tmp_path / "model.safetensors"
     write(path, state)
-    parser = argparse.ArgumentParser()
-    weights_cli.register_import_check(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([
+    args = parse_args([
         "import-check", "--weights", str(path), "--config", "vit_small_ibot_sere", "--no-head",
         f"model.backbone={DINOV2_REG}", "model.patch_size=14", "model.embed_dim=64",
         "model.depth=2", "model.num_heads=2", "data.global_crop_size=56",

@@ -4,7 +4,10 @@ and a fresh run refuses a folder that holds another run."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +23,7 @@ from sere.data.loader import worker_error_message
 from sere.errors import SereError
 from sere.train.loop import Pretrainer
 
-from conftest import TINY
+from conftest import TINY, tiny_on
 
 SOURCES = str(Path(sere.__file__).resolve().parents[1])
 
@@ -32,8 +35,8 @@ def _good(path: Path, seed: int) -> None:
 
 def _pretrain_with_workers(tmp_path: Path, folder: Path, *overrides: str):
     """`sere pretrain` in a subprocess with two DataLoader workers; a hang fails the test."""
-    cmd = [sys.executable, "-m", "sere.cli", "pretrain", *TINY, "data.num_workers=2",
-           "data.dataset=folder", f"data.path={folder}", "optim.batch_size=4",
+    cmd = [sys.executable, "-m", "sere.cli", "pretrain", *tiny_on("folder"),
+           "data.num_workers=2", f"data.path={folder}", "optim.batch_size=4",
            "eval.knn_every=null", f"train.output_dir={tmp_path / 'run'}", *overrides]
     env = {**os.environ, "PYTHONPATH": SOURCES, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -87,6 +90,22 @@ def test_mostly_bad_message_counts_the_files_it_tried(tiny, tmp_path, bad, good,
     dataset = Pretrainer(cfg).dataset
     with pytest.raises(SereError, match=f"^{expected} could not be decoded .*mostly bad"):
         dataset[(0, 0)]  # files are read in name order from position 0: the broken ones first
+
+
+def test_a_small_mostly_bad_folder_stops_the_run_too(tiny, tmp_path):
+    """Under 64 files the run judges after one pass over the folder (it never read 64 before)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(10):
+        if i % 5 == 0:
+            _good(folder / f"{i:02d}.png", i)
+        else:
+            (folder / f"{i:02d}.jpg").write_bytes(b"not an image")
+    cfg = tiny("data.dataset=folder", f"data.path={folder}", "optim.batch_size=2",
+               "train.max_steps=4")  # fewer than 64 reads: the old rule never judged
+    with pytest.raises(SereError, match=r"of the first \d+ image files could not be decoded .*"
+                                        r"mostly bad"):
+        Pretrainer(cfg).run()
 
 
 def test_worker_error_message_unwraps_only_the_dataloader_report():
@@ -150,6 +169,32 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
     # --resume auto still continues it.
     assert main([*args[:-1], "train.max_steps=6", "--resume", "auto"]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_resuming_an_older_checkpoint_is_refused_and_branching_works(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["pretrain", *TINY, f"train.output_dir={run}", "train.max_steps=4"]
+    assert main([*args[:-1], "train.max_steps=2"]) == 0
+    older = tmp_path / "kept" / "at-2.pt"  # a copy of last.pt at step 2, kept aside
+    older.parent.mkdir()
+    shutil.copy(run / "last.pt", older)
+    assert main([*args, "--resume", "auto"]) == 0  # last.pt now at step 4
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert main([*args, "--resume", str(older)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {older} is at step 2 but {run} already holds step 4 "
+                          "(last.pt); resuming it there would roll the run back"), err
+    assert {name: (run / name).read_bytes() for name in before} == before  # nothing rolled back
+    # The advice: copy the checkpoint into a new folder and resume there.
+    branch = Path(re.search(r"mkdir (\S+) &&", err).group(1))
+    assert branch == tmp_path / "run-from-2"
+    branch.mkdir()
+    shutil.copy(older, branch)
+    assert main([*args[:-2], f"train.output_dir={branch}", "train.max_steps=3", "--resume",
+                 str(branch / older.name)]) == 0
+    assert json.loads((branch / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    assert {name: (run / name).read_bytes() for name in before} == before
 
 
 def test_a_fresh_run_refuses_metrics_without_a_checkpoint_but_not_an_empty_log(tiny, tmp_path):

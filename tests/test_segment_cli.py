@@ -108,6 +108,8 @@ def test_segment_end_to_end_caches_features_and_writes_results(scenes, capsys, m
     assert calls == [(20, 1, 24, 24), (8, 1, 24, 24)]  # one batch per split, at --size
     record = json.loads((scenes / "run" / "segment" / "result.json").read_text())
     assert record["method"] == "linear" and record["lr"] in (0.01, 0.1)
+    # two rates: the chosen one is at the sweep's edge, which is said as `sere linear` says it
+    assert f"note: the chosen rate {record['lr']:g} is at the edge of the sweep" in out
     assert 0 <= record["miou"] <= 1 and 0 <= record["pixel_accuracy"] <= 1
     assert len(record["per_class_iou"]) == 11 and record["class_names"][0] == "background"
     assert f"{100 * record['miou']:.1f} %" in lines[-2]
@@ -175,11 +177,16 @@ def test_bad_input_is_one_line_error(scenes, capsys):
 def test_unseen_test_class_is_a_warning(scenes, capsys):
     mask_path = scenes / "test" / "masks" / "000000.png"
     mask = np.array(Image.open(mask_path))
-    mask[:4, :4] = 12  # a class no training mask holds
+    mask[:4, :4] = 12  # beyond the 11 classes of classes.txt: an error, K stays 11
     Image.fromarray(mask).save(mask_path)
+    one_line_error(capsys, segment_argv(scenes), "000000.png holds class 12 in 16 pixels",
+                   "classes.txt names 11 classes")
+    for split in ("train", "test"):  # name two more classes: 12 is a class no training mask holds
+        with open(scenes / split / "classes.txt", "a") as names:
+            names.write("extra one\nextra two\n")
     assert main(segment_argv(scenes)) == 0
     captured = capsys.readouterr()
-    assert "warning: test class(es) 12 never appear in the training masks" in captured.err
+    assert "warning: test class(es) extra two never appear in the training masks" in captured.err
     record = json.loads((scenes / "run" / "segment" / "result.json").read_text())
     assert len(record["per_class_iou"]) == 13 and record["per_class_iou"][12] == 0.0
 
@@ -203,8 +210,9 @@ def test_periodic_knn_on_scenes_uses_single_items(tmp_path, monkeypatch):
         seen.append((type(train).__name__, len(train), train[0][0].shape)),
         real(backbone, cfg, train, test, *a, **k))[1])
     cfg = sere.load_config([], [
-        *TINY, "model.in_chans=1", "model.out_dim=64", "model.hidden_dim=32",
-        "model.bottleneck_dim=16", "data.dataset=fashion_mnist_scenes", f"data.path={fmnist}",
+        *(o for o in TINY if not o.startswith("data.synthetic_")), "model.in_chans=1",
+        "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
+        "data.dataset=fashion_mnist_scenes", f"data.path={fmnist}",
         "data.scenes=16", "data.scene_size=40", "data.local_crops_number=1", "optim.epochs=1",
         "optim.batch_size=8", "optim.warmup_epochs=0", "loss.warmup_teacher_temp_epochs=0",
         "eval.knn_every=2", "eval.knn_max_train=20", "eval.knn_max_test=10", "eval.k=3",

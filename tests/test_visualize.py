@@ -80,3 +80,35 @@ def test_tsne_keeps_separated_clusters_apart(tmp_path):
     path = draw_embedding(feats, labels, ("a", "b", "c"), tmp_path / "t.png", "title")
     with Image.open(path) as image:
         assert image.size == (660, 540)
+
+
+def test_visualize_images_skips_and_lists_unreadable_files(tiny, tmp_path, capsys):
+    import io
+
+    import numpy as np
+
+    from sere.cli import main
+    from sere.train.loop import Pretrainer
+
+    checkpoint = Pretrainer(tiny("train.max_steps=1")).run().checkpoint
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / name / f"{i}.png")
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    truncated = tmp_path / "photos" / "cat" / "0a.jpg"  # sorted among the first drawn
+    truncated.write_bytes(jpeg.getvalue()[:200])
+    text = tmp_path / "photos" / "dog" / "notes.jpg"
+    text.write_text("not an image")
+    capsys.readouterr()
+    out = tmp_path / "pictures"
+    assert main(["visualize", "--checkpoint", str(checkpoint), "--images",
+                 str(tmp_path / "photos"), "--count", "3", "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("skipped 2 unreadable image(s): ")
+    assert str(truncated) in lines[-2] and str(text) in lines[-2]
+    assert lines[-1].count(".png") == 3  # overview, channel relation, t-SNE
+    assert all((out / name).is_file() for name in ("overview.png", "tsne_cls.png"))

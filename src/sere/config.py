@@ -394,7 +394,8 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def load_config(paths: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Defaults, then each YAML file in order, then each `a.b=c` override; validated."""
+    """Defaults, then each YAML file (a path, or a preset name such as "demo") in order, then
+    each `a.b=c` override; validated."""
     cfg = load_settings(Config(), paths, overrides)
     validate(cfg)
     return cfg
@@ -459,9 +460,36 @@ def _validate_backbone_name(m: ModelConfig) -> None:
              f"{m.patch_size}; set model.patch_size={patch}")
 
 
+# Pretraining's `data.*` settings that only some data sets read: key -> the `data.dataset`
+# values that read it (sere.data.datasets.build_source).
+DATASET_KEYS = {
+    "path": ("folder", "fashion_mnist", "fashion_mnist_scenes"),
+    "download": ("fashion_mnist",),
+    "synthetic_images": ("synthetic",),
+    "synthetic_size": ("synthetic",),
+    "scenes": ("fashion_mnist_scenes",),
+    "scene_size": ("fashion_mnist_scenes",),
+    "scene_seed": ("fashion_mnist_scenes",),
+}
+
+
+def check_dataset_keys(data: Any, defaults: Any, readers: dict[str, tuple[str, ...]]) -> None:
+    """Refuse a `data.*` setting that the chosen `data.dataset` does not read (one set away
+    from its default would otherwise be ignored without a word), naming the setting and the
+    data sets that read it. Shared by pretraining and fine-tuning (their own `readers`)."""
+    for key, datasets in readers.items():
+        value = getattr(data, key)
+        if data.dataset in datasets or value == getattr(defaults, key):
+            continue
+        raise SereError(f"data.{key} = {value} is read only by data.dataset="
+                        f"{' or '.join(datasets)}, but data.dataset is {data.dataset}: set "
+                        f"data.dataset={datasets[0]}, or remove data.{key}")
+
+
 def _validate_data(cfg: Config) -> None:
     """Check the data section."""
     m, d = cfg.model, cfg.data
+    check_dataset_keys(d, DataConfig(), DATASET_KEYS)
     for key in ("global_crop_size", "local_crop_size"):
         size = getattr(d, key)
         _require(size > 0 and size % m.patch_size == 0,
@@ -568,6 +596,23 @@ def _validate_train_eval(cfg: Config) -> None:
 # Any command's settings (fine-tuning, say) from the same files and overrides.
 
 
+PRESET_DIR = Path(__file__).resolve().parent / "configs"  # the presets shipped with sere
+
+
+def resolve_config_path(name: str | Path, what: str = "configuration file") -> Path:
+    """A config file path, or the name of a preset in `sere/configs/` (with or without
+    `.yaml`), as `load_config` and every command take them."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    text = str(name)
+    preset = PRESET_DIR / (text if text.endswith(".yaml") else f"{text}.yaml")
+    if "/" not in text and preset.is_file():
+        return preset
+    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise SereError(f"{what} {name} does not exist and is not a preset; presets: {presets}")
+
+
 def load_settings(settings: Any, paths: list[str | Path] = (), overrides: list[str] = (),
                   what: str = "configuration file") -> Any:
     """Fill a settings dataclass in place: its defaults, then each YAML file in order, then each
@@ -578,10 +623,8 @@ def load_settings(settings: Any, paths: list[str | Path] = (), overrides: list[s
         `settings`, filled.
     """
     sections = ", ".join(f"{_yaml_key(f.name)}:" for f in dataclasses.fields(settings))
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise SereError(f"{what} {path} does not exist")
+    for name in paths:
+        path = resolve_config_path(name, what)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -17,41 +17,76 @@
 `key=value` settings may stand anywhere on the line of a command that takes them.
 
 The top layer: nothing in sere imports this package.
+
+Start-up: a command's module (and with it torch, timm, matplotlib or scikit-learn) is imported
+only when that command runs, so `sere --version` and `sere --help` import none of them
+(benchmarks/startup.py measures it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from dataclasses import dataclass
+from typing import Iterable
 
-from sere.cli import (embed, finetune, knn, linear, pictures, pretrain, segment, settings,
-                      weights)
 from sere.cli.common import SereParser, package_version, resolve_config_path, split_overrides
 from sere.cli.logs import install_log_handler
 from sere.errors import SereError
 
-__all__ = ["build_parser", "main", "parse_args", "resolve_config_path"]
+__all__ = ["COMMANDS", "build_parser", "main", "parse_args", "resolve_config_path"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `sere`."""
+@dataclass(frozen=True)
+class Command:
+    """A sub-command: its name, one line of help, and `module.register(parser)` that adds its
+    options (imported only when the command is parsed)."""
+
+    name: str
+    help: str
+    module: str
+    register: str = "register"
+
+
+COMMANDS = (
+    Command("pretrain", "pretrain a ViT with SERE (on iBOT or DINO)", "sere.cli.pretrain"),
+    Command("knn", "k-NN top-1 of a checkpoint's backbone (DINO protocol)", "sere.cli.knn"),
+    Command("visualize", "attention, self-relation and PCA pictures (PNG)", "sere.cli.pictures"),
+    Command("linear", "linear probe on cached frozen features, learning rate chosen on "
+            "held-out training images", "sere.cli.linear"),
+    Command("segment", "linear segmentation probe (and k-means) on frozen patch features, mIoU",
+            "sere.cli.segment"),
+    Command("scenes", "write Fashion-MNIST scenes (images and masks) as a dense folder",
+            "sere.cli.scenes"),
+    Command("finetune", "supervised fine-tuning of a pretrained backbone (layer decay, "
+            "Mixup/CutMix, RandAugment), top-1/top-5 each epoch", "sere.cli.finetune"),
+    Command("export", "write a backbone as timm weights (model.safetensors + config.json) and "
+            "a plain backbone.pth", "sere.cli.weights", "register_export"),
+    Command("import-check", "dry run: load pretrained weights into the configured model and "
+            "list missing/unexpected tensors", "sere.cli.weights", "register_import_check"),
+    Command("embed", "embeddings of every image of a folder (embeddings.npy + index.parquet, "
+            "or a torch file)", "sere.cli.embed"),
+    Command("demo", "the CPU demo: pretrain on Fashion-MNIST, then k-NN", "sere.cli.pretrain",
+            "register_demo"),
+    Command("config", "list every setting with its default and meaning, or show the "
+            "configuration a pretrain command line resolves to", "sere.cli.settings"),
+)
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of `sere`; the options of `commands` only (None: of every command),
+    the others listed by name and help."""
     parser = SereParser(prog="sere", description="SERE self-supervised pretraining of Vision "
                         "Transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=SereParser)
-    pretrain.register(sub)
-    knn.register(sub)
-    pictures.register(sub)
-    linear.register(sub)
-    segment.register(sub)
-    segment.register_scenes(sub)
-    finetune.register(sub)
-    weights.register_export(sub)
-    weights.register_import_check(sub)
-    embed.register(sub)
-    pretrain.register_demo(sub)
-    settings.register(sub)
+    wanted = None if commands is None else set(commands)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        if wanted is None or command.name in wanted:
+            getattr(importlib.import_module(command.module), command.register)(p)
     return parser
 
 
@@ -59,10 +94,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """`argv` (without the program name) parsed, with the `key=value` overrides collected from
     anywhere on the line into `args.overrides`, in their order, for the commands that take
     them; others report them as unrecognized arguments."""
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     # `sere` itself has only flags (-h, --version), so its first other token is the command.
     name = next((t for t in argv if not t.startswith("-")), None)
+    parser = build_parser([name] if name else [])
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     command = commands.choices.get(name)
     if command is None or "overrides" not in {a.dest for a in command._actions}:
         return parser.parse_args(argv)

@@ -1,21 +1,24 @@
-"""What several commands share: preset names, labelled sources from flags, the help format,
-the version, and `key=value` overrides anywhere on the command line."""
+"""What several commands share: preset names (`sere.config.resolve_config_path`), labelled
+sources from flags, the help format, the version, and `key=value` overrides anywhere on the
+command line."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sere.cli.logs import add_verbosity_flags
-from sere.data.datasets import ImageSource
-from sere.data.labelled import labelled_sources
+from sere.config import resolve_config_path  # noqa: F401 (the commands' name for it)
 from sere.errors import SereError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+if TYPE_CHECKING:  # torch and PIL come with it: imported where a command reads images
+    from sere.data.datasets import ImageSource
+
 # `section.key=value` (a leading `-` makes a token an option or its `--flag=value` form instead)
 OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
@@ -61,31 +64,35 @@ def package_version() -> str:
         return "unknown"
 
 
-def resolve_config_path(name: str) -> Path:
-    """A config file path, or the name of a preset in `configs/` (with or without `.yaml`)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    preset = PRESET_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if preset.is_file():
-        return preset
-    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-    raise SereError(f"config {name} is neither a file nor a preset; presets: {presets}")
+def edge_note(chosen: float, rates: list[float]) -> str | None:
+    """A note when the chosen learning rate is the smallest or largest of a sweep of several
+    (the optimum may lie beyond it), else None; `sere linear` and `sere segment` print it."""
+    if len(rates) > 1 and chosen in (min(rates), max(rates)):
+        return (f"note: the chosen rate {chosen:g} is at the edge of the sweep; extend --lrs "
+                "beyond it to check that the optimum is inside")
+    return None
 
 
 def sources_from_args(args: argparse.Namespace, in_chans: int) -> tuple[ImageSource, ImageSource]:
     """(train, test) from --train-dir/--test-dir, else Fashion-MNIST (--fashion-mnist-dir)."""
+    from sere.data.labelled import labelled_sources
+
     return labelled_sources(in_chans, args.train_dir, args.test_dir, args.fashion_mnist_dir)
 
 
 def add_labelled_flags(parser: argparse.ArgumentParser) -> None:
-    """--train-dir, --test-dir and --fashion-mnist-dir."""
+    """--train-dir, --test-dir, --fashion-mnist-dir and --unknown-classes."""
+    from sere.data.labelled import UNKNOWN_CLASSES
+
     parser.add_argument("--train-dir", help="labelled image folder (one sub-folder per class) "
                         "(default: the Fashion-MNIST training set)")
-    parser.add_argument("--test-dir", help="labelled image folder with the same classes "
+    parser.add_argument("--test-dir", help="labelled image folder, classes matched by name "
                         "(default: the Fashion-MNIST test set)")
     parser.add_argument("--fashion-mnist-dir", default=None,
                         help="folder of Fashion-MNIST IDX files (default: the system package)")
+    parser.add_argument("--unknown-classes", choices=UNKNOWN_CLASSES, default="error",
+                        help="a test class the training folder lacks (classes meet by name): "
+                        "refuse, or score its images as wrong")
 
 
 def option_action(parser: argparse.ArgumentParser, token: str) -> argparse.Action | None:
@@ -127,3 +134,13 @@ def split_overrides(parser: argparse.ArgumentParser, tokens: list[str]) -> tuple
         else:
             kept.append(token)
     return kept, overrides
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: the file is whole or absent."""
+    from sere.runtime.files import atomic_write_text
+
+    try:
+        atomic_write_text(path, text)
+    except OSError as err:
+        raise SereError(f"could not write {path}: {err}") from None

@@ -43,10 +43,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere embed`."""
-    p = sub.add_parser("embed", help="embeddings of every image of a folder (embeddings.npy + "
-                       "index.parquet, or a torch file)")
+def register(p: argparse.ArgumentParser) -> None:
+    """The options of `sere embed`."""
     p.add_argument("folder", help="the image folder (read recursively)")
     p.add_argument("--output", required=True, help="folder to write into (empty, or an earlier "
                    "run with --resume)")

@@ -24,13 +24,13 @@ def cmd_knn(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else FeatureCacheSpec(
         folder, checkpoint_model_key(args.checkpoint, args.backbone))
     result = knn_top1(loaded.backbone, cfg, train, test, device, args.max_train, args.max_test,
-                      args.workers, ks, cache)
+                      args.workers, ks, cache, args.unknown_classes)
     floor = None
     if not args.no_random:
         floor_cache = None if args.no_cache else FeatureCacheSpec(folder,
                                                                    random_model_key(cfg, 0))
         floor = knn_top1(random_backbone(cfg, 0), cfg, train, test, device, args.max_train,
-                         args.max_test, args.workers, ks, floor_cache)
+                         args.max_test, args.workers, ks, floor_cache, args.unknown_classes)
     print(f"{result.train_images} train / {result.test_images} test images, "
           f"features={cfg.eval.features}, {args.backbone} backbone")
     print_table(result, floor, args.backbone)
@@ -48,9 +48,8 @@ def print_table(result: KnnResult, floor: KnnResult | None, backbone: str) -> No
         print(f"k-NN top-1: {backbone} {result.top1:.1f} %")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere knn`."""
-    k = sub.add_parser("knn", help="k-NN top-1 of a checkpoint's backbone (DINO protocol)")
+def register(k: argparse.ArgumentParser) -> None:
+    """The options of `sere knn`."""
     k.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     k.add_argument("--backbone", choices=("teacher", "student"), default="teacher",

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from sere.cli.common import add_labelled_flags, sources_from_args
+from sere.cli.common import add_labelled_flags, edge_note, sources_from_args
 from sere.config import Config
 from sere.data.datasets import ImageSource, subset_indices
+from sere.data.labelled import class_mapping, map_labels
 from sere.errors import SereError
 from sere.eval.feature_cache import cached_features, checkpoint_model_key, random_model_key
 from sere.eval.features import GLOBAL_KINDS, FeatureSplit, check_feature_kind
@@ -19,7 +20,6 @@ from sere.eval.linear import (
     DEFAULT_LRS,
     NORMS,
     LinearResult,
-    align_test_labels,
     check_learning_rates,
     run_probe,
     save_linear,
@@ -71,7 +71,7 @@ def labelled_pair(args: argparse.Namespace, in_chans: int) -> tuple[ImageSource,
     if not test_src.classes:
         raise SereError("the linear probe's test set has no labels: give an image folder with "
                         "one sub-folder per class (--test-dir)")
-    align_test_labels(train_src.classes, test_src.classes, torch.zeros(0, dtype=torch.int64))
+    class_mapping(train_src.classes, test_src.classes, args.unknown_classes)  # refused early
     return train_src, test_src
 
 
@@ -90,8 +90,8 @@ def probe_splits(args: argparse.Namespace, probed: ProbedBackbone, sources: tupl
         print(f"{name} features ({len(got.split.labels)} images): {how} {got.path}")
         splits[name] = got.split
     test = splits["test"]
-    return splits["train"], FeatureSplit(
-        test.features, align_test_labels(train_src.classes, test_src.classes, test.labels))
+    mapping = class_mapping(train_src.classes, test_src.classes, args.unknown_classes)
+    return splits["train"], FeatureSplit(test.features, map_labels(test.labels, mapping))
 
 
 def print_result(result: LinearResult, who: str) -> None:
@@ -105,10 +105,9 @@ def print_result(result: LinearResult, who: str) -> None:
         mark = "  <- chosen" if row.lr == result.best_lr else ""
         print(f"{row.lr:>8g}  {row.scaled_lr:>8g}  {row.val_top1:>12.1f} %  "
               f"{row.val_loss:>13.4f}  {row.train_loss:>10.4f}{mark}")
-    edge = [r.lr for r in result.rows if not math.isnan(r.val_top1)]
-    if len(edge) > 1 and result.best_lr in (min(edge), max(edge)):
-        print(f"note: the chosen rate {result.best_lr:g} is at the edge of the sweep; extend "
-              "--lrs beyond it to check that the optimum is inside")
+    note = edge_note(result.best_lr, [r.lr for r in result.rows if not math.isnan(r.val_top1)])
+    if note:
+        print(note)
 
 
 def cmd_linear(args: argparse.Namespace) -> int:
@@ -131,14 +130,13 @@ def cmd_linear(args: argparse.Namespace) -> int:
     weights_path, result_path = save_linear(out, result, classifier)
     print_result(result, probed.who)
     print(f"wrote {weights_path} and {result_path}")
-    print(f"linear top-1: {result.test_top1:.1f} % (top-5 {result.test_top5:.1f} %)")
+    top5 = "" if result.test_top5 is None else f" (top-5 {result.test_top5:.1f} %)"
+    print(f"linear top-1: {result.test_top1:.1f} %{top5}")
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `sere linear` to the `sere` command's sub-commands."""
-    p = subparsers.add_parser("linear", help="linear probe on cached frozen features, learning "
-                              "rate chosen on held-out training images")
+def register(p: argparse.ArgumentParser) -> None:
+    """The options of `sere linear`."""
     p.add_argument("--checkpoint", required=True, help="a `sere pretrain` checkpoint")
     p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
                    help="the checkpoint's network to probe")

@@ -9,30 +9,38 @@ from pathlib import Path
 import torch
 
 from sere.api import load_run
-from sere.cli.segment import draw_dense
 from sere.data.datasets import FashionMNISTSource, ImageFolderSource, ImageSource, subset_indices
+from sere.errors import SereError
 from sere.eval.features import EvalImages, extract_features
-from sere.eval.visualize import Pictures, draw_embedding, draw_pictures
+from sere.eval.visualize import Pictures, draw_embedding, draw_pictures, readable_indices
 from sere.io.weights import load_backbone
 
 
 def draw(checkpoint: str, which: str, source: ImageSource, count: int, out_dir: str | Path,
          embedding_images: int = 2000) -> Pictures:
     """Draw the pictures of `count` images of `source` with a checkpoint's network, and a t-SNE
-    map of the [CLS] features of up to `embedding_images` images when `source` has labels."""
+    map of the [CLS] features of up to `embedding_images` images when `source` has labels.
+    Unreadable images are passed over and listed in the result's `skipped`."""
     run = load_run(checkpoint)
     cfg = run.config
     network = run.networks.teacher if which == "teacher" else run.networks.student
     d = cfg.data
+    drawn = readable_indices(source, list(range(len(source))), want=count)
+    if not drawn.indices:
+        raise SereError(f"none of the images could be read ({len(drawn.skipped)} tried, e.g. "
+                        f"{drawn.skipped[0]}); check the folder")
     images = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
-                        list(range(min(count, len(source)))))
+                        drawn.indices)
     batch = torch.stack([images[i][0] for i in range(len(images))])
     pictures = draw_pictures(network, batch, d.normalize_mean, d.normalize_std, out_dir,
                              cfg.loss.tau_spatial, cfg.loss.tau_channel)
+    pictures.skipped = drawn.skipped
     if not source.classes or embedding_images <= 0:
         return pictures
+    embedded = readable_indices(source, subset_indices(len(source), embedding_images, seed=2))
+    pictures.skipped = sorted(set(drawn.skipped) | set(embedded.skipped))
     chosen = EvalImages(source, d.global_crop_size, d.normalize_mean, d.normalize_std,
-                        subset_indices(len(source), embedding_images, seed=2))
+                        embedded.indices)
     feats = extract_features(network.backbone, chosen, "cls", cfg.eval.batch_size,
                              torch.device("cpu"), desc="t-SNE features", normalize=True)
     path = draw_embedding(feats.features, feats.labels, source.classes,
@@ -44,6 +52,8 @@ def draw(checkpoint: str, which: str, source: ImageSource, count: int, out_dir: 
 def cmd_visualize(args: argparse.Namespace) -> int:
     """Attention, relation and PCA pictures of a checkpoint's network."""
     if args.dense or args.fashion_mnist_scenes:
+        from sere.cli.segment import draw_dense  # scikit-learn's k-means: only for this picture
+
         print(f"wrote {draw_dense(args)}")
         return 0
     chans = load_backbone(args.checkpoint).config.model.in_chans
@@ -53,13 +63,15 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         source = FashionMNISTSource(args.fashion_mnist_dir, train=False, in_chans=chans)
     pictures = draw(args.checkpoint, args.backbone, source, args.count, args.output)
     written = [p for p in (pictures.overview, pictures.channel_relation, pictures.embedding) if p]
+    if pictures.skipped:
+        print(f"skipped {len(pictures.skipped)} unreadable image(s): "
+              + ", ".join(pictures.skipped))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere visualize`."""
-    v = sub.add_parser("visualize", help="attention, self-relation and PCA pictures (PNG)")
+def register(v: argparse.ArgumentParser) -> None:
+    """The options of `sere visualize`."""
     v.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     v.add_argument("--backbone", choices=("teacher", "student"), default="teacher",

@@ -1,36 +1,44 @@
-"""`sere pretrain` and `sere demo`."""
+"""`sere pretrain` and `sere demo`.
+
+torch and the training code are imported inside the commands: `sere config` reads this module's
+flags and configuration without them (docs/benchmarks.md, start-up).
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING
 
 from sere.cli.common import resolve_config_path
-from sere.cli.pictures import draw
 from sere.config import Config, apply_overrides, load_config
-from sere.data.datasets import FashionMNISTSource
-from sere.eval.knn_accuracy import knn_top1, periodic_knn
-from sere.io.weights import load_backbone, random_backbone, read_run_checkpoint
-from sere.runtime import resolve_device
-from sere.runtime.distributed import cleanup as leave_process_group
-from sere.train.loop import PeriodicEval, Pretrainer
+
+if TYPE_CHECKING:
+    from sere.train.loop import PeriodicEval
 
 
 def pretrain_config(args: argparse.Namespace) -> Config:
     """The run's configuration: the files and overrides given, or, when resuming from a named
     checkpoint without --config, the configuration saved in it plus the overrides."""
     if args.resume and args.resume != "auto" and not args.config:
+        from sere.io.weights import read_run_checkpoint
+
         return apply_overrides(read_run_checkpoint(args.resume).config, args.overrides)
     return load_config([resolve_config_path(c) for c in args.config], args.overrides)
 
 
 def periodic_eval(cfg: Config) -> PeriodicEval | None:
     """The k-NN callback of pretraining when `eval.knn_every` asks for one, else None."""
+    from sere.eval.knn_accuracy import periodic_knn
+
     return periodic_knn(cfg) if cfg.eval.knn_every is not None else None
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Run pretraining."""
+    from sere.runtime.distributed import cleanup as leave_process_group
+    from sere.train.loop import Pretrainer
+
     cfg = pretrain_config(args)
     result = Pretrainer(cfg, resume=args.resume, evaluate=periodic_eval(cfg)).run()
     # Under torchrun: leave the process group while the interpreter is whole; left to exit,
@@ -45,6 +53,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Pretrain the demo preset on Fashion-MNIST, then k-NN against random initialisation."""
+    from sere.cli.pictures import draw
+    from sere.data.datasets import FashionMNISTSource
+    from sere.eval.knn_accuracy import knn_top1
+    from sere.io.weights import load_backbone, random_backbone
+    from sere.runtime import resolve_device
+    from sere.runtime.distributed import cleanup as leave_process_group
+    from sere.train.loop import Pretrainer
+
     start = time.perf_counter()
     overrides = [f"train.output_dir={args.output_dir}", *args.overrides]
     cfg = load_config([resolve_config_path("demo")], overrides)
@@ -88,16 +104,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                              "win")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere pretrain`."""
-    p = sub.add_parser("pretrain", help="pretrain a ViT with SERE (on iBOT or DINO)")
+def register(p: argparse.ArgumentParser) -> None:
+    """The options of `sere pretrain`."""
     add_config_flags(p)
     p.set_defaults(func=cmd_pretrain)
 
 
-def register_demo(sub: argparse._SubParsersAction) -> None:
-    """Add `sere demo`."""
-    d = sub.add_parser("demo", help="the CPU demo: pretrain on Fashion-MNIST, then k-NN")
+def register_demo(d: argparse.ArgumentParser) -> None:
+    """The options of `sere demo`."""
     d.add_argument("--output-dir", default="runs/demo",
                    help="run folder; an existing run there is resumed")
     d.add_argument("--max-train", type=int, default=None,

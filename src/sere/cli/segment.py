@@ -1,10 +1,12 @@
-"""`sere segment`: linear (and k-means) segmentation of frozen patch features; `sere scenes`:
-Fashion-MNIST scenes written as a dense folder. The method and its numbers: docs/dense.md."""
+"""`sere segment`: linear (and k-means) segmentation of frozen patch features (`sere scenes`,
+which writes Fashion-MNIST scenes as a dense folder, is `sere.cli.scenes`). The method and its
+numbers: docs/dense.md."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,10 +14,13 @@ from typing import Any
 
 import torch
 
+from sere.cli.common import edge_note, write_text
 from sere.cli.linear import ProbedBackbone, probed_backbone
 from sere.data.datasets import subset_indices
-from sere.data.dense import DenseSet, read_dense_folder, unseen_class_warning
-from sere.data.scenes import SCENE_CLASSES, SceneSpec, fashion_mnist_scenes, write_dense_folder
+from sere.data.dense import (CLASS_FILE, DenseSet, read_class_names, read_dense_folder,
+                             remap_masks, unseen_class_warning)
+from sere.data.labelled import class_mapping
+from sere.data.scenes import SCENE_CLASSES, SceneSpec, fashion_mnist_scenes
 from sere.errors import SereError
 from sere.eval.dense_features import check_patch_size, dense_features, scene_dense_set
 from sere.eval.dense_pictures import save_dense_pictures
@@ -24,10 +29,8 @@ from sere.eval.linear import check_learning_rates
 from sere.eval.segment import (KMeansRun, LinearProbeRun, ProbeSettings, format_report,
                                kmeans_segmentation, linear_segmentation, predict_masks)
 from sere.runtime import resolve_device
-from sere.runtime.files import atomic_write_text
 
 SCENE_DEFAULTS = {"train": 5000, "test": 1000}  # scenes for --fashion-mnist-scenes on a CPU
-CLASS_FILE = "classes.txt"  # optional class names of a dense folder, one per line
 PICTURE_ROWS = 6  # test images drawn by `sere segment`
 
 
@@ -41,32 +44,33 @@ class DensePair:
     description: str  # where the data came from, for result.json
 
 
-def folder_class_names(root: Path, k: int) -> list[str]:
-    """Names of classes 0..k-1 from `root/classes.txt` when present (else the indices)."""
-    file = root / CLASS_FILE
-    names = file.read_text().splitlines() if file.is_file() else []
-    return [names[i].strip() if i < len(names) and names[i].strip() else str(i)
-            for i in range(k)]
-
-
 def subset(dense: DenseSet, limit: int | None) -> DenseSet:
     """A fixed random subset of at most `limit` images (all when None)."""
     keep = subset_indices(len(dense.images), limit, seed=1)
     return DenseSet(dense.images[keep], dense.masks[keep], dense.num_classes,
-                    [dense.stems[i] for i in keep])
+                    [dense.stems[i] for i in keep], dense.class_names)
 
 
 def folder_pair(args: argparse.Namespace, size: int, in_chans: int) -> DensePair:
-    """Two dense folders; K is the larger of the two folders' largest class index + 1."""
+    """Two dense folders on the training folder's numbering: K from the training folder's
+    classes.txt (else its masks); a test folder with its own classes.txt is matched by name
+    (`class_mapping`), one without is read on the training numbering."""
     if not (args.train_dir and args.test_dir):
         raise SereError("give both --train-dir and --test-dir (dense folders with images/ and "
                         "masks/), or --fashion-mnist-scenes")
     train = read_dense_folder(args.train_dir, size, in_chans)
-    test = read_dense_folder(args.test_dir, size, in_chans)
-    k = max(train.num_classes, test.num_classes)
-    train.num_classes = test.num_classes = k
-    return DensePair(subset(train, args.max_train), subset(test, args.max_test),
-                     folder_class_names(Path(args.train_dir), k),
+    if read_class_names(args.test_dir) is None:
+        test = read_dense_folder(args.test_dir, size, in_chans, train.num_classes)
+    elif train.class_names is None:
+        raise SereError(f"{Path(args.test_dir) / CLASS_FILE} names the test classes but "
+                        f"{args.train_dir} has no {CLASS_FILE}: classes meet by name, so give "
+                        f"both folders a {CLASS_FILE}, or neither")
+    else:
+        test = read_dense_folder(args.test_dir, size, in_chans)
+        mapping = class_mapping(train.class_names, test.class_names, option=None)
+        test = DenseSet(test.images, remap_masks(test.masks, mapping), train.num_classes,
+                        test.stems, train.class_names)
+    return DensePair(subset(train, args.max_train), subset(test, args.max_test), train.names(),
                      f"folders {args.train_dir} / {args.test_dir}")
 
 
@@ -159,14 +163,6 @@ def run_probes(pair: DensePair, train: torch.Tensor, test: torch.Tensor,
     return SegmentRuns(linear, kmeans)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename: the file is whole or absent."""
-    try:
-        atomic_write_text(path, text)
-    except OSError as err:
-        raise SereError(f"could not write {path}: {err}") from None
-
-
 def write_outputs(out: Path, runs: SegmentRuns, pair: DensePair, test: torch.Tensor,
                   settings: dict[str, Any]) -> list[Path]:
     """result.json, report.txt and dense_pictures.png (the first test images) in `out`."""
@@ -230,19 +226,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
     print(f"{probed.who}, features={args.features}, {size} px; "
           f"{len(pair.train.images)} train / {len(pair.test.images)} test images")
     print("wrote " + ", ".join(str(p) for p in written))
+    note = edge_note(runs.linear.result.lr, list(settings.lrs))
+    if note:
+        print(note)
     print("\n".join(summary_lines(runs)))
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere segment`."""
-    p = sub.add_parser(
-        "segment",
-        help="linear segmentation probe (and k-means) on frozen patch features, mIoU",
-        description="Linear segmentation probe on a checkpoint's frozen patch features: a 1x1 "
-        "layer per patch, learning rate chosen on 10 %% of the training images, mIoU on the "
-        "test images. --cluster adds (does not replace) k-means on the test patch features, "
-        "Hungarian-matched to the classes. See docs/dense.md.")
+def register(p: argparse.ArgumentParser) -> None:
+    """The options of `sere segment`."""
+    # a description is printed as written (only option help goes through %-formatting)
+    p.description = ("Linear segmentation probe on a checkpoint's frozen patch features: a 1x1 "
+                     "layer per patch, learning rate chosen on 10 % of the training images, mIoU "
+                     "on the test images. --cluster adds (does not replace) k-means on the test "
+                     "patch features, Hungarian-matched to the classes. See docs/dense.md.")
     p.add_argument("checkpoint", nargs="?", help="a `sere pretrain` checkpoint")
     p.add_argument("--checkpoint", dest="checkpoint_flag", default=None,
                    help="the same, as a flag (like the other commands); default: the "
@@ -290,42 +287,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_segment)
 
 
-def cmd_scenes(args: argparse.Namespace) -> int:
-    """`sere scenes`: write Fashion-MNIST scenes as a dense folder (with classes.txt)."""
-    root = Path(args.output)
-    images = root / "images"
-    if images.is_dir() and any(images.iterdir()):
-        raise SereError(f"{images} already holds files: choose an empty or new --output folder")
-    if args.count < 1:
-        raise SereError(f"--count must be at least 1, got {args.count}")
-    seed = args.seed if args.seed is not None else (0 if args.split == "train" else 1)
-    source = fashion_mnist_scenes(args.fashion_mnist_dir, args.split == "train", args.count,
-                                  SceneSpec(size=args.size), seed)
-    write_dense_folder(source, root)
-    write_text(root / CLASS_FILE, "\n".join(SCENE_CLASSES) + "\n")
-    print(f"wrote {args.count} {args.size} px {args.split} scenes (seed {seed}) to {root}/images "
-          f"and {root}/masks (classes 0..{len(SCENE_CLASSES) - 1}: {root / CLASS_FILE})")
-    return 0
-
-
-def register_scenes(sub: argparse._SubParsersAction) -> None:
-    """Add `sere scenes`."""
-    p = sub.add_parser("scenes",
-                       help="write Fashion-MNIST scenes (images and masks) as a dense folder")
-    p.add_argument("--output", required=True, help="folder to create (images/, masks/, "
-                   f"{CLASS_FILE})")
-    p.add_argument("--split", choices=("train", "test"), default="train",
-                   help="which Fashion-MNIST items the scenes are made of")
-    p.add_argument("--count", type=int, default=1000, help="number of scenes")
-    p.add_argument("--size", type=int, default=SceneSpec.size, help="canvas side in pixels "
-                   "(at least 36, the largest item side)")
-    p.add_argument("--seed", type=int, default=None, help="scene seed; default 0 for train, 1 "
-                   "for test (the scenes of `sere segment --fashion-mnist-scenes`)")
-    p.add_argument("--fashion-mnist-dir", default=None,
-                   help="folder of Fashion-MNIST IDX files (default: the system package)")
-    p.set_defaults(func=cmd_scenes)
-
-
 PICTURE_PROBE = ProbeSettings(lrs=(3e-3, 1e-2, 3e-2), epochs=5)  # quick, for pictures only
 PICTURE_TRAIN = 1000  # training images of the pictures' probe
 
@@ -346,8 +307,7 @@ def picture_pair(args: argparse.Namespace, size: int, in_chans: int) -> DensePai
                      dense.stems[:args.count])
     rest = DenseSet(dense.images[args.count:], dense.masks[args.count:], dense.num_classes,
                     dense.stems[args.count:])
-    return DensePair(subset(rest, PICTURE_TRAIN), drawn,
-                     folder_class_names(Path(args.dense), dense.num_classes), str(args.dense))
+    return DensePair(subset(rest, PICTURE_TRAIN), drawn, dense.names(), str(args.dense))
 
 
 def draw_dense(args: argparse.Namespace) -> Path:

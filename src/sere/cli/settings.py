@@ -1,5 +1,5 @@
-"""`sere config`: every setting with its default and meaning, or the resolved configuration of a
-`sere pretrain` command line."""
+"""`sere config`: every setting (pretraining's, then fine-tuning's) with its default and
+meaning, or the resolved configuration of a `sere pretrain` command line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from sere.cli.config_keys import listing
 from sere.cli.pretrain import add_config_flags, pretrain_config
 from sere.config import Config
 from sere.errors import SereError
+from sere.finetune.config import FinetuneConfig
+
+FINETUNE_HEADING = ("sere finetune: its own settings (--config finetune_demo, finetune_vit_small "
+                    "or finetune_vit_base, and key=value on its command line)")
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -21,16 +25,15 @@ def cmd_config(args: argparse.Namespace) -> int:
             raise SereError("sere config --list takes no --config, --resume or key=value "
                             "settings; use --show to see a resolved configuration")
         print(listing(Config()))
+        print(f"\n\n{FINETUNE_HEADING}\n\n{listing(FinetuneConfig())}")
         return 0
     cfg = pretrain_config(args)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sere config`."""
-    p = sub.add_parser("config", help="list every setting with its default and meaning, or show "
-                       "the configuration a pretrain command line resolves to")
+def register(p: argparse.ArgumentParser) -> None:
+    """The options of `sere config`."""
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--list", action="store_true",
                       help="every key, its default, type and meaning")

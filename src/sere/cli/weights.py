@@ -26,10 +26,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_export(subparsers: argparse._SubParsersAction) -> None:
-    """Add `sere export` to the `sere` command's subparsers."""
-    p = subparsers.add_parser("export", help="write a backbone as timm weights "
-                              "(model.safetensors + config.json) and a plain backbone.pth")
+def register_export(p: argparse.ArgumentParser) -> None:
+    """The options of `sere export`."""
     p.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     p.add_argument("--output", required=True, help="folder to write the export into")
@@ -61,10 +59,8 @@ def cmd_import_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_import_check(subparsers: argparse._SubParsersAction) -> None:
-    """Add `sere import-check` to the `sere` command's subparsers."""
-    p = subparsers.add_parser("import-check", help="dry run: load pretrained weights into the "
-                              "configured model and list missing/unexpected tensors")
+def register_import_check(p: argparse.ArgumentParser) -> None:
+    """The options of `sere import-check`."""
     p.add_argument("--weights", required=True, help="sere checkpoint, sere export folder, timm "
                    "state dict, SERE/iBOT/DINO checkpoint, or DINOv2/DINOv3 weights as Meta or "
                    "Hugging Face publish them (with model.backbone=<timm name>)")

@@ -8,9 +8,58 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from sere.config import Config
 from sere.data.datasets import FashionMNISTSource, ImageFolderSource, ImageSource, SyntheticSource
 from sere.errors import SereError
+
+
+UNKNOWN_CLASSES = ("error", "wrong")  # what a test class that training never names does
+# The label of a test image whose class training never names, when asked to score it as wrong:
+# no classifier predicts it, and it is cross-entropy's default ignore_index.
+UNKNOWN_LABEL = -100
+
+
+def class_mapping(train_classes: tuple[str, ...] | list[str],
+                  test_classes: tuple[str, ...] | list[str], unknown: str = "error",
+                  option: str | None = "--unknown-classes wrong") -> Tensor:
+    """The training index of every test class, matched by name: int64 (len(test_classes),).
+
+    The one place where a test set's classes meet the training set's (k-NN, the linear probe,
+    segmentation and fine-tuning): folders number their classes by their own sorted names, so a
+    test folder with a subset, a superset or another order of the training classes numbers
+    them differently. A test class the training set does not name is an error naming it, or,
+    with `unknown="wrong"`, maps to `UNKNOWN_LABEL` (its images count as wrong).
+
+    Args:
+        train_classes, test_classes: class names, in each set's own label order.
+        unknown: "error" or "wrong".
+        option: how the user asks for "wrong" (a flag or a config key), for the error; None
+            where the caller offers no such choice.
+    """
+    if unknown not in UNKNOWN_CLASSES:
+        raise SereError(f"unknown classes {unknown!r}: choose one of {', '.join(UNKNOWN_CLASSES)}")
+    index = {name: i for i, name in enumerate(train_classes)}
+    unseen = [name for name in test_classes if name not in index]
+    if unseen and unknown == "error":
+        more = f" (and {len(unseen) - 1} more: {', '.join(unseen[1:6])})" if len(unseen) > 1 else ""
+        hint = f", or {option} to score its images as wrong" if option else ""
+        raise SereError(f"test class {unseen[0]!r}{more} is not among the {len(train_classes)} "
+                        f"training classes ({', '.join(list(train_classes)[:10])}); give a "
+                        f"training set with it{hint}")
+    return torch.tensor([index.get(name, UNKNOWN_LABEL) for name in test_classes],
+                        dtype=torch.int64)
+
+
+def map_labels(labels: Tensor, mapping: Tensor) -> Tensor:
+    """Test labels (N,) on the training numbering through `class_mapping`'s `mapping`;
+    unlabelled images (label -1) stay -1."""
+    out = labels.clone()
+    known = out >= 0
+    out[known] = mapping[out[known]]
+    return out
 
 
 def labelled_sources(in_chans: int, train_dir: str | Path | None = None,

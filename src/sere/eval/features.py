@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from sere.data.datasets import ImageSource, UnreadableImage
 from sere.data.loader import loader_batches
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
+from sere.runtime.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,8 @@ def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch
     feats, labels = [], []
     try:
         # loader_batches: a worker's error is one line and its workers are shut down at once
-        for x, y in tqdm(loader_batches(loader), desc=desc, unit="batch", leave=False,
-                         total=len(loader), disable=not logger.isEnabledFor(logging.INFO)):
+        for x, y in progress_bar(loader_batches(loader), desc=desc, unit="batch", leave=False,
+                                 total=len(loader)):
             f = batch_features(backbone, x.to(device), kind).float()
             feats.append((F.normalize(f, dim=-1) if normalize else f).to("cpu", dtype))
             labels.append(torch.as_tensor(y, dtype=torch.int64))

@@ -12,7 +12,7 @@ import torch
 
 from sere.config import Config
 from sere.data.datasets import ImageSource, subset_indices
-from sere.data.labelled import pretraining_eval_sources
+from sere.data.labelled import UNKNOWN_LABEL, class_mapping, map_labels, pretraining_eval_sources
 from sere.errors import SereError
 from sere.eval.feature_cache import cached_features
 from sere.eval.knn_classifier import knn_classify_many, top1_accuracy
@@ -43,17 +43,21 @@ class FeatureCacheSpec:
 def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: ImageSource,
              device: torch.device, max_train: int | None = None, max_test: int | None = None,
              num_workers: int = 0, ks: tuple[int, ...] = (),
-             cache: FeatureCacheSpec | None = None) -> KnnResult:
+             cache: FeatureCacheSpec | None = None,
+             unknown_classes: str = "error") -> KnnResult:
     """Extract features of both sets with `backbone` and classify the test set by k-NN.
 
     Images are resized to `cfg.data.global_crop_size`; `cfg.eval` gives k, the temperature and
     which features to use; `ks` adds more neighbour counts to report. With `cache`, each set's
     features are read from (or written to) a file keyed by the weights, the images and the
-    settings, so that asking again with other k costs no backbone pass.
+    settings, so that asking again with other k costs no backbone pass. Test classes meet the
+    training classes by name (`sere.data.labelled.class_mapping`); one that training does not
+    name is an error, or with `unknown_classes="wrong"` its images count as wrong.
     """
     if len(train.classes) == 0:
         raise SereError("the k-NN training set has no labels (put images in one sub-folder per "
                         "class)")
+    mapping = class_mapping(train.classes, test.classes, unknown_classes)
     e = cfg.eval
     folder, model_key = (cache.folder, cache.model_key) if cache is not None else (None, "")
     sets = [cached_features(backbone, model_key, cfg, source,
@@ -62,10 +66,13 @@ def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: Image
                             purpose="k-NN").split
             for name, source, limit in (("train", train, max_train), ("test", test, max_test))]
     (train_f, train_y), (test_f, test_y) = ((s.features, s.labels) for s in sets)
-    unseen = set(test_y.tolist()) - set(train_y.tolist())
+    test_y = map_labels(test_y, mapping)
+    unseen = set(test_y.tolist()) - set(train_y.tolist()) - {UNKNOWN_LABEL}
     if unseen:
-        raise SereError(f"test classes {sorted(unseen)} never occur in the training set; "
-                        "k-NN cannot predict them")
+        names = [train.classes[c] if 0 <= c < len(train.classes) else str(c)
+                 for c in sorted(unseen)]
+        raise SereError(f"test classes {names} have no images among the training images used; "
+                        "k-NN cannot predict them (raise --max-train)")
     all_ks = tuple(sorted({e.k, *ks}))
     scores = knn_classify_many(train_f, train_y, test_f, all_ks, temperature=e.temperature,
                                num_classes=len(train.classes))

@@ -40,11 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sere.data.labelled import UNKNOWN_LABEL
 from sere.errors import SereError
 from sere.eval.features import FeatureSplit
 
 NORMS = ("batchnorm", "none")
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # per 256 images
+TOP5 = 5  # top-5 is reported only with at least this many classes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ class LinearResult:
     best_lr: float  # per 256 images
     val_top1: float  # percent, of the chosen rate
     test_top1: float  # percent
-    test_top5: float  # percent (top-min(5, K))
+    test_top5: float | None  # percent; None with fewer than 5 classes (top-5 would be 100 %)
     rows: list[LrRow]
     features: str  # "cls" or "cls4_avgpool"
     norm: str  # "batchnorm" or "none"
@@ -231,14 +233,15 @@ class LinearResult:
 
 
 def check_labels(train: FeatureSplit, test: FeatureSplit) -> None:
-    """Refuse unlabelled sets and test classes that the training set never shows."""
+    """Refuse unlabelled sets and test classes that the training set never shows (test images
+    labelled `UNKNOWN_LABEL`, a class training does not name, are scored as wrong)."""
     if len(train.labels) == 0 or bool((train.labels < 0).any()):
         raise SereError("the linear probe's training set has unlabelled images; give a labelled "
                         "set (an image folder with one sub-folder per class)")
-    if len(test.labels) == 0 or bool((test.labels < 0).any()):
+    if len(test.labels) == 0 or bool(((test.labels < 0) & (test.labels != UNKNOWN_LABEL)).any()):
         raise SereError("the linear probe's test set has unlabelled images; give a labelled set "
                         "(an image folder with one sub-folder per class)")
-    unseen = sorted(set(test.labels.tolist()) - set(train.labels.tolist()))
+    unseen = sorted(set(test.labels.tolist()) - set(train.labels.tolist()) - {UNKNOWN_LABEL})
     if unseen:
         raise SereError(f"test classes {unseen} never occur in the training images; the probe "
                         "cannot learn them: use a training set with every test class (or raise "
@@ -267,7 +270,7 @@ def run_probe(train: FeatureSplit, test: FeatureSplit, num_classes: int | None =
     """
     check_labels(train, test)
     classes = int(train.labels.max()) + 1 if num_classes is None else num_classes
-    if int(max(train.labels.max(), test.labels.max())) >= classes:
+    if int(max(train.labels.max(), test.labels.max())) >= classes:  # UNKNOWN_LABEL is < 0
         raise SereError(f"labels go up to {int(max(train.labels.max(), test.labels.max()))} "
                         f"but there are {classes} classes")
     fit_idx, val_idx = split_train_val(train.labels, val_fraction, seed)
@@ -299,11 +302,11 @@ def run_probe(train: FeatureSplit, test: FeatureSplit, num_classes: int | None =
         test_logits = classifier.logits(test.features)  # (N_test, K)
     result = LinearResult(
         best_lr=rows[best].lr, val_top1=rows[best].val_top1,
-        test_top1=topk_accuracy(test_logits, test.labels, 1),
-        test_top5=topk_accuracy(test_logits, test.labels, 5), rows=rows, features=features,
-        norm=norm, feature_dim=train.features.shape[1], num_classes=classes,
-        fit_images=len(fit_idx), val_images=len(val_idx), test_images=len(test.labels),
-        epochs=epochs, batch_size=batch_size)
+        test_top1=topk_accuracy(test_logits, test.labels, 1), test_top5=(
+            topk_accuracy(test_logits, test.labels, TOP5) if classes >= TOP5 else None),
+        rows=rows, features=features, norm=norm, feature_dim=train.features.shape[1],
+        num_classes=classes, fit_images=len(fit_idx), val_images=len(val_idx),
+        test_images=len(test.labels), epochs=epochs, batch_size=batch_size)
     return result, classifier
 
 
@@ -326,30 +329,3 @@ def save_linear(out_dir: str | Path, result: LinearResult,
               metadata={"features": result.features, "best_lr": repr(result.best_lr)})
     result_path.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=True) + "\n")
     return weights_path, result_path
-
-
-# ---------------------------------------------------------------------------------------------
-# Class names of two image sources.
-
-
-def align_test_labels(train_classes: tuple[str, ...], test_classes: tuple[str, ...],
-                      test_labels: Tensor) -> Tensor:
-    """Map test labels (indices into `test_classes`) to indices into `train_classes`.
-
-    Image folders number their classes by their own sorted sub-folder names, so a test folder
-    with fewer classes numbers them differently; this puts both on the training numbering.
-    Raises SereError naming the test classes that the training set does not have.
-    """
-    if tuple(test_classes) == tuple(train_classes):
-        return test_labels
-    unseen = [name for name in test_classes if name not in train_classes]
-    if unseen:
-        raise SereError(f"test classes {unseen[:10]} are not among the training classes "
-                        f"{list(train_classes)[:10]}; the probe cannot learn them: give a "
-                        "training folder with a sub-folder for every test class")
-    mapping = torch.tensor([train_classes.index(name) for name in test_classes],
-                           dtype=torch.int64)
-    out = test_labels.clone()
-    labelled = out >= 0
-    out[labelled] = mapping[out[labelled]]
-    return out

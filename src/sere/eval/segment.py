@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
 from sere.errors import SereError
@@ -188,6 +187,8 @@ def linear_segmentation(train_features: Tensor, train_masks: Tensor, test_featur
 def kmeans_clusters(features: Tensor, num_clusters: int, seed: int = 0,
                     max_fit_patches: int = 100_000) -> Tensor:
     """int64 (N, h, w) cluster of every patch of features (N, h, w, D), L2-normalised."""
+    from sklearn.cluster import KMeans  # scikit-learn is slow to import: only for k-means
+
     n, h, w, d = features.shape
     x = F.normalize(features.float().reshape(n * h * w, d), dim=1)  # (N h w, D)
     g = torch.Generator().manual_seed(seed)

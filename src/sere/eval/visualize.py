@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sere.data.datasets import ImageSource, UnreadableImage
 from sere.losses.relation import channel_relation, spatial_relation
 from sere.models.backbone import ViTBackbone
 from sere.models.network import SERENetwork
@@ -88,6 +89,33 @@ class Pictures:
     overview: Path  # per image: input, attention per head, relation of a query, PCA colours
     channel_relation: Path | None
     embedding: Path | None = None  # t-SNE of [CLS] features by label
+    skipped: list[str] = field(default_factory=list)  # unreadable images passed over
+
+
+@dataclass
+class Readable:
+    """The indices of a source's images that decode, and the unreadable ones passed over."""
+
+    indices: list[int]
+    skipped: list[str]  # `source.describe(i)` of each unreadable image
+
+
+def readable_indices(source: ImageSource, candidates: list[int],
+                     want: int | None = None) -> Readable:
+    """The first `want` (all when None) of `candidates` that decode; an unreadable image is
+    passed over and named, as training skips it, so one bad file does not end the pictures."""
+    kept: list[int] = []
+    skipped: list[str] = []
+    for index in candidates:
+        if want is not None and len(kept) >= want:
+            break
+        try:
+            source[index]
+        except UnreadableImage:
+            skipped.append(source.describe(index))
+            continue
+        kept.append(index)
+    return Readable(kept, skipped)
 
 
 def _show_image(ax, image: Tensor, mean: Tensor, std: Tensor) -> None:

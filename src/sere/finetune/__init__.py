@@ -14,23 +14,30 @@ and trains all of it. Modules, each named for what it holds:
 * `command`: what `sere finetune` runs (the parser lives in `sere.cli`).
 """
 
-from sere.finetune.command import DEFAULT_PRESET, finetune_from_files, summary_lines
-from sere.finetune.config import (
-    FinetuneConfig,
-    FinetuneDataConfig,
-    FinetuneModelConfig,
-    FinetuneOptimConfig,
-    FinetuneTrainConfig,
-    load_finetune_config,
-    validate_finetune,
-)
-from sere.finetune.evaluate import EvalResult, evaluate
-from sere.finetune.model import build_classifier
-from sere.finetune.trainer import Finetuner, FinetuneResult
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_PRESET", "EvalResult", "FinetuneConfig", "FinetuneDataConfig",
-    "FinetuneModelConfig", "FinetuneOptimConfig", "FinetuneResult", "FinetuneTrainConfig",
-    "Finetuner", "build_classifier", "evaluate", "finetune_from_files", "load_finetune_config",
-    "summary_lines", "validate_finetune",
-]
+import importlib
+from typing import Any
+
+# public name -> its module, imported on first use (PEP 562), so that reading the settings
+# (`sere config --list`) does not import torch and timm
+_EXPORTS = {
+    "DEFAULT_PRESET": "command", "finetune_from_files": "command", "summary_lines": "command",
+    "FinetuneConfig": "config", "FinetuneDataConfig": "config", "FinetuneModelConfig": "config",
+    "FinetuneOptimConfig": "config", "FinetuneTrainConfig": "config",
+    "load_finetune_config": "config", "validate_finetune": "config",
+    "EvalResult": "evaluate", "evaluate": "evaluate", "build_classifier": "model",
+    "Finetuner": "trainer", "FinetuneResult": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """`sere.finetune.<name>` for a public name, imported from its module on first use."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sere.finetune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sere.finetune.{module}"), name)
+    globals()[name] = value
+    return value

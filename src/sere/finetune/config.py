@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from timm.data.auto_augment import rand_augment_transform
 
-from sere.config import load_settings
+from sere.config import check_dataset_keys, load_settings
 from sere.errors import SereError
 
 
@@ -29,9 +28,12 @@ from sere.errors import SereError
 class FinetuneDataConfig:
     """Labelled images and how they are cropped."""
 
+    # labelled images: two image folders, Fashion-MNIST's splits, or generated patterns
     dataset: Literal["folder", "fashion_mnist", "synthetic"] = "folder"
     train_path: str | None = None  # folder: labelled training images, one sub-folder per class
-    test_path: str | None = None  # folder: labelled test images with the same sub-folders
+    test_path: str | None = None  # folder: labelled test images, classes matched by name
+    # a test class that the training set lacks: "error", or "wrong" to score its images as wrong
+    unknown_classes: Literal["error", "wrong"] = "error"
     path: str | None = None  # fashion_mnist: folder of the IDX files (None: the system package)
     image_size: int = 224  # side fed to the network, a multiple of the patch size
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop, fraction of the area
@@ -54,16 +56,16 @@ class FinetuneModelConfig:
 class FinetuneOptimConfig:
     """AdamW, layer decay, the schedule and the regularisers."""
 
-    epochs: int = 100
+    epochs: int = 100  # passes over the training images, each followed by a test
     batch_size: int = 128  # images per step (even when Mixup / CutMix is on)
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256  # images per test batch
     lr: float = 5e-4  # peak lr per 256 images: peak = lr * batch_size / 256
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
+    min_lr: float = 1e-6  # the cosine schedule's final lr
+    warmup_epochs: float = 5.0  # linear warm-up from 0 to the peak lr, in epochs
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
     layer_decay: float = 0.75  # lr scale per block from the top; 1 turns layer decay off
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
+    drop_path: float = 0.1  # stochastic depth rate of the last block (linear in depth)
+    label_smoothing: float = 0.1  # label smoothing of the targets (of Mixup / CutMix ones too)
     mixup: float = 0.8  # Mixup alpha; 0 turns Mixup off
     cutmix: float = 1.0  # CutMix alpha; 0 turns CutMix off
     mixup_prob: float = 1.0  # probability that a batch is mixed at all
@@ -77,9 +79,9 @@ class FinetuneOptimConfig:
 class FinetuneTrainConfig:
     """How the run is executed and what it writes."""
 
-    output_dir: str = "runs/finetune"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs/finetune"  # run folder: finetune.jsonl, result.json, finetuned.pt
+    seed: int = 0  # the head's initialisation, the batch order and the augmentations
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     threads: int | None = None  # torch CPU threads; None leaves PyTorch's default
     num_workers: int = 4  # DataLoader worker processes
     # auto: fp16 with a gradient scaler on GPUs; on the CPU bf16 where native, else fp32
@@ -122,6 +124,9 @@ def check_rand_augment(text: str | None) -> None:
     """Refuse a RandAugment string that timm would reject or silently misread."""
     if not text:
         return
+    from timm.data.auto_augment import rand_augment_transform  # timm is slow to import
+
+
     parts = text.split("-")
     _require(parts[0] == "rand" and all(RAND_AUGMENT_SECTION.match(p) for p in parts[1:]),
              f"optim.rand_augment = {text!r} is not a RandAugment string; write it like "
@@ -149,8 +154,20 @@ def _require(ok: bool, message: str) -> None:
         raise SereError(message)
 
 
+# Fine-tuning's `data.*` settings that only some data sets read: key -> the data sets that do.
+DATASET_KEYS = {
+    "train_path": ("folder",),
+    "test_path": ("folder",),
+    "unknown_classes": ("folder",),
+    "path": ("fashion_mnist",),
+    "synthetic_images": ("synthetic",),
+    "synthetic_size": ("synthetic",),
+}
+
+
 def _validate_data(d: FinetuneDataConfig) -> None:
     """The `data.*` checks of `validate_finetune`."""
+    check_dataset_keys(d, FinetuneDataConfig(), DATASET_KEYS)
     if d.dataset == "folder":
         _require(d.train_path is not None and d.test_path is not None,
                  "data.dataset=folder needs data.train_path and data.test_path: labelled folders "

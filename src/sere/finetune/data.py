@@ -17,7 +17,7 @@ from sere.data.datasets import (
     UnreadableImage,
     subset_indices,
 )
-from sere.data.labelled import labelled_sources
+from sere.data.labelled import class_mapping, labelled_sources
 from sere.errors import SereError
 from sere.finetune.config import FinetuneConfig
 from sere.finetune.transforms import test_transform, to_pil, train_transform
@@ -35,10 +35,14 @@ class FinetuneImages(torch.utils.data.Dataset):
         source: labelled uint8 images.
         transform: PIL image -> float tensor (C, S, S).
         indices: the subset of `source` used.
+        label_map: the training index of each of `source`'s labels (a test set's classes on
+            the training numbering, `sere.data.labelled.class_mapping`); None keeps them.
     """
 
-    def __init__(self, source: ImageSource, transform: Callable, indices: list[int]):
+    def __init__(self, source: ImageSource, transform: Callable, indices: list[int],
+                 label_map: Tensor | None = None):
         self.source, self.transform, self.indices = source, transform, indices
+        self.label_map = label_map
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -51,14 +55,16 @@ class FinetuneImages(torch.utils.data.Dataset):
             except UnreadableImage as err:
                 logger.warning(f"warning: skipping unreadable image {err}")
                 continue
+            if self.label_map is not None and label >= 0:
+                label = int(self.label_map[label])
             return self.transform(to_pil(image)), label
         raise SereError(f"{MAX_CONSECUTIVE_BAD_IMAGES} unreadable images in a row near "
                         f"{self.source.describe(self.indices[i])}; check the data folder")
 
 
 def build_sources(cfg: FinetuneConfig, in_chans: int) -> tuple[ImageSource, ImageSource]:
-    """The labelled (train, test) sources that `cfg.data` names (`sere.data.labelled`), an
-    image folder pair checked to share its classes."""
+    """The labelled (train, test) sources that `cfg.data` names (`sere.data.labelled`); an
+    image folder's test classes meet the training classes by name in `build_data`."""
     d = cfg.data
     if d.dataset == "synthetic":
         return (SyntheticSource(d.synthetic_images, d.synthetic_size, in_chans, seed=0),
@@ -70,10 +76,9 @@ def build_sources(cfg: FinetuneConfig, in_chans: int) -> tuple[ImageSource, Imag
     if not train.classes:
         raise SereError(f"data.train_path {d.train_path} has no classes: put the images in "
                         "one sub-folder per class")
-    if tuple(test.classes) != tuple(train.classes):
-        raise SereError(f"data.test_path {d.test_path} has other class folders than "
-                        f"data.train_path ({len(test.classes)} vs {len(train.classes)}); "
-                        "both need the same sub-folder names")
+    if not test.classes:
+        raise SereError(f"data.test_path {d.test_path} has no classes: put the images in "
+                        "one sub-folder per class")
     return train, test
 
 
@@ -89,13 +94,17 @@ class FinetuneData:
 def build_data(cfg: FinetuneConfig, in_chans: int, mean: tuple[float, ...],
                std: tuple[float, ...]) -> FinetuneData:
     """The sets `cfg.data` names, normalised with the pretraining run's `mean` / `std`; the
-    `data.max_images` / `data.max_test_images` subsets are fixed (seeds 0 and 1)."""
+    `data.max_images` / `data.max_test_images` subsets are fixed (seeds 0 and 1); test labels
+    are put on the training numbering by class name (`data.unknown_classes` says what a test
+    class that training lacks does)."""
     d = cfg.data
     train_source, test_source = build_sources(cfg, in_chans)
+    label_map = class_mapping(train_source.classes, test_source.classes, d.unknown_classes,
+                              option="data.unknown_classes=wrong")
     train = FinetuneImages(train_source, train_transform(cfg, mean, std),
                            subset_indices(len(train_source), d.max_images, seed=0))
     test = FinetuneImages(test_source, test_transform(cfg, mean, std),
-                          subset_indices(len(test_source), d.max_test_images, seed=1))
+                          subset_indices(len(test_source), d.max_test_images, seed=1), label_map)
     return FinetuneData(train, test, tuple(train_source.classes))
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from sere.errors import SereError
 from sere.finetune.config import FinetuneConfig, validate_finetune
@@ -33,13 +32,17 @@ from sere.finetune.optim import LrSchedule, build_optimizer, set_lr
 from sere.finetune.outputs import (
     CHECKPOINT_NAME,
     RESULTS_NAME,
+    LOG_NAME,
     RunLog,
+    refuse_used_folder,
     start_run_folder,
     write_results,
 )
+from sere.finetune.state import STATE_NAME, cut_log, restore_state, save_state
 from sere.io.checkpoint import FINETUNE_KIND, save_checkpoint
 from sere.io.weights import load_backbone
 from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
+from sere.runtime.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class FinetuneResult:
     """What a fine-tuning run leaves behind."""
 
     top1: float  # test top-1 (percent) after the last epoch
-    top5: float
+    top5: float | None  # None with fewer than 5 classes
     best_top1: float  # the best epoch's test top-1
     best_epoch: int  # 1-based
     epochs: int
@@ -61,7 +64,7 @@ class FinetuneResult:
     seconds: float
     output_dir: Path
     checkpoint: Path  # finetuned.pt
-    results: Path  # results.json
+    results: Path  # result.json
     history: list[dict] = field(default_factory=list)  # the per-epoch records
 
 
@@ -73,12 +76,17 @@ class Finetuner:
         checkpoint: a `sere pretrain` checkpoint.
         random_init: train a randomly initialised network of the same shape instead.
         which: the checkpoint's "teacher" (default) or "student" backbone.
+        resume: continue the run in `train.output_dir` after its last finished epoch
+            (`sere.finetune.state`); without it a used folder is refused.
     """
 
     def __init__(self, cfg: FinetuneConfig, checkpoint: str | Path, random_init: bool = False,
-                 which: str = "teacher"):
+                 which: str = "teacher", resume: bool = False):
         validate_finetune(cfg)
+        if not resume:
+            refuse_used_folder(Path(cfg.train.output_dir))  # before any work, as pretraining
         self.cfg, self.checkpoint_path, self.random_init = cfg, Path(checkpoint), random_init
+        self.resume = resume
         d, o, t = cfg.data, cfg.optim, cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -156,7 +164,8 @@ class Finetuner:
     def run(self) -> FinetuneResult:
         """Train for `optim.epochs`, evaluating after each; write the logs, checkpoint, results."""
         o, workers = self.cfg.optim, self.cfg.train.num_workers
-        log = start_run_folder(self.output_dir, self.cfg.to_dict())
+        done, history = self._start_folder()
+        log = RunLog(self.output_dir / LOG_NAME)
         what = "random init" if self.random_init else f"{self.checkpoint_path}"
         logger.info(f"fine-tuning {what}: {len(self.train_set)} train / {len(self.test_set)} "
                     f"test images, {self.num_classes} classes, {o.epochs} epochs x "
@@ -167,8 +176,9 @@ class Finetuner:
                                    self.shuffle)
         test_loader = make_loader(self.test_set, o.eval_batch_size, False, workers, self.device)
         start = time.perf_counter()
-        history = [self._epoch(epoch, train_loader, test_loader, log, start)
-                   for epoch in range(o.epochs)]
+        for epoch in range(done, o.epochs):
+            history.append(self._epoch(epoch, train_loader, test_loader, log, start))
+            save_state(self.output_dir / STATE_NAME, self._state_parts(), epoch + 1, history)
         seconds = time.perf_counter() - start
         checkpoint = self._save_classifier(history[-1])
         result = self._result(history, seconds, checkpoint)
@@ -177,13 +187,33 @@ class Finetuner:
                                        "config": self.cfg.to_dict()})
         return result
 
+    def _state_parts(self) -> dict:
+        """What `sere.finetune.state` saves and restores."""
+        return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
+                "shuffle": self.shuffle, "config": self.cfg.to_dict(),
+                "source": "random init" if self.random_init else str(self.checkpoint_path)}
+
+    def _start_folder(self) -> tuple[int, list[dict]]:
+        """A fresh folder (0 epochs done), or the resumed run's epochs done and records."""
+        if not self.resume:
+            start_run_folder(self.output_dir, self.cfg.to_dict())
+            return 0, []
+        done, history = restore_state(self.output_dir / STATE_NAME, self._state_parts())
+        if done >= self.cfg.optim.epochs:
+            raise SereError(f"{self.output_dir} has finished all {done} epochs; nothing to "
+                            "resume (fine-tune into another train.output_dir for a new run)")
+        cut_log(self.output_dir / LOG_NAME, done)
+        self.step = done * self.steps_per_epoch
+        logger.info(f"resuming {self.output_dir} after epoch {done} (step {self.step})")
+        return done, history
+
     def _epoch(self, epoch: int, train_loader: torch.utils.data.DataLoader,
                test_loader: torch.utils.data.DataLoader, log: RunLog, start: float) -> dict:
         """Train one epoch (a step line every `train.log_every` steps), test, log the epoch."""
         o, log_every = self.cfg.optim, self.cfg.train.log_every
         self.model.train()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step",
-                   leave=False, disable=not logger.isEnabledFor(logging.INFO))
+        bar = progress_bar(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{o.epochs}",
+                           unit="step", leave=False)
         tick, images, loss_sum, losses = time.perf_counter(), 0, 0.0, 0
         window_tick, window_images = tick, 0
         for x, y in train_loader:
@@ -208,9 +238,9 @@ class Finetuner:
                   "test_loss": test.loss, "images_per_s": images / max(train_seconds, 1e-9),
                   "elapsed_s": time.perf_counter() - start}
         log.write(record)
+        top5 = "" if test.top5 is None else f" (top-5 {test.top5:.1f} %)"
         logger.info(f"epoch {epoch + 1}/{o.epochs}: train loss {record['train_loss']:.3f}, test "
-                    f"top-1 {test.top1:.1f} % (top-5 {test.top5:.1f} %), "
-                    f"{record['images_per_s']:.0f} img/s")
+                    f"top-1 {test.top1:.1f} %{top5}, {record['images_per_s']:.0f} img/s")
         return record
 
     def _save_classifier(self, last: dict) -> Path:

@@ -120,3 +120,34 @@ def refuse_earlier_run(folder: str | Path) -> None:
     if metrics.is_file() and metrics.read_text().strip():
         raise SereError(f"{folder} holds metrics.jsonl of an earlier run (no checkpoint to "
                         f"resume from); {start_over}")
+
+
+def furthest_step(folder: str | Path) -> tuple[int, Path] | None:
+    """The furthest step saved in `folder` and its file: step checkpoints by their names,
+    `last.pt` by its contents (a damaged one is passed over); None when none is there."""
+    folder = Path(folder)
+    found = []
+    last = folder / "last.pt"
+    if last.is_file():
+        try:
+            found.append((int(load_checkpoint(last).get("step", -1)), last))
+        except SereError:
+            pass  # latest_valid_checkpoint warns about it when resuming with `auto`
+    found += [(checkpoint_step(p), p) for p in step_checkpoints(folder)]
+    return max(found, key=lambda f: f[0]) if found else None  # last.pt first among equals
+
+
+def refuse_rollback(folder: str | Path, resumed: Path, step: int) -> None:
+    """Raise SereError when resuming `resumed` (at `step`) into `folder` would roll the folder
+    back: a later step is saved there, which the resumed run would overwrite (`last.pt`, the
+    later lines of `metrics.jsonl`). The error names both steps and how to branch instead."""
+    furthest = furthest_step(folder)
+    if furthest is None or furthest[0] <= step:
+        return
+    branch = Path(folder).parent / f"{Path(folder).name}-from-{step}"
+    raise SereError(
+        f"{resumed} is at step {step} but {folder} already holds step {furthest[0]} "
+        f"({furthest[1].name}); resuming it there would roll the run back. Continue the run "
+        f"with --resume auto, or branch from step {step} into a new folder: mkdir {branch} && "
+        f"cp {resumed} {branch}/ and resume there with train.output_dir={branch} "
+        f"--resume {branch / resumed.name}")

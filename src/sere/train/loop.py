@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from sere.config import Config, save_config
 from sere.data.datasets import MOSTLY_BAD_MIN_READS
@@ -28,6 +27,7 @@ from sere.models.network import NetworkOutputs, build_networks
 from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
 from sere.runtime import distributed as dist_utils
 from sere.runtime.stop import StopRequest
+from sere.runtime.progress import progress_bar
 from sere.train.metrics import MetricsWriter, plot_losses
 from sere.train.monitor import CollapseStats, collapse_stats
 from sere.train.optim import (build_optimizer, cancel_last_layer_gradients, clip_per_parameter,
@@ -309,8 +309,7 @@ class Pretrainer:
         cfg = self.cfg
         images_per_step = cfg.optim.batch_size * self.dist.world_size * cfg.optim.accum_steps
         batches = self._batches()
-        bar = tqdm(total=self.total_steps, initial=self.step,
-                   disable=not (self.dist.is_main and logger.isEnabledFor(logging.INFO)),
+        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
                    unit="step", dynamic_ncols=True, desc="pretrain")
         last_losses: dict[str, float] = {}
         stop = StopRequest().install()
@@ -381,9 +380,11 @@ class Pretrainer:
         dist_utils.barrier()
 
     def _check_mostly_bad(self) -> None:
-        """Stop when more than half of the files read so far could not be decoded."""
+        """Stop when more than half of the files read so far could not be decoded (judged after
+        64 reads, or after one pass over a smaller folder)."""
         bad = len(self.skipped_images)
-        if self.images_read >= MOSTLY_BAD_MIN_READS and bad > 0.5 * self.images_read:
+        enough = min(MOSTLY_BAD_MIN_READS, len(self.dataset))
+        if self.images_read >= enough and bad > 0.5 * self.images_read:
             listing = self.output_dir / "skipped_images.txt"
             if self.dist.is_main:
                 listing.write_text("\n".join(sorted(set(self.skipped_images))) + "\n")
@@ -406,7 +407,7 @@ class Pretrainer:
             "step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, **losses,
             "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
             "teacher_temp": values.teacher_temp, "teacher_patch_temp": values.teacher_patch_temp,
-            "images_per_second": rate, "skipped_images": len(self.skipped_images),
+            "images_per_second": rate, "skipped_images": len(set(self.skipped_images)),
             "nonfinite_steps": self.nonfinite_steps,
         })
 

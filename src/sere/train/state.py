@@ -14,7 +14,7 @@ import torch
 from sere.config import Config, saved_model_settings
 from sere.errors import SereError
 from sere.io.checkpoint import (latest_valid_checkpoint, load_checkpoint, prune_checkpoints,
-                                save_checkpoint)
+                                refuse_rollback, save_checkpoint)
 from sere.runtime import distributed as dist_utils
 from sere.train.pretraining import SEREPretraining
 
@@ -142,6 +142,7 @@ def resume_run(resume: str, output_dir: Path, run: RunState, rank: int) -> Resum
         path, state = found
     else:
         path, state = Path(resume), load_checkpoint(resume)
+        refuse_rollback(output_dir, path, int(state["step"]))
     _check_model_settings(path, state, run.cfg)
     _load_weights(path, state, run)
     rng = state["rng"]
