@@ -1,10 +1,11 @@
 # make demo: set up and run the CPU demo. make test: set up and run the tests.
+# make docs: build the documentation site into site/ (mkdocs.yml), offline.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup data clean
+.PHONY: demo test test-fast setup data docs clean
 
 demo: setup data
 	$(BIN)/sere demo
@@ -26,5 +27,14 @@ $(STAMP): pyproject.toml
 data:
 	./scripts/install-fashion-mnist.sh
 
+DOCS_STAMP := $(VENV)/.docs-installed
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,docs]'
+	touch $(DOCS_STAMP)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
