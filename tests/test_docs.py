@@ -106,7 +106,7 @@ def test_readme_is_short_and_starts_with_the_two_commands():
                                                                        ["make", "test"]]
 
 
-def test_no_text_speaks_of_development_sessions():
+def test_no_text_speaks_of_how_it_was_developed():
     word = "ses" + "sion"  # spelt apart so that this file passes its own check
     tracked = subprocess.run(["git", "ls-files", "README.md", "docs", "src", "benchmarks",
                               "tests", "configs"], cwd=ROOT, capture_output=True, text=True)
