@@ -130,3 +130,20 @@ def test_documentation_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     reference = (tmp_path / "site" / "reference" / "index.html").read_text()
     assert "SEREPretraining" in reference and "forward_backward" in reference
+
+
+@pytest.mark.slow
+def test_every_python_block_of_the_api_page_runs(tmp_path, monkeypatch):
+    """docs/api.md's blocks, in page order in one namespace, from a folder whose configs/ is the
+    repository's (the page trains 2 steps of the demo's network on generated images, exports
+    the checkpoint and loads it back)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/api.md").read_text(), flags=re.S)
+    assert len(blocks) >= 10
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for number, block in enumerate(blocks):
+        exec(compile(block, f"docs/api.md, python block {number}", "exec"), namespace)
+    assert namespace["result"].step == 2
+    assert namespace["report"].missing == [] and namespace["report"].loaded
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
