@@ -59,7 +59,8 @@ def check_settings(args: argparse.Namespace) -> None:
 
 def test_the_pages_show_command_lines():
     pages = {page for page, _ in SHOWN}
-    assert {"README.md", "docs/pretraining.md", "docs/evaluation.md", "docs/weights.md"} <= pages
+    assert {"README.md", "docs/pretraining.md", "docs/settings.md", "docs/many-gpus.md",
+            "docs/resuming.md", "docs/evaluation.md", "docs/weights.md"} <= pages
     assert len(SHOWN) >= 30
 
 
