@@ -215,7 +215,7 @@ class DenseRecord:
     knn_train: int  # single items
     knn_test: int
     seconds_per_step: float | None  # median over logged intervals; None for the floor
-    pretrain_seconds: float  # wall time of pretraining, over all sessions
+    pretrain_seconds: float  # wall time of pretraining, summed over invocations
     segment_seconds: float  # wall time of `sere segment`
     knn_seconds: float  # wall time of the k-NN evaluation
     wall_seconds: float  # all three together

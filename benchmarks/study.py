@@ -206,7 +206,7 @@ class RunRecord:
     train_images: int  # labelled training images of the final evaluation
     test_images: int
     seconds_per_step: float | None  # median over logged intervals; None for the floor
-    pretrain_seconds: float  # wall time of pretraining, over all sessions
+    pretrain_seconds: float  # wall time of pretraining, summed over invocations
     eval_seconds: float  # wall time of the final evaluation
     wall_seconds: float  # the two together
     knn_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, top-1 %)

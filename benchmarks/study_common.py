@@ -5,7 +5,7 @@ rule, tables, bar plots and the resumable loop over runs.
 Fashion-MNIST scenes) import this module; each keeps only what is its own (recipe, evaluation,
 record fields, table wording). A study's output folder holds one folder per (method, seed),
 `OUTPUT/<method>/seed<k>/`, with `results.json` once the run is finished, `study_run.json` (the
-settings the folder was made with) and `timing.json` (wall seconds summed over sessions).
+settings the folder was made with) and `timing.json` (wall seconds summed over invocations).
 """
 
 from __future__ import annotations
@@ -174,8 +174,8 @@ def read_timing(folder: Path) -> dict[str, float]:
 def add_seconds(folder: Path, key: str, seconds: float) -> None:
     """Add `seconds` to the running total `key` of a run folder's timing.json.
 
-    Sessions that end normally, by a signal or by Ctrl-C are counted; a hard kill loses its
-    session's time.
+    Invocations that end normally, by a signal or by Ctrl-C are counted; a hard kill loses
+    that invocation's time.
     """
     timing = read_timing(folder)
     timing[key] = timing.get(key, 0.0) + seconds
@@ -185,8 +185,8 @@ def add_seconds(folder: Path, key: str, seconds: float) -> None:
 def pretrain_to_end(folder: Path, cfg: Config, steps: int,
                     evaluate: PeriodicEval | None = None) -> Path | None:
     """The last checkpoint of a run pretrained to `steps`: trains (resuming from the newest
-    checkpoint, `resume="auto"`) unless `folder/last.pt` already holds that step. Adds the
-    session's wall time to `pretrain_seconds` in timing.json. None when a signal stopped it."""
+    checkpoint, `resume="auto"`) unless `folder/last.pt` already holds that step. Adds this
+    invocation's wall time to `pretrain_seconds` in timing.json. None when a signal stopped it."""
     last = Path(folder) / "last.pt"
     if checkpoint_step(last) == steps:
         return last
@@ -216,7 +216,7 @@ def seconds_per_step(metrics_path: Path, images_per_step: int) -> float:
     """Median seconds per step over the logged intervals (`images_per_second` records).
 
     The median ignores the few intervals that also hold a periodic k-NN, a checkpoint or a
-    resumed session's start-up.
+    resumed invocation's start-up.
     """
     rates = [r["images_per_second"] for r in read_metrics(metrics_path)
              if r.get("images_per_second", 0) > 0]
@@ -488,7 +488,7 @@ def plot_final(records: list[Any], rows: list[MethodSummary], metrics: Sequence[
 def estimate_seconds(key: str, measured: list[float], run_seconds: float,
                      floor_seconds: float) -> float:
     """Seconds one more run of `key` is expected to take: the mean of the pretraining runs done
-    in this session when there are some, else the a priori `run_seconds` (`floor_seconds` for
+    by this invocation when there are some, else the a priori `run_seconds` (`floor_seconds` for
     the floor)."""
     if key == FLOOR:
         return floor_seconds
@@ -513,8 +513,8 @@ def run_pending(todo: list[tuple[str, int]], steps: int, total: int, output: Pat
     signal stopped a run (the caller writes no table then)."""
     print(f"{total - len(todo)} of {total} runs and floors already finished in {output}; "
           f"{len(todo)} to do, {steps} pretraining steps per run")
-    measured: list[float] = []  # wall seconds of the pretraining runs done in this session
-    session = time.perf_counter()
+    measured: list[float] = []  # wall seconds of the pretraining runs done by this invocation
+    began = time.perf_counter()
     for i, (key, seed) in enumerate(todo):
         left = sum(step.estimate(k, measured) for k, _ in todo[i:])
         eta = time.strftime("%H:%M", time.localtime(time.time() + left))
@@ -531,7 +531,7 @@ def run_pending(todo: list[tuple[str, int]], steps: int, total: int, output: Pat
             measured.append(time.perf_counter() - start)
         print(f"[{i + 1}/{len(todo)}] {label_of(key)}, seed {seed}: {step.describe(record)} in "
               f"{format_duration(record.wall_seconds)}", flush=True)
-    print(f"\nthis session took {format_duration(time.perf_counter() - session)}\n")
+    print(f"\nthis invocation took {format_duration(time.perf_counter() - began)}\n")
     return True
 
 

@@ -7,7 +7,7 @@ if [ -f "$dir/train-images-idx3-ubyte.gz" ] && [ -f "$dir/t10k-labels-idx1-ubyte
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "apt-get not found: install Fashion-MNIST yourself (see README, 'Data')" >&2
+  echo "apt-get not found: install Fashion-MNIST yourself (see README, 'Two commands')" >&2
   exit 0
 fi
 sudo=""

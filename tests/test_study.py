@@ -283,7 +283,7 @@ def test_a_folder_made_with_other_settings_is_refused(tmp_path, monkeypatch):
         study.run_study(other)
 
 
-def test_timing_accumulates_over_sessions(tmp_path):
+def test_timing_accumulates_over_invocations(tmp_path):
     assert common.read_timing(tmp_path) == {}
     common.add_seconds(tmp_path, "pretrain_seconds", 12.5)
     common.add_seconds(tmp_path, "pretrain_seconds", 7.5)

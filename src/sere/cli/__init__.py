@@ -79,7 +79,8 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     """The argument parser of `sere`; the options of `commands` only (None: of every command),
     the others listed by name and help."""
     parser = SereParser(prog="sere", description="SERE self-supervised pretraining of Vision "
-                        "Transformers.")
+                        "Transformers, and evaluation, export and embeddings of what it trained.",
+                        epilog="example: sere demo   (each command's --help ends with its own)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=SereParser)
     wanted = None if commands is None else set(commands)

@@ -45,6 +45,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def register(p: argparse.ArgumentParser) -> None:
     """The options of `sere embed`."""
+    p.epilog = "example: sere embed photos/ --output emb --checkpoint runs/demo/last.pt"
     p.add_argument("folder", help="the image folder (read recursively)")
     p.add_argument("--output", required=True, help="folder to write into (empty, or an earlier "
                    "run with --resume)")

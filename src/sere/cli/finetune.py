@@ -19,6 +19,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def register(p: argparse.ArgumentParser) -> None:
     """The options of `sere finetune`."""
+    p.epilog = "example: sere finetune --checkpoint runs/demo/last.pt optim.epochs=5"
     p.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     p.add_argument("--config", action="append", default=[],

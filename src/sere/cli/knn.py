@@ -50,6 +50,7 @@ def print_table(result: KnnResult, floor: KnnResult | None, backbone: str) -> No
 
 def register(k: argparse.ArgumentParser) -> None:
     """The options of `sere knn`."""
+    k.epilog = "example: sere knn --checkpoint runs/demo/last.pt --k 10 20 100"
     k.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     k.add_argument("--backbone", choices=("teacher", "student"), default="teacher",

@@ -137,6 +137,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
 
 def register(p: argparse.ArgumentParser) -> None:
     """The options of `sere linear`."""
+    p.epilog = "example: sere linear --checkpoint runs/demo/last.pt --features cls4_avgpool"
     p.add_argument("--checkpoint", required=True, help="a `sere pretrain` checkpoint")
     p.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
                    help="the checkpoint's network to probe")

@@ -72,6 +72,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 def register(v: argparse.ArgumentParser) -> None:
     """The options of `sere visualize`."""
+    v.epilog = "example: sere visualize --checkpoint runs/demo/last.pt --output pictures"
     v.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     v.add_argument("--backbone", choices=("teacher", "student"), default="teacher",

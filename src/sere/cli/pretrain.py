@@ -106,12 +106,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def register(p: argparse.ArgumentParser) -> None:
     """The options of `sere pretrain`."""
+    p.epilog = "example: sere pretrain --config vit_small_ibot_sere data.path=/data/photos"
     add_config_flags(p)
     p.set_defaults(func=cmd_pretrain)
 
 
 def register_demo(d: argparse.ArgumentParser) -> None:
     """The options of `sere demo`."""
+    d.epilog = "example: sere demo train.precision=fp32"
     d.add_argument("--output-dir", default="runs/demo",
                    help="run folder; an existing run there is resumed")
     d.add_argument("--max-train", type=int, default=None,

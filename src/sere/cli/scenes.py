@@ -32,6 +32,7 @@ def cmd_scenes(args: argparse.Namespace) -> int:
 
 def register(p: argparse.ArgumentParser) -> None:
     """The options of `sere scenes`."""
+    p.epilog = "example: sere scenes --output scenes/test --split test --count 500"
     p.add_argument("--output", required=True, help="folder to create (images/, masks/, "
                    f"{CLASS_FILE})")
     p.add_argument("--split", choices=("train", "test"), default="train",

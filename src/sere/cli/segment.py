@@ -235,6 +235,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def register(p: argparse.ArgumentParser) -> None:
     """The options of `sere segment`."""
+    p.epilog = "example: sere segment runs/demo/last.pt --fashion-mnist-scenes --cluster"
     # a description is printed as written (only option help goes through %-formatting)
     p.description = ("Linear segmentation probe on a checkpoint's frozen patch features: a 1x1 "
                      "layer per patch, learning rate chosen on 10 % of the training images, mIoU "

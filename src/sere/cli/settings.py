@@ -34,6 +34,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def register(p: argparse.ArgumentParser) -> None:
     """The options of `sere config`."""
+    p.epilog = "example: sere config --show --config demo optim.lr=2e-3"
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--list", action="store_true",
                       help="every key, its default, type and meaning")

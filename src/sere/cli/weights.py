@@ -28,6 +28,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register_export(p: argparse.ArgumentParser) -> None:
     """The options of `sere export`."""
+    p.epilog = "example: sere export --checkpoint runs/demo/last.pt --output exported"
     p.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
                    "runs/demo/last.pt")
     p.add_argument("--output", required=True, help="folder to write the export into")
@@ -61,6 +62,7 @@ def cmd_import_check(args: argparse.Namespace) -> int:
 
 def register_import_check(p: argparse.ArgumentParser) -> None:
     """The options of `sere import-check`."""
+    p.epilog = "example: sere import-check --config vit_small_ibot_sere --weights ibot.pth"
     p.add_argument("--weights", required=True, help="sere checkpoint, sere export folder, timm "
                    "state dict, SERE/iBOT/DINO checkpoint, or DINOv2/DINOv3 weights as Meta or "
                    "Hugging Face publish them (with model.backbone=<timm name>)")
