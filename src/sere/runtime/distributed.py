@@ -33,13 +33,16 @@ def attempt_store(timeout: datetime.timedelta) -> dist.Store:
     """The key-value store of torchrun's environment, seen through a prefix of this attempt.
 
     After a worker dies, torchrun's elastic agent (`--max-restarts`) starts the group again
-    against the same store, which still holds the dead attempt's keys: without a prefix of
-    their own, the new processes read the old ones' addresses and fail to connect. The prefix
-    is the attempt's number, `TORCHELASTIC_RESTART_COUNT` (docs/many-gpus.md#elastic-restarts).
+    against its own store, which still holds the dead attempt's keys: without a prefix of their
+    own, the new processes read the old ones' addresses and fail to connect. The prefix is the
+    attempt's number, `TORCHELASTIC_RESTART_COUNT`; a store that the processes start themselves
+    (no agent's store) is new for every attempt and needs none
+    (docs/many-gpus.md#elastic-restarts).
     """
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if shared else "0"
     return dist.PrefixStore(f"sere-attempt-{attempt}", store)
 
 
