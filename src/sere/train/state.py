@@ -184,7 +184,7 @@ def resume_run(resume: str, output_dir: Path, run: RunState, rank: int,
     if rank == 0:
         logger.info(f"resuming from {path} at step {step}")
         if saved_world != world_size:
-            logger.info(f"the checkpoint was saved by {saved_world} processes, this run "
-                        f"has {world_size}: same global batch, fresh per-process random "
-                        "generators (drop path)")
+            logger.info(f"continuing on {world_size} processes a checkpoint of {saved_world}: "
+                        "the same global batch, fresh per-process random generators "
+                        "(drop path)")
     return Resumed(path, step, list(state.get("skipped_images", [])))
