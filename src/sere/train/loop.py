@@ -26,6 +26,7 @@ from sere.models.backbone import ViTBackbone, fused_attention_pays
 from sere.models.network import NetworkOutputs, build_networks
 from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
 from sere.runtime import distributed as dist_utils
+from sere.runtime.files import remove_leftover_temporaries
 from sere.runtime.stop import StopRequest
 from sere.runtime.progress import progress_bar
 from sere.train.metrics import MetricsWriter, plot_losses
@@ -101,6 +102,7 @@ class Pretrainer:
         self._wrap_networks()
         self.metrics = None
         if self.dist.is_main:
+            remove_leftover_temporaries(self.output_dir)  # of a process killed mid-write
             save_config(cfg, self.output_dir / "config.yaml")
             self.metrics = MetricsWriter(self.output_dir,
                                          resume_step=self.step if resumed_from else None)
@@ -191,7 +193,8 @@ class Pretrainer:
                             "rank with the same files and overrides")
 
     def _resume(self, resume: str) -> Path | None:
-        resumed = resume_run(resume, self.output_dir, self.run_state, self.dist.rank)
+        resumed = resume_run(resume, self.output_dir, self.run_state, self.dist.rank,
+                             self.dist.world_size)
         if resumed is None:
             return None
         self.step = resumed.step
