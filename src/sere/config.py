@@ -195,6 +195,10 @@ class TrainConfig:
     # A non-finite loss: stop (exit non-zero, last checkpoint untouched) or skip the step
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite: int = 10  # with skip: stop after this many non-finite steps in a row
+    # Several processes (torchrun): ddp replicates the networks on every process; fsdp shards
+    # student, teacher and heads over them with FSDP2, per transformer block
+    # (docs/many-gpus.md#sharded-training)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
@@ -580,6 +584,7 @@ def _validate_train_eval(cfg: Config) -> None:
     _require(t.max_steps is None or t.max_steps > 0, "train.max_steps must be positive or null")
     _require(t.threads is None or t.threads > 0, "train.threads must be positive or null")
     _require(t.max_nonfinite > 0, "train.max_nonfinite must be positive")
+    _validate_sharding(cfg)
     _require(e.k > 0 and e.temperature > 0 and e.batch_size > 0,
              "eval.k, eval.temperature and eval.batch_size must be positive")
     for key in ("knn_every", "knn_max_train", "knn_max_test"):
@@ -590,6 +595,17 @@ def _validate_train_eval(cfg: Config) -> None:
                  "eval.knn_every on an image folder needs eval.knn_train_path and "
                  "eval.knn_test_path (labelled folders, one sub-folder per class)")
 
+
+
+def _validate_sharding(cfg: Config) -> None:
+    """What `train.parallel=fsdp` does not run with (docs/many-gpus.md#sharded-training)."""
+    if cfg.train.parallel != "fsdp":
+        return
+    _require(not cfg.train.compile, "train.compile=true with train.parallel=fsdp is not "
+             "supported; use one of them")
+    _require(cfg.eval.knn_every is None, "eval.knn_every with train.parallel=fsdp is not "
+             "supported (the teacher is sharded over the processes); set eval.knn_every=null "
+             "and run `sere knn` on the checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from sere.train.monitor import CollapseStats, collapse_stats
 from sere.train.optim import (build_optimizer, cancel_last_layer_gradients, clip_per_parameter,
                               set_rates)
 from sere.train.pretraining import SEREPretraining
+from sere.train.sharding import clip_sharded_per_parameter, shard_pretraining
 from sere.train.hyperparameters import Schedules
 from sere.train.summary import RunPlan, describe_run
 from sere.train.state import (RunState, checkpoint_size, checkpoint_state, resume_run,
@@ -126,6 +127,8 @@ class Pretrainer:
         self.precision_choice = choose_precision(cfg.train.precision, self.device)
         self.precision = self.precision_choice.name
         self.dist = dist_utils.init_distributed(self.device.type)
+        if cfg.train.parallel == "fsdp":
+            self._check_can_shard()
         if self.dist.world_size > 1:
             self._check_same_config()
         if self.device.type == "cuda":
@@ -175,7 +178,12 @@ class Pretrainer:
         self.run_state = RunState(self.cfg, self.pretraining, self.optimizer, self.scaler)
 
     def _wrap_networks(self) -> None:
-        """torch.compile and DistributedDataParallel, as configured."""
+        """torch.compile and DistributedDataParallel, or FSDP2's sharding, as configured."""
+        if self.cfg.train.parallel == "fsdp":
+            shard_pretraining(self.pretraining, self.precision)
+            self._build_optimisation()  # over the sharded parameters
+            self.model = self.student
+            return
         if self.cfg.train.compile:
             self.student.compile()
             self.teacher.compile()
@@ -183,6 +191,17 @@ class Pretrainer:
                                               if self.device.type == "cuda" else None)
                       if self.dist.world_size > 1 else self.student)
         self.pretraining.wrap_student(self.model)
+
+    def _check_can_shard(self) -> None:
+        """`train.parallel=fsdp` needs several processes, and no fp16 gradient scaler (its
+        overflow check would see one shard per process; docs/many-gpus.md#sharded-training)."""
+        if self.dist.world_size == 1:
+            raise SereError("train.parallel=fsdp shards the networks over several processes, "
+                            "and this is one; start it with torchrun --nproc-per-node N (N >= 2) "
+                            "or use train.parallel=ddp")
+        if self.precision == "fp16":
+            raise SereError("train.parallel=fsdp does not run in fp16 (a gradient scaler per "
+                            "shard); use train.precision=bf16 or fp32")
 
     # -----------------------------------------------------------------------------------------
 
@@ -271,7 +290,9 @@ class Pretrainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.optim.clip_grad > 0:
-            clip_per_parameter(self.trainable, cfg.optim.clip_grad)
+            clip = (clip_sharded_per_parameter if cfg.train.parallel == "fsdp"
+                    else clip_per_parameter)
+            clip(self.trainable, cfg.optim.clip_grad)
         if self.step // self.steps_per_epoch < cfg.optim.freeze_last_layer:
             cancel_last_layer_gradients(self.student)
         if self.scaler is not None:

@@ -17,6 +17,7 @@ from sere.io.checkpoint import (latest_valid_checkpoint, load_checkpoint, prune_
                                 refuse_rollback, save_checkpoint)
 from sere.runtime import distributed as dist_utils
 from sere.train.pretraining import SEREPretraining
+from sere.train.sharding import network_state, optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +75,10 @@ def checkpoint_state(run: RunState, step: int, steps_per_epoch: int,
         "world_size": len(rngs),
         "epoch": step // steps_per_epoch,
         "config": run.cfg.to_dict(),
-        "student": run.pretraining.student.state_dict(),
-        "teacher": run.pretraining.teacher.state_dict(),
+        "student": network_state(run.pretraining.student),
+        "teacher": network_state(run.pretraining.teacher),
         "loss": run.pretraining.loss.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": optimizer_state(run.pretraining.student, run.optimizer),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "rng": rngs,
         "skipped_images": skipped_images,
@@ -106,6 +107,15 @@ def _check_model_settings(path: Path, state: dict, cfg: Config) -> None:
                            if saved.get(k) != current.get(k))
         raise SereError(f"{path} was made with a different model configuration ({differ}); "
                         "resume with the configuration it was made with")
+
+
+def _refuse_sharded(path: Path, state: dict, cfg: Config) -> None:
+    """Resuming a sharded run, or into one, is not supported yet: its optimiser state is keyed
+    by parameter name (docs/many-gpus.md#sharded-training)."""
+    saved = state["config"]["train"].get("parallel", "ddp")
+    if "fsdp" in (saved, cfg.train.parallel):
+        raise SereError(f"{path}: resuming with train.parallel=fsdp, or from a run that used it, "
+                        "is not supported yet; its weights load with init.from=... in a new run")
 
 
 def _load_weights(path: Path, state: dict, run: RunState) -> None:
@@ -176,6 +186,7 @@ def resume_run(resume: str, output_dir: Path, run: RunState, rank: int,
         path, state = Path(resume), load_checkpoint(resume)
         refuse_rollback(output_dir, path, int(state["step"]))
     _check_model_settings(path, state, run.cfg)
+    _refuse_sharded(path, state, run.cfg)
     saved_world = _saved_world_size(path, state, run.cfg, world_size)
     _load_weights(path, state, run)
     if saved_world == world_size:

@@ -1,0 +1,130 @@
+"""Sharded training (issue 25): `train.parallel=fsdp` shards student, teacher and heads with
+FSDP2 per transformer block and trains like DDP: on 2 gloo processes, 3 steps give the same
+losses and the same saved teacher to float rounding. FSDP on one process, and the settings it
+does not run with, stop with one line before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sere
+from sere.cli import main
+from sere.errors import SereError
+from sere.io.checkpoint import load_checkpoint
+from sere.io.weights import load_backbone
+from sere.train.optim import clip_per_parameter
+from sere.train.sharding import clip_sharded_per_parameter, mixed_precision_policy
+
+from conftest import TINY
+
+# 2 processes x 4 images, 3 steps (a checkpoint at step 2 and at the end), at full learning
+# rate from the first step, a clip that bites every step and an EMA that moves the teacher by
+# a tenth of the way: every part of the step that sharding touches changes the numbers.
+TWO_BY_FOUR = [*TINY, "optim.batch_size=4", "train.max_steps=3", "optim.warmup_epochs=0",
+               "optim.lr=0.1", "optim.clip_grad=0.01", "optim.momentum_teacher=0.9"]
+# Both runs compute the same sums in another order (an all-reduce of whole gradients against
+# a reduce-scatter of shards; per-parameter norms from shard norms): fp32 rounding, ~1e-7
+# relative per operation. Measured here: losses at most 1e-7 apart (relative), weights at most
+# 1e-6 (absolute, where AdamW's first steps, about lr * sign(g), amplify the rounding of
+# gradients near 0). The bounds are 100x and 10x that, and still far below what a missing
+# gradient average or a wrong EMA would move: a step of lr ~ 3e-3.
+LOSS_RTOL = 1e-5
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(output_dir: Path, *settings: str) -> subprocess.CompletedProcess:
+    """`sere pretrain` on 2 gloo processes under torchrun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "sere.cli", "pretrain", *settings, f"train.output_dir={output_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def _losses(folder: Path) -> list[dict[str, float]]:
+    """Each logged step's loss terms."""
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+    return [{k: v for k, v in r.items() if k.startswith("loss")} for r in records if "loss" in r]
+
+
+@pytest.mark.slow
+def test_fsdp_trains_as_ddp_on_two_processes(tmp_path):
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        done = _torchrun(tmp_path / parallel, *TWO_BY_FOUR, f"train.parallel={parallel}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[parallel] = tmp_path / parallel
+    ddp, fsdp = _losses(runs["ddp"]), _losses(runs["fsdp"])
+    assert len(ddp) == len(fsdp) == 3 and ddp[0].keys() == fsdp[0].keys()
+    for a, b in zip(ddp, fsdp):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL), key
+    assert ddp[0] != ddp[-1]  # the steps did change the networks
+    a, b = load_checkpoint(runs["ddp"] / "last.pt"), load_checkpoint(runs["fsdp"] / "last.pt")
+    assert a["step"] == b["step"] == 3 and b["world_size"] == 2
+    for net in ("teacher", "student"):  # full tensors, as `sere knn` reads them
+        assert a[net].keys() == b[net].keys()
+        for name, value in a[net].items():
+            assert type(b[net][name]) is torch.Tensor, name
+            torch.testing.assert_close(b[net][name], value, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL,
+                                       msg=name)
+    moved = next(k for k in a["teacher"] if k.endswith("blocks.0.attn.qkv.weight"))
+    start = load_checkpoint(runs["fsdp"] / "checkpoint-00000002.pt")["teacher"][moved]
+    assert not torch.equal(start, b["teacher"][moved])  # the EMA moved the sharded teacher
+    loaded = load_backbone(runs["fsdp"] / "last.pt")  # what `sere knn` and the others read
+    assert torch.equal(loaded.backbone.state_dict()[moved.removeprefix("backbone.")],
+                       b["teacher"][moved])
+
+
+def test_fsdp_on_one_process_is_one_line_and_writes_nothing(capsys, tmp_path):
+    out = tmp_path / "run"
+    code = main(["pretrain", *TINY, f"train.output_dir={out}", "train.parallel=fsdp"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "train.parallel=fsdp" in err[0] and "torchrun" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, named", [("train.compile=true", "train.compile"),
+                                            ("eval.knn_every=2", "eval.knn_every"),
+                                            ("train.parallel=zero", "train.parallel")])
+def test_settings_fsdp_does_not_run_with_are_refused(setting, named):
+    with pytest.raises(SereError, match=named):
+        sere.load_config([], [*TINY, "train.parallel=fsdp", setting])
+
+
+def test_mixed_precision_policy_follows_the_precision():
+    assert mixed_precision_policy("fp32").param_dtype is None
+    bf16 = mixed_precision_policy("bf16")
+    assert bf16.param_dtype == torch.bfloat16 and bf16.reduce_dtype == torch.float32
+    assert mixed_precision_policy("fp16").param_dtype == torch.float16
+
+
+def test_sharded_clip_without_a_process_group_is_the_plain_clip():
+    """(The 2-process agreement is the slow test's: its `optim.clip_grad` clips every step.)"""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p, scale in zip(params, (0.1, 2.0, 10.0)):
+        p.grad = torch.randn_like(p) * scale
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for c, p in zip(copies, params):
+        c.grad = p.grad.clone()
+    norms = clip_per_parameter(params, 1.0)
+    torch.testing.assert_close(clip_sharded_per_parameter(copies, 1.0), norms)
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(c.grad, p.grad)
+    assert norms.max() > 1.0 and all(p.grad.norm() <= 1.0 + 1e-5 for p in params)
