@@ -18,12 +18,16 @@ import torch
 import sere
 from sere.cli import main
 from sere.errors import SereError
-from sere.io.checkpoint import load_checkpoint
+from sere.io.checkpoint import load_checkpoint, save_checkpoint
 from sere.io.weights import load_backbone
+from sere.train.loop import Pretrainer
 from sere.train.optim import clip_per_parameter
 from sere.train.sharding import clip_sharded_per_parameter, mixed_precision_policy
 
 from conftest import TINY
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from fsdp_memory import Counts, count, per_gpu_bytes  # noqa: E402
 
 # 2 processes x 4 images, 3 steps (a checkpoint at step 2 and at the end), at full learning
 # rate from the first step, a clip that bites every step and an EMA that moves the teacher by
@@ -128,3 +132,27 @@ def test_sharded_clip_without_a_process_group_is_the_plain_clip():
     for p, c in zip(params, copies):
         torch.testing.assert_close(c.grad, p.grad)
     assert norms.max() > 1.0 and all(p.grad.norm() <= 1.0 + 1e-5 for p in params)
+
+
+def test_a_checkpoint_of_a_sharded_run_is_refused_for_resuming(tmp_path):
+    """Its optimiser state is keyed by parameter name: one line, nothing written."""
+    first = tmp_path / "first"
+    Pretrainer(sere.load_config([], [*TINY, "train.max_steps=1",
+                                     f"train.output_dir={first}"])).run()
+    state = load_checkpoint(first / "last.pt")
+    state["config"]["train"]["parallel"] = "fsdp"
+    again = tmp_path / "again"
+    again.mkdir()
+    save_checkpoint(again / "last.pt", state)
+    with pytest.raises(SereError, match="train.parallel=fsdp"):
+        Pretrainer(sere.load_config([], [*TINY, f"train.output_dir={again}"]), resume="auto")
+    assert sorted(p.name for p in again.iterdir()) == ["last.pt"]
+
+
+def test_memory_formula():
+    """docs/many-gpus.md#memory-per-gpu: 16 bytes a student parameter, 4 a teacher one; FSDP
+    divides them and adds two gathered units and one unit's fp32 gradient."""
+    counts = Counts(student=1000, teacher=900, largest_unit=10)
+    assert per_gpu_bytes(counts, gpus=4, param_bytes=2) == (19600, 19600 / 4 + 10 * 8)
+    vit_s = count(["model.arch=vit_small"])
+    assert 21_000_000 < vit_s.teacher < vit_s.student  # the student adds local relation heads
