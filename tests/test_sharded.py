@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,11 +19,13 @@ import torch
 import sere
 from sere.cli import main
 from sere.errors import SereError
-from sere.io.checkpoint import load_checkpoint, save_checkpoint
+from sere.io.checkpoint import load_checkpoint
 from sere.io.weights import load_backbone
 from sere.train.loop import Pretrainer
 from sere.train.optim import clip_per_parameter
-from sere.train.sharding import clip_sharded_per_parameter, mixed_precision_policy
+from sere.train.sharding import (clip_sharded_per_parameter, keyed_by_name,
+                                 load_optimizer_state_by_name, mixed_precision_policy,
+                                 optimizer_state_by_name)
 
 from conftest import TINY
 
@@ -65,13 +68,32 @@ def _losses(folder: Path) -> list[dict[str, float]]:
     return [{k: v for k, v in r.items() if k.startswith("loss")} for r in records if "loss" in r]
 
 
-@pytest.mark.slow
-def test_fsdp_trains_as_ddp_on_two_processes(tmp_path):
-    runs = {}
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The folders of the same 3-step run on 2 processes with `ddp` and with `fsdp`."""
+    folders = {}
     for parallel in ("ddp", "fsdp"):
-        done = _torchrun(tmp_path / parallel, *TWO_BY_FOUR, f"train.parallel={parallel}")
+        folders[parallel] = tmp_path_factory.mktemp("sharded") / parallel
+        done = _torchrun(folders[parallel], *TWO_BY_FOUR, f"train.parallel={parallel}")
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[parallel] = tmp_path / parallel
+    return folders
+
+
+def _assert_same_networks(a: dict, b: dict, exact: bool = False) -> None:
+    """Student and teacher of checkpoints `a` and `b` agree (to the bit with `exact`)."""
+    for net in ("teacher", "student"):  # full tensors, as `sere knn` reads them
+        assert a[net].keys() == b[net].keys()
+        for name, value in a[net].items():
+            assert type(b[net][name]) is torch.Tensor, name
+            if exact:
+                assert torch.equal(b[net][name], value), name
+            else:
+                torch.testing.assert_close(b[net][name], value, rtol=WEIGHT_RTOL,
+                                           atol=WEIGHT_ATOL, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_as_ddp_on_two_processes(runs):
     ddp, fsdp = _losses(runs["ddp"]), _losses(runs["fsdp"])
     assert len(ddp) == len(fsdp) == 3 and ddp[0].keys() == fsdp[0].keys()
     for a, b in zip(ddp, fsdp):
@@ -80,18 +102,44 @@ def test_fsdp_trains_as_ddp_on_two_processes(tmp_path):
     assert ddp[0] != ddp[-1]  # the steps did change the networks
     a, b = load_checkpoint(runs["ddp"] / "last.pt"), load_checkpoint(runs["fsdp"] / "last.pt")
     assert a["step"] == b["step"] == 3 and b["world_size"] == 2
-    for net in ("teacher", "student"):  # full tensors, as `sere knn` reads them
-        assert a[net].keys() == b[net].keys()
-        for name, value in a[net].items():
-            assert type(b[net][name]) is torch.Tensor, name
-            torch.testing.assert_close(b[net][name], value, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL,
-                                       msg=name)
+    _assert_same_networks(a, b)
     moved = next(k for k in a["teacher"] if k.endswith("blocks.0.attn.qkv.weight"))
     start = load_checkpoint(runs["fsdp"] / "checkpoint-00000002.pt")["teacher"][moved]
     assert not torch.equal(start, b["teacher"][moved])  # the EMA moved the sharded teacher
     loaded = load_backbone(runs["fsdp"] / "last.pt")  # what `sere knn` and the others read
     assert torch.equal(loaded.backbone.state_dict()[moved.removeprefix("backbone.")],
                        b["teacher"][moved])
+
+
+def _from_step_2(runs: dict[str, Path], parallel: str, folder: Path) -> Path:
+    """`folder` holding the step-2 checkpoint of the `parallel` run, to resume."""
+    folder.mkdir()
+    shutil.copy(runs[parallel] / "checkpoint-00000002.pt", folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_fsdp_run_resumes_bitwise_and_crosses_to_ddp_and_back(runs, tmp_path):
+    """The single-file checkpoint of a sharded run resumes sharded (to the bit), on one
+    unsharded process (as DDP ends, to rounding), and a DDP checkpoint resumes sharded."""
+    fsdp_end = load_checkpoint(runs["fsdp"] / "last.pt")
+    again = _from_step_2(runs, "fsdp", tmp_path / "again")
+    done = _torchrun(again, *TWO_BY_FOUR, "train.parallel=fsdp", "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = load_checkpoint(again / "last.pt")
+    _assert_same_networks(fsdp_end, resumed, exact=True)
+    for name, moments in fsdp_end["optimizer"]["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(resumed["optimizer"]["state"][name][key], value), name
+    ddp_end = load_checkpoint(runs["ddp"] / "last.pt")
+    one = _from_step_2(runs, "fsdp", tmp_path / "one")
+    Pretrainer(sere.load_config([], [*TWO_BY_FOUR, "optim.batch_size=8",
+                                     f"train.output_dir={one}"]), resume="auto").run()
+    _assert_same_networks(ddp_end, load_checkpoint(one / "last.pt"))
+    sharded = _from_step_2(runs, "ddp", tmp_path / "sharded")
+    done = _torchrun(sharded, *TWO_BY_FOUR, "train.parallel=fsdp", "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_networks(ddp_end, load_checkpoint(sharded / "last.pt"))
 
 
 def test_fsdp_on_one_process_is_one_line_and_writes_nothing(capsys, tmp_path):
@@ -134,19 +182,25 @@ def test_sharded_clip_without_a_process_group_is_the_plain_clip():
     assert norms.max() > 1.0 and all(p.grad.norm() <= 1.0 + 1e-5 for p in params)
 
 
-def test_a_checkpoint_of_a_sharded_run_is_refused_for_resuming(tmp_path):
-    """Its optimiser state is keyed by parameter name: one line, nothing written."""
-    first = tmp_path / "first"
-    Pretrainer(sere.load_config([], [*TINY, "train.max_steps=1",
-                                     f"train.output_dir={first}"])).run()
-    state = load_checkpoint(first / "last.pt")
-    state["config"]["train"]["parallel"] = "fsdp"
-    again = tmp_path / "again"
-    again.mkdir()
-    save_checkpoint(again / "last.pt", state)
-    with pytest.raises(SereError, match="train.parallel=fsdp"):
-        Pretrainer(sere.load_config([], [*TINY, f"train.output_dir={again}"]), resume="auto")
-    assert sorted(p.name for p in again.iterdir()) == ["last.pt"]
+def test_optimizer_state_by_name_round_trip_keeps_unstepped_parameters_unstepped():
+    """What a sharded run saves and loads: AdamW's state keyed by parameter name. A parameter
+    without a gradient so far (the frozen last layer) has no state before or after."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    first = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    model[1].weight.grad = None  # frozen this step
+    first.step()
+    saved = optimizer_state_by_name(model, first)
+    assert keyed_by_name(saved) and not keyed_by_name(first.state_dict())
+    assert "1.weight" not in saved["state"]
+    model.zero_grad(set_to_none=True)  # as a resumed run's are
+    second = torch.optim.AdamW(model.parameters(), lr=0.1)
+    load_optimizer_state_by_name(model, second, saved)
+    assert model[1].weight not in second.state
+    for p in (model[0].weight, model[0].bias, model[1].bias):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(second.state[p][key], first.state[p][key])
 
 
 def test_memory_formula():

@@ -34,7 +34,8 @@ from sere.train.monitor import CollapseStats, collapse_stats
 from sere.train.optim import (build_optimizer, cancel_last_layer_gradients, clip_per_parameter,
                               set_rates)
 from sere.train.pretraining import SEREPretraining
-from sere.train.sharding import clip_sharded_per_parameter, shard_pretraining
+from sere.train.sharding import (clip_sharded_per_parameter, load_optimizer_state_by_name,
+                                 optimizer_state_by_name, shard_pretraining)
 from sere.train.hyperparameters import Schedules
 from sere.train.summary import RunPlan, describe_run
 from sere.train.state import (RunState, checkpoint_size, checkpoint_state, resume_run,
@@ -180,8 +181,12 @@ class Pretrainer:
     def _wrap_networks(self) -> None:
         """torch.compile and DistributedDataParallel, or FSDP2's sharding, as configured."""
         if self.cfg.train.parallel == "fsdp":
+            resumed = optimizer_state_by_name(self.student, self.optimizer) if (
+                self.optimizer.state) else None
             shard_pretraining(self.pretraining, self.precision)
             self._build_optimisation()  # over the sharded parameters
+            if resumed is not None:
+                load_optimizer_state_by_name(self.student, self.optimizer, resumed)
             self.model = self.student
             return
         if self.cfg.train.compile:

@@ -8,7 +8,9 @@ it runs.
 Sharded parameters are DTensors. The teacher's EMA works on them shard by shard (student and
 teacher parameters of the same shape are split alike), the optimiser updates the local shards,
 and the per-parameter clip needs each parameter's norm over all of its shards
-(`clip_sharded_per_parameter`). A single-file checkpoint gathers the full weights on rank 0.
+(`clip_sharded_per_parameter`). A single-file checkpoint gathers the full weights and the
+optimiser state, keyed by parameter name, on rank 0; any number of processes, sharded or not,
+resumes from it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict)
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -27,6 +30,11 @@ from sere.train.pretraining import SEREPretraining
 
 # Full tensors, on the CPU, on rank 0 only (the others get empty dicts): what rank 0 writes.
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Full tensors on every process, where they are.
+WHOLE = StateDictOptions(full_state_dict=True)
+# The same for loading an optimiser state in which parameters without a gradient so far (the
+# head's last layer in its `optim.freeze_last_layer` epochs) have no moments yet.
+WHOLE_PARTLY_STEPPED = StateDictOptions(full_state_dict=True, strict=False)
 
 
 def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
@@ -79,6 +87,33 @@ def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     if not is_sharded(module):
         return optimizer.state_dict()
     return get_optimizer_state_dict(module, optimizer, options=GATHERED)
+
+
+def keyed_by_name(optimizer_state: dict) -> bool:
+    """Whether a saved optimiser state names its parameters (as `optimizer_state` saves a
+    sharded run's) rather than numbering them (`optimizer.state_dict()`)."""
+    groups = optimizer_state.get("param_groups", [])
+    return any(isinstance(p, str) for group in groups for p in group["params"])
+
+
+def optimizer_state_by_name(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The full optimiser state of `module`'s parameters, keyed by name, on every process
+    (a collective when `module` is sharded)."""
+    return get_optimizer_state_dict(module, optimizer, options=WHOLE)
+
+
+def load_optimizer_state_by_name(module: nn.Module, optimizer: torch.optim.Optimizer,
+                                 state: dict) -> None:
+    """Load a full optimiser state keyed by name (every process holds all of it) into
+    `optimizer` over `module`'s parameters, sharded or not: each process keeps its shards.
+
+    Loading gives every parameter moments and a step count; those the state has none for
+    (never stepped yet) lose them again, so that their first step is AdamW's first, as in a
+    run that was never interrupted."""
+    set_optimizer_state_dict(module, optimizer, state, options=WHOLE_PARTLY_STEPPED)
+    for name, param in module.named_parameters():
+        if name not in state["state"]:
+            optimizer.state.pop(param, None)
 
 
 @torch.no_grad()

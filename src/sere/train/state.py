@@ -17,7 +17,8 @@ from sere.io.checkpoint import (latest_valid_checkpoint, load_checkpoint, prune_
                                 refuse_rollback, save_checkpoint)
 from sere.runtime import distributed as dist_utils
 from sere.train.pretraining import SEREPretraining
-from sere.train.sharding import network_state, optimizer_state
+from sere.train.sharding import (keyed_by_name, load_optimizer_state_by_name, network_state,
+                                 optimizer_state)
 
 logger = logging.getLogger(__name__)
 
@@ -109,22 +110,17 @@ def _check_model_settings(path: Path, state: dict, cfg: Config) -> None:
                         "resume with the configuration it was made with")
 
 
-def _refuse_sharded(path: Path, state: dict, cfg: Config) -> None:
-    """Resuming a sharded run, or into one, is not supported yet: its optimiser state is keyed
-    by parameter name (docs/many-gpus.md#sharded-training)."""
-    saved = state["config"]["train"].get("parallel", "ddp")
-    if "fsdp" in (saved, cfg.train.parallel):
-        raise SereError(f"{path}: resuming with train.parallel=fsdp, or from a run that used it, "
-                        "is not supported yet; its weights load with init.from=... in a new run")
-
-
 def _load_weights(path: Path, state: dict, run: RunState) -> None:
     """Networks, centers, optimiser and scaler from `state`, or one clear error."""
     try:
         run.pretraining.student.load_state_dict(state["student"])
         run.pretraining.teacher.load_state_dict(state["teacher"])
         run.pretraining.loss.load_state_dict(state["loss"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        if keyed_by_name(state["optimizer"]):  # saved by a sharded run
+            load_optimizer_state_by_name(run.pretraining.student, run.optimizer,
+                                         state["optimizer"])
+        else:
+            run.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0]
         raise SereError(f"{path} does not fit this configuration ({first}); the loss weights "
@@ -186,7 +182,6 @@ def resume_run(resume: str, output_dir: Path, run: RunState, rank: int,
         path, state = Path(resume), load_checkpoint(resume)
         refuse_rollback(output_dir, path, int(state["step"]))
     _check_model_settings(path, state, run.cfg)
-    _refuse_sharded(path, state, run.cfg)
     saved_world = _saved_world_size(path, state, run.cfg, world_size)
     _load_weights(path, state, run)
     if saved_world == world_size:
