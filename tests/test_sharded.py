@@ -1,7 +1,9 @@
 """Sharded training (issue 25): `train.parallel=fsdp` shards student, teacher and heads with
 FSDP2 per transformer block and trains like DDP: on 2 gloo processes, 3 steps give the same
-losses and the same saved teacher to float rounding. FSDP on one process, and the settings it
-does not run with, stop with one line before anything is written."""
+losses and the same saved teacher to float rounding. Its single-file checkpoint resumes
+sharded to the bit (after a SIGKILL under torchrun's restarts too), or unsharded; a DDP one
+resumes sharded. FSDP on one process, and the settings it does not run with, stop with one
+line before anything is written."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from sere.train.sharding import (clip_sharded_per_parameter, keyed_by_name,
                                  optimizer_state_by_name)
 
 from conftest import TINY
+from test_elastic import KILL_STEP, TWO_BY_FOUR as ELASTIC_SETTINGS
+from test_elastic import _assert_identical as assert_identical, _torchrun as elastic_torchrun
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from fsdp_memory import Counts, count, per_gpu_bytes  # noqa: E402
@@ -140,6 +144,27 @@ def test_fsdp_run_resumes_bitwise_and_crosses_to_ddp_and_back(runs, tmp_path):
     done = _torchrun(sharded, *TWO_BY_FOUR, "train.parallel=fsdp", "--resume", "auto")
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_networks(ddp_end, load_checkpoint(sharded / "last.pt"))
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_mid_run_restarts_and_ends_bitwise(tmp_path):
+    """tests/test_elastic.py's SIGKILL after step 5 of 8 under torchrun --max-restarts 1, with
+    `train.parallel=fsdp`: the restarted group resumes from step 4 and ends to the bit where an
+    uninterrupted sharded run ends."""
+    ends = []
+    for name, kill in (("straight", None), ("cut", KILL_STEP)):
+        done = elastic_torchrun(tmp_path / name, *ELASTIC_SETTINGS, "train.parallel=fsdp",
+                                kill_step=kill)
+        assert done.returncode == 0, done.stderr[-3000:]
+        state = load_checkpoint(tmp_path / name / "last.pt")
+        state["config"]["train"].pop("output_dir")
+        for group in state["optimizer"]["param_groups"]:  # a list once loaded by name
+            group["betas"] = tuple(group["betas"])
+        ends.append(state)
+    assert "exitcode: -9" in done.stderr
+    assert f"resuming from {tmp_path / 'cut' / 'last.pt'} at step 4" in done.stdout
+    assert ends[0]["step"] == 8
+    assert_identical(ends[0], ends[1])
 
 
 def test_fsdp_on_one_process_is_one_line_and_writes_nothing(capsys, tmp_path):
