@@ -583,7 +583,8 @@ def _validate_optim(cfg: Config) -> None:
     _require(o.freeze_backbone_steps == 0 or cfg.init.from_ is not None,
              f"optim.freeze_backbone_steps = {o.freeze_backbone_steps} freezes the backbone, "
              "which needs weights to start from: give the weights file, e.g. "
-             "init.from=/path/dinov2_vits14_pretrain.pth, or set optim.freeze_backbone_steps=0")
+             "init.from=/path/to/dinov2_vits14_pretrain.pth, or set "
+             "optim.freeze_backbone_steps=0")
 
 
 def _validate_train_eval(cfg: Config) -> None:
