@@ -145,3 +145,15 @@ def test_preset_smoke_run_is_finite_and_reports_drift(preset, tmp_path, caplog):
     assert [r["step"] for r in evals] == [0, 2, 3]
     assert "drift_knn_top1" not in evals[0] and "drift_knn_effective_rank" in evals[1]
     assert evals[0]["knn_effective_rank"] > 1
+
+
+def test_import_check_takes_a_continuation_preset(tmp_path, capsys):
+    """`sere import-check --config continue_...` checks the file given as --weights, which
+    also stands for the init.from the preset requires."""
+    from sere.cli import parse_args
+
+    path = weights_file(tmp_path, "continue_dinov3_vits16")
+    args = parse_args(["import-check", "--weights", str(path), "--config",
+                       "continue_dinov3_vits16", *TINY])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("ok: the weights fit")
