@@ -17,7 +17,8 @@ from sere.train.metrics import read_metrics
 
 # The evaluation values the monitor follows (keys of the periodic evaluation's metrics) and how
 # its lines name them.
-DRIFT_KEYS: dict[str, str] = {"knn_top1": "k-NN top-1", "knn_effective_rank": "[CLS] effective rank"}
+DRIFT_KEYS: dict[str, str] = {"knn_top1": "k-NN top-1",
+                              "knn_effective_rank": "[CLS] effective rank"}
 
 
 @dataclass

@@ -317,13 +317,13 @@ class Pretrainer:
         """
         cfg = self.cfg
         images_per_step = cfg.optim.batch_size * self.dist.world_size * cfg.optim.accum_steps
+        self._start_drift()
         batches = self._batches()
         bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
                    unit="step", dynamic_ncols=True, desc="pretrain")
         last_losses: dict[str, float] = {}
         stop = StopRequest().install()
         tick, tick_step = time.perf_counter(), self.step
-        self._start_drift()
         try:
             preempted = self._loop(batches, bar, stop, images_per_step, tick, tick_step,
                                    last_losses)
