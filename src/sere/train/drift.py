@@ -45,8 +45,8 @@ class DriftReport:
 
     def line(self) -> str:
         """One line for the log, e.g. `drift at step 500: k-NN top-1 71.0 (start 80.0, -11 %)`."""
-        parts = [f"{DRIFT_KEYS[c.key]} {c.now:.1f} (start {c.start:.1f}, {-100 * c.fall + 0.0:+.0f} %)"
-                 for c in self.checks]
+        parts = [f"{DRIFT_KEYS[c.key]} {c.now:.1f} (start {c.start:.1f}, "
+                 f"{-100 * c.fall + 0.0:+.0f} %)" for c in self.checks]
         return f"drift at step {self.step}: {', '.join(parts)}"
 
     def warnings(self) -> list[str]:
