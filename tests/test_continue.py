@@ -157,3 +157,13 @@ def test_import_check_takes_a_continuation_preset(tmp_path, capsys):
                        "continue_dinov3_vits16", *TINY])
     assert args.func(args) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("ok: the weights fit")
+
+
+def test_drift_reference_read_back_from_a_resumed_runs_metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    monitor = DriftMonitor(margin=0.1)
+    assert not monitor.start_from_metrics(path)  # no file: no reference
+    path.write_text(json.dumps({"step": 0, "knn_top1": 80.0, "knn_effective_rank": 30.0}) + "\n"
+                    + json.dumps({"step": 10, "loss": 5.0}) + "\n")
+    assert monitor.start_from_metrics(path)
+    assert monitor.start == {"knn_top1": 80.0, "knn_effective_rank": 30.0}
