@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from sere.cli.common import resolve_config_path
 from sere.config import load_config
@@ -42,8 +43,11 @@ def register_export(p: argparse.ArgumentParser) -> None:
 
 def cmd_import_check(args: argparse.Namespace) -> int:
     """The `sere import-check` command: load weights into the configured student and report."""
-    # Only the model is built: a synthetic data source spares the data paths a preset requires.
-    overrides = ["data.dataset=synthetic", *args.overrides]
+    # Only the model is built: a synthetic data source spares the data paths a preset requires,
+    # and the file checked is the `init.from` a continuation preset requires (as a JSON string,
+    # which YAML reads back as it is).
+    overrides = ["data.dataset=synthetic", f"init.from={json.dumps(str(args.weights))}",
+                 *args.overrides]
     cfg = load_config([resolve_config_path(c) for c in args.config], overrides)
     network = SERENetwork(cfg, is_student=True)
     head = None if args.no_head else network.head
