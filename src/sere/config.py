@@ -617,7 +617,6 @@ def _validate_train_eval(cfg: Config) -> None:
                  "eval.knn_test_path (labelled folders, one sub-folder per class)")
 
 
-
 def _validate_sharding(cfg: Config) -> None:
     """What `train.parallel=fsdp` does not run with (docs/many-gpus.md#sharded-training)."""
     if cfg.train.parallel != "fsdp":
