@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline import BaselinePipeline  # noqa: E402
-from sere.config import apply_overrides, load_config  # noqa: E402
+from sere.config import apply_overrides, load_config, resolve_config_path  # noqa: E402
 from sere.data.datasets import IMAGE_EXTENSIONS  # noqa: E402
 from sere.data.loader import build_dataset, collate, worker_init  # noqa: E402
 
@@ -183,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.make_images:
         make_images(folder, args.make_images)
     torch.set_num_threads(1)
-    from sere.cli import resolve_config_path
 
     cfg = load_config([resolve_config_path(args.preset)], [
         "data.dataset=folder", f"data.path={folder}", f"data.global_crop_size={args.global_size}",
