@@ -21,7 +21,8 @@ from sere.io.weights import read_run_checkpoint
 from sere.losses.objective import LossTerms, SERELoss, compute_losses
 from sere.models.network import Networks, build_networks
 from sere.runtime.distributed import cleanup as leave_process_group
-from sere.train.loop import PeriodicEval, Pretrainer, RunResult
+from sere.train import loop
+from sere.train.loop import PeriodicEval, RunResult
 from sere.train.pretraining import ForwardBackward, SEREPretraining
 
 
@@ -69,7 +70,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> RunResult:
     interpreter is whole: left to exit, gloo's threads sometimes abort a rank. Not after an
     error: the other ranks may still be inside a collective and leaving would wait for them.
     """
-    result = Pretrainer(cfg, resume=resume, evaluate=periodic_eval(cfg)).run()
+    result = loop.Pretrainer(cfg, resume=resume, evaluate=periodic_eval(cfg)).run()
     leave_process_group()
     return result
 
