@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from sere.data.datasets import ImageFolderSource, UnreadableImage
-from sere.data.loader import loader_batches
+from sere.data.loader import build_loader, loader_batches
 from sere.errors import SereError
 from sere.eval.features import EvalImages
 from sere.models.backbone import ViTBackbone
@@ -146,8 +146,7 @@ def _embed_shard(backbone: ViTBackbone, source: ImageFolderSource, k: int,
     s = settings
     start, stop = k * s.shard_size, min(len(source), (k + 1) * s.shard_size)
     images = FolderImages(source, s.image_size, s.mean, s.std, list(range(start, stop)))
-    loader = torch.utils.data.DataLoader(images, batch_size=s.batch_size, shuffle=False,
-                                         num_workers=s.workers)
+    loader = build_loader(images, s.batch_size, workers=s.workers)
     files = _shard_paths(s.output, k)
     dtype = np.float16 if s.float16 else np.float32
     grid = (s.image_size // backbone.patch_size) ** 2
