@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from sere.cli.common import add_labelled_flags, sources_from_args
+from sere.cli.common import add_checkpoint_flags, add_labelled_flags, sources_from_args
 from sere.config import apply_overrides
 from sere.eval.knn_accuracy import KnnResult
 from sere.eval.knn_run import KnnSettings, run_knn
@@ -44,10 +44,7 @@ def print_table(result: KnnResult, floor: KnnResult | None, backbone: str) -> No
 def register(k: argparse.ArgumentParser) -> None:
     """The options of `sere knn`."""
     k.epilog = "example: sere knn --checkpoint runs/demo/last.pt --k 10 20 100"
-    k.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
-                   "runs/demo/last.pt")
-    k.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
-                   help="the checkpoint's network to evaluate")
+    add_checkpoint_flags(k, "evaluate")
     add_labelled_flags(k)
     k.add_argument("--k", type=int, nargs="+", help="neighbour counts to report besides "
                    "eval.k, e.g. --k 10 20 100 (default: eval.k only)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sere.cli.common import add_checkpoint_flags
+
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     """Attention, relation and PCA pictures of a checkpoint's network."""
@@ -25,10 +27,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def register(v: argparse.ArgumentParser) -> None:
     """The options of `sere visualize`."""
     v.epilog = "example: sere visualize --checkpoint runs/demo/last.pt --output pictures"
-    v.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
-                   "runs/demo/last.pt")
-    v.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
-                   help="the checkpoint's network to draw")
+    add_checkpoint_flags(v, "draw")
     v.add_argument("--images", help="image folder (default: the Fashion-MNIST test set)")
     v.add_argument("--fashion-mnist-dir", default=None,
                    help="folder of Fashion-MNIST IDX files (default: the system package)")
