@@ -289,7 +289,7 @@ def test_tiny_dense_study_end_to_end_then_resume_skips_everything(tmp_path, monk
     assert (tmp_path / "table.md").is_file() and (tmp_path / "dense_metrics.png").is_file()
     before = (common.run_dir(tmp_path, "ibot", 0) / "results.json").read_text()
     monkeypatch.setattr(common, "Pretrainer", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(ds, "sere_main", lambda *a: pytest.fail("evaluated again"))
+    monkeypatch.setattr(ds, "run_segment", lambda *a: pytest.fail("evaluated again"))
     assert ds.run_study(plan) == 0
     assert (common.run_dir(tmp_path, "ibot", 0) / "results.json").read_text() == before
 
