@@ -173,6 +173,13 @@ class OptimConfig:
     clip_grad: float = 0.3  # per-parameter gradient norm bound; 0 turns clipping off
     freeze_last_layer: int = 1  # epochs during which the heads' last layer is not updated
     momentum_teacher: float = 0.996  # teacher EMA momentum at step 0 (cosine to 1)
+    # layer-wise learning-rate decay of the backbone (sere.models.layer_decay): the heads and
+    # the mask token get the scheduled rate, block i of d `layer_decay ** (d - i)`, the patch
+    # embedding and tokens `layer_decay ** (d + 1)`; 1.0 turns it off
+    layer_decay: float = 1.0
+    # steps at the start during which the backbone (mask token included) is not updated and
+    # only the heads train; for weights loaded with `init.from`
+    freeze_backbone_steps: int = 0
 
 
 @dataclass
@@ -210,6 +217,10 @@ class EvalConfig:
     knn_max_test: int | None = 2000  # held-out images classified
     knn_train_path: str | None = None  # labelled folders for image-folder runs
     knn_test_path: str | None = None  # its test images, same class sub-folders
+    # drift monitor (sere.train.drift): the periodic k-NN also measures the starting weights at
+    # step 0 and warns when k-NN top-1 or the held-out [CLS] effective rank falls by more than
+    # this fraction of its starting value; None turns it off
+    drift_margin: float | None = None
 
 
 @dataclass
@@ -566,6 +577,14 @@ def _validate_optim(cfg: Config) -> None:
              f"optim.warmup_epochs = {o.warmup_epochs} must be in [0, optim.epochs]")
     _require(o.freeze_last_layer >= 0, "optim.freeze_last_layer must be >= 0")
     _require(0 <= o.momentum_teacher <= 1, "optim.momentum_teacher must be in [0, 1]")
+    _require(0 < o.layer_decay <= 1, f"optim.layer_decay = {o.layer_decay} must be in (0, 1]; "
+             "1.0 turns layer-wise decay off")
+    _require(o.freeze_backbone_steps >= 0, "optim.freeze_backbone_steps must be >= 0")
+    _require(o.freeze_backbone_steps == 0 or cfg.init.from_ is not None,
+             f"optim.freeze_backbone_steps = {o.freeze_backbone_steps} freezes the backbone, "
+             "which needs weights to start from: give the weights file, e.g. "
+             "init.from=/path/to/dinov2_vits14_pretrain.pth, or set "
+             "optim.freeze_backbone_steps=0")
 
 
 def _validate_train_eval(cfg: Config) -> None:
@@ -585,6 +604,8 @@ def _validate_train_eval(cfg: Config) -> None:
     for key in ("knn_every", "knn_max_train", "knn_max_test"):
         value = getattr(e, key)
         _require(value is None or value > 0, f"eval.{key} must be positive or null")
+    _require(e.drift_margin is None or 0 < e.drift_margin < 1,
+             f"eval.drift_margin = {e.drift_margin} must be in (0, 1) or null")
     if e.knn_every is not None and d.dataset == "folder":
         _require(e.knn_train_path is not None and e.knn_test_path is not None,
                  "eval.knn_every on an image folder needs eval.knn_train_path and "

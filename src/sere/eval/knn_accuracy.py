@@ -17,6 +17,7 @@ from sere.errors import SereError
 from sere.eval.feature_cache import cached_features
 from sere.eval.knn_classifier import knn_classify_many, top1_accuracy
 from sere.models.backbone import ViTBackbone
+from sere.models.statistics import effective_rank
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class KnnResult:
     by_k: dict[int, float]  # at every k asked for
     train_images: int
     test_images: int
+    test_effective_rank: float = 0.0  # effective rank of the test images' (normalised) features
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def knn_top1(backbone: ViTBackbone, cfg: Config, train: ImageSource, test: Image
     scores = knn_classify_many(train_f, train_y, test_f, all_ks, temperature=e.temperature,
                                num_classes=len(train.classes))
     by_k = {k: top1_accuracy(scores[k], test_y) for k in all_ks}
-    return KnnResult(by_k[e.k], by_k, len(train_f), len(test_f))
+    return KnnResult(by_k[e.k], by_k, len(train_f), len(test_f), effective_rank(test_f))
 
 
 def periodic_knn(cfg: Config) -> Callable[[ViTBackbone, torch.device, int], dict[str, float]]:
@@ -85,7 +87,8 @@ def periodic_knn(cfg: Config) -> Callable[[ViTBackbone, torch.device, int], dict
 
     Returns a function of (teacher backbone, device, step) that prints the k-NN top-1 on
     `eval.knn_max_train` / `eval.knn_max_test` images of `pretraining_eval_sources(cfg)` (built
-    at the first call) and returns it as `{"knn_top1": percent}` for the metrics.
+    at the first call) and returns it as `{"knn_top1": percent}` for the metrics, with the
+    effective rank of the test images' features (`knn_effective_rank`, for the drift monitor).
     """
     sources: list[tuple[ImageSource, ImageSource]] = []
 
@@ -96,6 +99,6 @@ def periodic_knn(cfg: Config) -> Callable[[ViTBackbone, torch.device, int], dict
         e = cfg.eval
         result = knn_top1(backbone, cfg, train, test, device, e.knn_max_train, e.knn_max_test)
         logger.info(f"step {step}: k-NN top-1 {result.top1:.1f} %")
-        return {"knn_top1": result.top1}
+        return {"knn_top1": result.top1, "knn_effective_rank": result.test_effective_rank}
 
     return evaluate

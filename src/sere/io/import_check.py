@@ -8,6 +8,7 @@ configuration describes and reports what fits, without training anything.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,11 @@ class ImportCheck:
 def check_import(settings: ImportCheckSettings) -> ImportCheck:
     """Load `settings.weights` into the configured student, not strictly, and report."""
     s = settings
-    # Only the model is built: a synthetic data source spares the data paths a preset requires.
-    cfg = load_config(s.config_paths, ["data.dataset=synthetic", *s.overrides])
+    # Only the model is built: a synthetic data source spares the data paths a preset requires,
+    # and the file checked is the `init.from` a continuation preset requires (as a JSON string,
+    # which YAML reads back as it is).
+    cfg = load_config(s.config_paths, ["data.dataset=synthetic",
+                                       f"init.from={json.dumps(str(s.weights))}", *s.overrides])
     network = SERENetwork(cfg, is_student=True)
     report = load_pretrained_weights(
         s.weights, network.backbone, network.head if s.heads else None, which=s.which,

@@ -29,6 +29,23 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def attempt_store(timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store of torchrun's environment, seen through a prefix of this attempt.
+
+    After a worker dies, torchrun's elastic agent (`--max-restarts`) starts the group again
+    against its own store, which still holds the dead attempt's keys: without a prefix of their
+    own, the new processes read the old ones' addresses and fail to connect. The prefix is the
+    attempt's number, `TORCHELASTIC_RESTART_COUNT`; a store that the processes start themselves
+    (no agent's store) is new for every attempt and needs none
+    (docs/many-gpus.md#elastic-restarts).
+    """
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if shared else "0"
+    return dist.PrefixStore(f"sere-attempt-{attempt}", store)
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group that torchrun describes (NCCL on GPU, gloo on CPU), if any."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -37,8 +54,10 @@ def init_distributed(device_type: str) -> DistInfo:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not is_distributed():
+        timeout = datetime.timedelta(minutes=30)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+                                store=attempt_store(timeout), rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
 
 

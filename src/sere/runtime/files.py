@@ -4,15 +4,22 @@ and a rename, which a kill or a full disk cannot leave half done."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")  # what `atomic_path` names its temporary file
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path next to `path` to write to; when the block ends normally it replaces
-    `path` in one rename, and in every case no temporary file is left behind.
+    `path` in one rename, and no temporary file is left behind (unless the process is killed
+    outright: `remove_leftover_temporaries` clears those).
 
     >>> import tempfile
     >>> target = Path(tempfile.mkdtemp()) / "result.txt"
@@ -22,7 +29,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     ('done', ['result.txt'])
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # matches TEMPORARY
     try:
         yield temporary
         os.replace(temporary, path)
@@ -42,3 +49,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` whole or not at all."""
     atomic_write_bytes(path, text.encode())
+
+
+def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of `atomic_path` in `folder` and return them: what a writer
+    killed mid-write (SIGKILL, a dead machine) leaves behind, since no cleanup runs then. Their
+    names never match a file that anything reads, so a half-written file is never read; this
+    only gives the space back. Call it only where nothing else writes into `folder`.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / ".last.pt.tmp-4242").write_bytes(b"half")
+    >>> _ = (folder / "last.pt").write_bytes(b"whole")
+    >>> [p.name for p in remove_leftover_temporaries(folder)], [p.name for p in folder.iterdir()]
+    (['.last.pt.tmp-4242'], ['last.pt'])
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = sorted(p for p in folder.iterdir() if TEMPORARY.match(p.name) and p.is_file())
+    for path in found:
+        path.unlink(missing_ok=True)
+        logger.info(f"removed {path}, left by a write that was killed half-way")
+    return found

@@ -26,12 +26,14 @@ from sere.models.backbone import ViTBackbone, fused_attention_pays
 from sere.models.network import NetworkOutputs, build_networks
 from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
 from sere.runtime import distributed as dist_utils
+from sere.runtime.files import remove_leftover_temporaries
 from sere.runtime.stop import StopRequest
 from sere.runtime.progress import progress_bar
 from sere.train.metrics import MetricsWriter, plot_losses
 from sere.train.monitor import CollapseStats, collapse_stats
-from sere.train.optim import (build_optimizer, cancel_last_layer_gradients, clip_per_parameter,
-                              set_rates)
+from sere.train.drift import DRIFT_KEYS, DriftMonitor
+from sere.train.optim import (build_optimizer, cancel_backbone_gradients,
+                              cancel_last_layer_gradients, clip_per_parameter, set_rates)
 from sere.train.pretraining import SEREPretraining
 from sere.train.hyperparameters import Schedules
 from sere.train.summary import RunPlan, describe_run
@@ -82,6 +84,9 @@ class Pretrainer:
             raise SereError("eval.knn_every needs a k-NN evaluation: run `sere pretrain`, or pass "
                             "evaluate=sere.eval.knn_accuracy.periodic_knn(cfg) to Pretrainer")
         self.evaluate = evaluate
+        self.drift = (DriftMonitor(cfg.eval.drift_margin)
+                      if evaluate is not None and cfg.eval.knn_every is not None
+                      and cfg.eval.drift_margin is not None else None)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self._start_runtime()
@@ -101,6 +106,7 @@ class Pretrainer:
         self._wrap_networks()
         self.metrics = None
         if self.dist.is_main:
+            remove_leftover_temporaries(self.output_dir)  # of a process killed mid-write
             save_config(cfg, self.output_dir / "config.yaml")
             self.metrics = MetricsWriter(self.output_dir,
                                          resume_step=self.step if resumed_from else None)
@@ -167,7 +173,7 @@ class Pretrainer:
 
     def _build_optimisation(self) -> None:
         """Optimizer and gradient scaler."""
-        self.optimizer = build_optimizer(self.student)
+        self.optimizer = build_optimizer(self.student, layer_decay=self.cfg.optim.layer_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.run_state = RunState(self.cfg, self.pretraining, self.optimizer, self.scaler)
@@ -191,7 +197,8 @@ class Pretrainer:
                             "rank with the same files and overrides")
 
     def _resume(self, resume: str) -> Path | None:
-        resumed = resume_run(resume, self.output_dir, self.run_state, self.dist.rank)
+        resumed = resume_run(resume, self.output_dir, self.run_state, self.dist.rank,
+                             self.dist.world_size)
         if resumed is None:
             return None
         self.step = resumed.step
@@ -269,6 +276,8 @@ class Pretrainer:
             clip_per_parameter(self.trainable, cfg.optim.clip_grad)
         if self.step // self.steps_per_epoch < cfg.optim.freeze_last_layer:
             cancel_last_layer_gradients(self.student)
+        if self.step < cfg.optim.freeze_backbone_steps:
+            cancel_backbone_gradients(self.student)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -306,6 +315,7 @@ class Pretrainer:
         """
         cfg = self.cfg
         images_per_step = cfg.optim.batch_size * self.dist.world_size * cfg.optim.accum_steps
+        self._start_drift()
         batches = self._batches()
         bar = progress_bar(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
                    unit="step", dynamic_ncols=True, desc="pretrain")
@@ -371,11 +381,43 @@ class Pretrainer:
         return every is not None and (self.step % every == 0 or self.step == self.total_steps)
 
     def _periodic_eval(self) -> None:
-        """The periodic evaluation of the teacher (rank 0; the others wait), logged."""
+        """The periodic evaluation of the teacher (rank 0; the others wait), logged, with its
+        drift from the starting weights when the drift monitor is on."""
         if self.dist.is_main:
             values = self.evaluate(self.teacher.backbone, self.device, self.step)
+            if self.drift is not None and self.drift.start:
+                report = self.drift.check(self.step, values)
+                values = {**values, **report.as_metrics()}
+                logger.info(report.line())
+                for warning in report.warnings():
+                    logger.warning(f"warning at step {self.step}: {warning}")
             self.metrics.write({"step": self.step, **values})
         dist_utils.barrier()
+
+    def _start_drift(self) -> None:
+        """The drift monitor's reference (rank 0; the others wait): the evaluation of the
+        starting weights at step 0 (logged as step 0), or a resumed run's step-0 record."""
+        if self.drift is None:
+            if self.cfg.eval.drift_margin is not None and self.dist.is_main:
+                logger.info("drift monitor off: it runs with the periodic k-NN; set "
+                            "eval.knn_every (and, for an image folder, eval.knn_train_path and "
+                            "eval.knn_test_path)")
+            return
+        if self.dist.is_main:
+            self._drift_reference()
+        dist_utils.barrier()
+
+    def _drift_reference(self) -> None:
+        if self.step == 0:
+            values = self.evaluate(self.teacher.backbone, self.device, 0)
+            self.metrics.write({"step": 0, **values})
+            self.drift.set_start(values)
+        elif not self.drift.start_from_metrics(self.output_dir / "metrics.jsonl"):
+            logger.warning("warning: metrics.jsonl holds no step-0 evaluation, so the drift "
+                           "monitor has nothing to compare with and stays off")
+            return
+        logger.info("drift monitor: starting " + ", ".join(
+            f"{DRIFT_KEYS[k]} {v:.1f}" for k, v in self.drift.start.items()))
 
     def _check_mostly_bad(self) -> None:
         """Stop when more than half of the files read so far could not be decoded (judged after

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sere.losses.relation import spatial_relation
+from sere.models.statistics import effective_rank, entropy
 
 
 @dataclass
@@ -55,20 +56,6 @@ class CollapseStats:
         return values
 
 
-def _entropy(probs: Tensor) -> Tensor:
-    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
-
-
-def effective_rank(features: Tensor) -> float:
-    """exp(entropy of the normalised singular values) of (B, C) centred features."""
-    centred = features.float() - features.float().mean(dim=0, keepdim=True)
-    singular = torch.linalg.svdvals(centred)
-    if float(singular.sum()) <= 0:
-        return 1.0
-    p = singular / singular.sum()
-    return float(torch.exp(_entropy(p)))
-
-
 @torch.no_grad()
 def collapse_stats(cls_logits: Tensor, center: Tensor, temperature: float, cls_embeddings: Tensor,
                    relation_map: Tensor | None, num_heads: int, tau: float) -> CollapseStats:
@@ -90,10 +77,10 @@ def collapse_stats(cls_logits: Tensor, center: Tensor, temperature: float, cls_e
     if relation_map is not None:
         feats = relation_map[: min(8, len(relation_map))].float().flatten(2)  # (b, C, N)
         rel = F.softmax(spatial_relation(feats, num_heads) / tau, dim=-1)  # (b, H, N, N)
-        relation_entropy = float(_entropy(rel).mean())
+        relation_entropy = float(entropy(rel).mean())
         log_n = math.log(feats.shape[-1])
     return CollapseStats(
-        teacher_entropy=float(_entropy(probs).mean()),
-        teacher_mean_kl_uniform=log_k - float(_entropy(mean)),
+        teacher_entropy=float(entropy(probs).mean()),
+        teacher_mean_kl_uniform=log_k - float(entropy(mean)),
         cls_effective_rank=effective_rank(cls_embeddings),
         relation_entropy=relation_entropy, log_k=log_k, log_n=log_n)

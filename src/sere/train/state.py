@@ -71,6 +71,7 @@ def checkpoint_state(run: RunState, step: int, steps_per_epoch: int,
     rngs = dist_utils.all_gather_objects(rng_state())
     return {
         "step": step,
+        "world_size": len(rngs),
         "epoch": step // steps_per_epoch,
         "config": run.cfg.to_dict(),
         "student": run.pretraining.student.state_dict(),
@@ -123,7 +124,36 @@ def _load_weights(path: Path, state: dict, run: RunState) -> None:
         run.scaler.load_state_dict(state["scaler"])
 
 
-def resume_run(resume: str, output_dir: Path, run: RunState, rank: int) -> Resumed | None:
+def _global_batch(optim: dict, world_size: int) -> int:
+    """Images per optimisation step: `optim.batch_size` per process and micro-batch, times the
+    processes, times `optim.accum_steps`."""
+    return int(optim["batch_size"]) * world_size * int(optim.get("accum_steps", 1))
+
+
+def _saved_world_size(path: Path, state: dict, cfg: Config, world_size: int) -> int:
+    """The number of processes that saved the checkpoint. Another number than this run's
+    is fine while the global batch stays the same (every schedule, the step count and each
+    step's images are then the same, docs/many-gpus.md#another-number-of-processes); a changed
+    global batch is refused."""
+    saved_world = int(state.get("world_size", len(state["rng"])))
+    saved = _global_batch(state["config"]["optim"], saved_world)
+    now = _global_batch(cfg.to_dict()["optim"], world_size)
+    if saved != now:
+        per_process = saved / (world_size * cfg.optim.accum_steps)
+        advice = (f"resume with optim.batch_size={int(per_process)} to keep it"
+                  if per_process.is_integer() else "choose optim.batch_size and "
+                  f"optim.accum_steps to keep it")
+        accum = (f" x optim.accum_steps={cfg.optim.accum_steps}"
+                 if cfg.optim.accum_steps > 1 else "")
+        raise SereError(f"{path} was saved with a global batch of {saved} images a step "
+                        f"({saved_world} processes); this run's is {now} ({world_size} x "
+                        f"optim.batch_size={cfg.optim.batch_size}{accum}), which would change "
+                        f"every schedule: {advice}")
+    return saved_world
+
+
+def resume_run(resume: str, output_dir: Path, run: RunState, rank: int,
+               world_size: int) -> Resumed | None:
     """Load a checkpoint into the run and restore this process's random generators.
 
     Args:
@@ -131,7 +161,9 @@ def resume_run(resume: str, output_dir: Path, run: RunState, rank: int) -> Resum
             a fresh run, when there is none).
         output_dir: the run's folder.
         run: the objects to load into.
-        rank: this process's rank (it takes its own RNG state, else rank 0's).
+        rank: this process's rank (it takes its own saved RNG state).
+        world_size: the number of processes; when it differs from the checkpoint's (with the
+            same global batch), every process keeps the fresh generators it was seeded with.
     """
     if resume == "auto":
         found = latest_valid_checkpoint(output_dir)
@@ -144,10 +176,15 @@ def resume_run(resume: str, output_dir: Path, run: RunState, rank: int) -> Resum
         path, state = Path(resume), load_checkpoint(resume)
         refuse_rollback(output_dir, path, int(state["step"]))
     _check_model_settings(path, state, run.cfg)
+    saved_world = _saved_world_size(path, state, run.cfg, world_size)
     _load_weights(path, state, run)
-    rng = state["rng"]
-    set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    if saved_world == world_size:
+        set_rng_state(state["rng"][rank])
     step = int(state["step"])
     if rank == 0:
         logger.info(f"resuming from {path} at step {step}")
+        if saved_world != world_size:
+            logger.info(f"continuing on {world_size} processes a checkpoint of {saved_world}: "
+                        "the same global batch, fresh per-process random generators "
+                        "(drop path)")
     return Resumed(path, step, list(state.get("skipped_images", [])))
