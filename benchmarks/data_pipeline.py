@@ -31,9 +31,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline import BaselinePipeline  # noqa: E402
-from sere.config import apply_overrides, load_config  # noqa: E402
+from sere.config import apply_overrides, load_config, resolve_config_path  # noqa: E402
 from sere.data.datasets import IMAGE_EXTENSIONS  # noqa: E402
-from sere.data.loader import build_dataset, collate, worker_init  # noqa: E402
+from sere.data.loader import build_dataset, build_loader, collate  # noqa: E402
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -71,10 +71,9 @@ def measure_loader(cfg, workers: int, device: str, batch: int, batches: int) -> 
     target = torch.device(device)
     dataset = build_dataset(cfg, defer_photometric=cfg.data.photometric_on == "device")
     keys = [(i // len(dataset), i % len(dataset)) for i in range(batch * batches)]
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=[keys[b * batch:(b + 1) * batch] for b in range(batches)],
-        collate_fn=collate, num_workers=workers, worker_init_fn=worker_init if workers else None,
-        pin_memory=target.type == "cuda")
+    loader = build_loader(
+        dataset, workers=workers, collate_fn=collate, pin_memory=target.type == "cuda",
+        batch_sampler=[keys[b * batch:(b + 1) * batch] for b in range(batches)])
     times = []
     for item in loader:
         done = item.to(target).finish(dataset.augment)
@@ -183,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.make_images:
         make_images(folder, args.make_images)
     torch.set_num_threads(1)
-    from sere.cli import resolve_config_path
 
     cfg = load_config([resolve_config_path(args.preset)], [
         "data.dataset=folder", f"data.path={folder}", f"data.global_crop_size={args.global_size}",

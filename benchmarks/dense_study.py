@@ -6,10 +6,10 @@ number of steps under four objectives that differ only in their loss weights:
 
     iBOT, iBOT+SERE (alpha 0.2, beta 0.5), iBOT+SERE spatial only, iBOT+SERE channel only
 
-with three seeds each. Each run's teacher is then evaluated by `sere segment` on held-out scenes
-(linear probe mIoU and, with --cluster, k-means mIoU, on the last block's patch tokens at 56
-pixels) and by [CLS] k-NN on single Fashion-MNIST items (k = 20, the DINO protocol, as in
-benchmarks/study.py). A randomly initialised network of the same shape, one per seed, evaluated
+with three seeds each. Each run's teacher is then evaluated by the segment runner (what `sere
+segment` runs) on held-out scenes (linear probe mIoU and, as with --cluster, k-means mIoU, on
+the last block's patch tokens at 56 pixels) and by [CLS] k-NN on single Fashion-MNIST items
+(k = 20, the DINO protocol, as in benchmarks/study.py). A randomly initialised network of the same shape, one per seed, evaluated
 the same way, gives the floor.
 
 Every (method, seed) run has its own folder, `OUTPUT/<method>/seed<k>/`, and leaves
@@ -51,15 +51,12 @@ from study_common import (ALL_METHODS_BY_KEY, FLOOR, Method, MethodSummary, Metr
                           run_pending, save_record, seconds_per_step, study_main, summarise,
                           unfinished, verdict_table)
 
-from sere.cli import main as sere_main
-from sere.cli import resolve_config_path
-from sere.config import Config, load_config
+from sere.config import Config, load_config, resolve_config_path
 from sere.data.labelled import pretraining_eval_sources
-from sere.errors import SereError
-from sere.eval.feature_cache import checkpoint_model_key, random_model_key
-from sere.io.checkpoint import save_checkpoint
-from sere.io.weights import load_backbone, random_backbone
-from sere.models.backbone import ViTBackbone
+from sere.eval.dense_pairs import DenseSources
+from sere.eval.probed import ProbedBackbone, checkpoint_backbone, random_init_backbone
+from sere.eval.segment import ProbeSettings
+from sere.eval.segment_run import SegmentSettings, run_segment
 
 # ---------------------------------------------------------------------------------------------
 # The recipe (docs/results.md, "Dense study", explains each choice). Every method uses all of it;
@@ -116,8 +113,7 @@ CLUSTER = Metric("cluster_miou", "k-means mIoU (%)", "k-means mIoU", "k-means")
 KNN = Metric("knn_top1", "[CLS] k-NN top-1 (%)", "k-NN top-1", "k-NN")
 METRICS = (PROBE, CLUSTER, KNN)  # table order = the decision rule's order
 
-FLOOR_CHECKPOINT = "random_init.pt"  # the floor's weights and configuration, for sere segment
-SEGMENT_OUT = "segment"  # sere segment's output folder inside a run folder
+SEGMENT_OUT = "segment"  # the segment runner's output folder inside a run folder
 SEGMENT_CACHE = "segment_cache"  # its feature cache (not tracked)
 KNN_CACHE = "knn_cache"  # the [CLS] features of single items (not tracked)
 
@@ -245,40 +241,29 @@ class DenseEvaluation:
     knn_seconds: float
 
 
-def segment_args(checkpoint: Path, plan: DensePlan, seed: int, folder: Path,
-                 random_init: bool) -> list[str]:
-    """The `sere segment` command line of one evaluation (the seed also sets the probe's
-    held-out split and batch order and the k-means initialisation: paired across methods)."""
-    return ["segment", str(checkpoint), "--fashion-mnist-scenes", "--cluster",
-            "--size", str(SEGMENT_SIZE), "--max-train", str(plan.segment_train),
-            "--max-test", str(plan.segment_test), "--epochs", str(plan.probe_epochs),
-            "--seed", str(seed), "--output", str(folder / SEGMENT_OUT),
-            "--cache-dir", str(folder / SEGMENT_CACHE),
-            *(["--random-init"] if random_init else [])]
+def segment_settings(plan: DensePlan, seed: int, folder: Path) -> SegmentSettings:
+    """The segment runner's settings of one evaluation, `sere segment --fashion-mnist-scenes
+    --cluster` at SEGMENT_SIZE (the seed also sets the probe's held-out split and batch order and
+    the k-means initialisation: paired across methods)."""
+    return SegmentSettings(
+        DenseSources(fashion_mnist_scenes=True, max_train=plan.segment_train,
+                     max_test=plan.segment_test),
+        size=SEGMENT_SIZE, cluster=True,
+        probe=ProbeSettings(epochs=plan.probe_epochs, seed=seed),
+        cache_dir=folder / SEGMENT_CACHE, output=folder / SEGMENT_OUT)
 
 
-def run_segment(args: list[str]) -> dict[str, Any]:
-    """Run `sere segment` in this process; its result.json. A failure is a SereError."""
-    code = sere_main(args)
-    if code == 130:
-        raise KeyboardInterrupt
-    if code != 0:
-        raise SereError(f"`sere {' '.join(args)}` failed (exit {code}; its message is above)")
-    return read_json(Path(args[args.index("--output") + 1]) / "result.json")
-
-
-def evaluate(checkpoint: Path, backbone: ViTBackbone, model_key: str, cfg: Config,
-             plan: DensePlan, seed: int, random_init: bool) -> DenseEvaluation:
-    """`sere segment` on the checkpoint's teacher (or, with `random_init`, on
-    `random_backbone(cfg, seed)`, the same network as `backbone`), then [CLS] k-NN of
-    `backbone` on single Fashion-MNIST items at `data.global_crop_size`."""
-    folder = Path(checkpoint).parent
+def evaluate(probed: ProbedBackbone, folder: Path, plan: DensePlan,
+             seed: int) -> DenseEvaluation:
+    """The segment runner on `probed`'s patch features (results in `folder`), then [CLS] k-NN
+    of the same backbone on single Fashion-MNIST items at `data.global_crop_size`."""
     start = time.perf_counter()
-    segment = run_segment(segment_args(checkpoint, plan, seed, folder, random_init))
+    segment = run_segment(probed, segment_settings(plan, seed, folder)).record
     segment_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    cfg = probed.config
     sources = pretraining_eval_sources(cfg)  # single items for a scenes configuration
-    train, test = cls_splits(backbone, model_key, cfg, sources,
+    train, test = cls_splits(probed.backbone, probed.model_key, cfg, sources,
                              (plan.knn_max_train, plan.knn_max_test), folder / KNN_CACHE)
     knn = knn_on_features(train, test, cfg.eval.k, cfg.eval.temperature,
                           len(sources[0].classes))
@@ -315,10 +300,9 @@ def do_run(plan: DensePlan, method: Method, seed: int) -> DenseRecord | None:
     last = pretrain_to_end(folder, cfg, plan.steps)
     if last is None:
         return None
-    loaded = load_backbone(last, which="teacher")
-    ev = evaluate(last, loaded.backbone, checkpoint_model_key(last, "teacher"), loaded.config,
-                  plan, seed, random_init=False)
-    record = make_record(method.key, seed, loaded.step, ev,
+    probed = checkpoint_backbone(last, "teacher")
+    ev = evaluate(probed, folder, plan, seed)
+    record = make_record(method.key, seed, probed.step, ev,
                          seconds_per_step(folder / "metrics.jsonl", cfg.optim.batch_size),
                          read_timing(folder).get("pretrain_seconds", 0.0), settings)
     save_record(record, folder)
@@ -326,18 +310,14 @@ def do_run(plan: DensePlan, method: Method, seed: int) -> DenseRecord | None:
 
 
 def do_floor(plan: DensePlan, seed: int) -> DenseRecord:
-    """Evaluate `random_backbone(cfg, seed)` of the runs' shape as the runs are evaluated; its
-    weights and configuration are saved as a checkpoint for `sere segment --random-init`."""
+    """Evaluate a random initialisation of the runs' shape (`random_backbone(cfg, seed)`) as
+    the runs are evaluated."""
     folder = run_dir(plan.output, FLOOR, seed)
     settings = plan.settings(FLOOR, seed)
     check_settings(folder, settings)
     cfg = run_config(plan, METHODS_BY_KEY["ibot_sere"], seed)  # every method has this shape
-    backbone = random_backbone(cfg, seed)
-    checkpoint = folder / FLOOR_CHECKPOINT
-    save_checkpoint(checkpoint, {"config": cfg.to_dict(), "step": 0, "teacher": {
-        f"backbone.{k}": v for k, v in backbone.state_dict().items()}})
-    ev = evaluate(checkpoint, backbone, random_model_key(cfg, seed), cfg, plan, seed,
-                  random_init=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    ev = evaluate(random_init_backbone(cfg, seed), folder, plan, seed)
     record = make_record(FLOOR, seed, 0, ev, None, 0.0, settings)
     save_record(record, folder)
     return record

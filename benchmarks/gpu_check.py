@@ -4,12 +4,12 @@ peak GPU memory, and the summary table of the whole check.
     python benchmarks/gpu_check.py pretrain RESULT.json RUN_DIR -- [sere pretrain arguments]
     python benchmarks/gpu_check.py summary OUT_DIR [--dry-run] [--peak-tflops 989]
 
-`pretrain` runs `sere pretrain` in this process (so that `torch.cuda.max_memory_allocated` is
-the run's) and writes RESULT.json: the median of the logged images/s after the first log line
-(which holds the start-up, and with `train.compile=true` the compilation), the peak GPU memory
-and the process's peak resident memory. `summary` reads what the parts left in OUT_DIR
-(`status/PART` exit codes, `logs/PART.log`, `*.json` results) and prints one table, also
-written to OUT_DIR/summary.md and OUT_DIR/summary.json.
+`pretrain` runs what `sere pretrain` runs (`sere.api.pretrain`) in this process (so that
+`torch.cuda.max_memory_allocated` is the run's) and writes RESULT.json: the median of the logged
+images/s after the first log line (which holds the start-up, and with `train.compile=true` the
+compilation), the peak GPU memory and the process's peak resident memory. `summary` reads what
+the parts left in OUT_DIR (`status/PART` exit codes, `logs/PART.log`, `*.json` results) and
+prints one table, also written to OUT_DIR/summary.md and OUT_DIR/summary.json.
 """
 
 from __future__ import annotations
@@ -28,9 +28,31 @@ TARGET_SPEEDUP = 2.0  # ours' images/s over the baseline path's at the same batc
 TARGET_MFU = 0.40
 
 
+def pretrain_in_process(argv: list[str]) -> int:
+    """`sere pretrain ARGV` (--config files and key=value settings) through the library's
+    pretraining entry, `sere.api.pretrain`; its exit code (2 after a SereError, as the command)."""
+    import logging
+
+    from sere.api import pretrain
+    from sere.config import load_config, resolve_config_path
+    from sere.errors import SereError
+
+    parser = argparse.ArgumentParser(prog="sere pretrain")
+    parser.add_argument("--config", action="append", default=[])
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the run's log lines
+    try:
+        pretrain(load_config([resolve_config_path(c) for c in args.config], args.overrides))
+    except SereError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_pretrain(result_path: Path, run_dir: Path, argv: list[str],
                  compile_backend: str | None = None) -> int:
-    """`sere pretrain ARGV`, then its throughput and memory into `result_path`.
+    """`sere pretrain ARGV` in this process, then its throughput and memory into `result_path`.
 
     `compile_backend` replaces inductor in `torch.compile` (the dry run uses `eager`: dynamo
     traces the networks as on a GPU, without minutes of C++ code generation on a CPU).
@@ -39,12 +61,10 @@ def run_pretrain(result_path: Path, run_dir: Path, argv: list[str],
 
     import torch
 
-    from sere.cli import main as sere_main
-
     if compile_backend:
         torch.compile = functools.partial(torch.compile, backend=compile_backend)
 
-    code = sere_main(["pretrain", *argv])
+    code = pretrain_in_process(argv)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                if line.strip()] if (run_dir / "metrics.jsonl").is_file() else []
     rates = [r["images_per_second"] for r in records if "images_per_second" in r]

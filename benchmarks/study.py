@@ -48,8 +48,7 @@ from study_common import (ALL_METHODS, ALL_METHODS_BY_KEY, CLS_FEATURES, FLOOR, 
                           save_record, seconds_per_step, study_main, summarise, unfinished,
                           verdict_table)
 
-from sere.cli import resolve_config_path
-from sere.config import Config, load_config
+from sere.config import Config, load_config, resolve_config_path
 from sere.data.datasets import ImageSource
 from sere.data.labelled import pretraining_eval_sources
 from sere.eval.feature_cache import checkpoint_model_key, random_model_key

@@ -39,8 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sere.config import load_config  # noqa: E402
-from sere.cli import resolve_config_path  # noqa: E402
+from sere.config import load_config, resolve_config_path  # noqa: E402
 from sere.data.augment import MultiCropAugmentation  # noqa: E402
 from sere.data.datasets import SyntheticSource  # noqa: E402
 from sere.data.loader import MultiCropBatch, MultiCropDataset, collate  # noqa: E402

@@ -94,23 +94,33 @@ def test_quick_flags_and_defaults(tmp_path):
 
 
 def test_segment_is_asked_for_the_study_s_evaluation(tmp_path):
-    args = ds.segment_args(Path("r/last.pt"), ds.DensePlan(output=tmp_path), 2, Path("r"), False)
-    text = " ".join(args)
-    assert args[:2] == ["segment", "r/last.pt"] and "--random-init" not in args
-    for flags in ("--fashion-mnist-scenes --cluster --size 56", "--max-train 2000",
-                  "--max-test 1000", "--epochs 10", "--seed 2", "--output r/segment"):
-        assert flags in text
-    assert "--random-init" in ds.segment_args(Path("f.pt"), ds.DensePlan(output=tmp_path), 0,
-                                              Path("f"), True)
+    settings = ds.segment_settings(ds.DensePlan(output=tmp_path), 2, Path("r"))
+    assert settings.data.fashion_mnist_scenes and not settings.data.train_dir
+    assert (settings.data.max_train, settings.data.max_test) == (2000, 1000)
+    assert settings.cluster and settings.size == 56 and settings.features == "patch"
+    assert (settings.probe.epochs, settings.probe.seed) == (10, 2)
+    assert settings.output == Path("r/segment") and settings.cache_dir == Path("r/segment_cache")
 
 
-def test_a_failed_segment_run_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(ds, "sere_main", lambda args: 2)
-    with pytest.raises(SereError, match="failed .exit 2"):
-        ds.run_segment(["segment", "x.pt", "--output", "out"])
-    monkeypatch.setattr(ds, "sere_main", lambda args: 130)
-    with pytest.raises(KeyboardInterrupt):
-        ds.run_segment(["segment", "x.pt", "--output", "out"])
+def test_the_floor_is_a_random_backbone_without_a_checkpoint_file(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_evaluate(probed, folder, plan, seed):
+        seen.append((probed, folder, seed))
+        return ds.DenseEvaluation({"miou": 0.25, "pixel_accuracy": 0.8, "lr": 0.01,
+                                   "per_class_iou": [0.5], "kmeans": {"miou": 0.125,
+                                                                      "pixel_accuracy": 0.75},
+                                   "settings": {"train_images": 4, "test_images": 2}},
+                                  61.5, 5, 3, segment_seconds=1.0, knn_seconds=1.0)
+
+    monkeypatch.setattr(ds, "evaluate", fake_evaluate)
+    record = ds.do_floor(ds.DensePlan(output=tmp_path, steps=8, seeds=(1,)), 1)
+    (probed, folder, seed), = seen
+    assert probed.random_init and probed.checkpoint is None and probed.step == 0
+    assert probed.model_key.startswith("random-init:1:") and seed == 1
+    assert folder == common.run_dir(tmp_path, ds.FLOOR, 1)
+    assert record.probe_miou == 25.0 and record.steps == 0
+    assert not list(tmp_path.rglob("*.pt"))  # no fake checkpoint for the floor
 
 
 def test_a_record_takes_segment_s_fractions_as_percent():
@@ -279,7 +289,7 @@ def test_tiny_dense_study_end_to_end_then_resume_skips_everything(tmp_path, monk
     assert (tmp_path / "table.md").is_file() and (tmp_path / "dense_metrics.png").is_file()
     before = (common.run_dir(tmp_path, "ibot", 0) / "results.json").read_text()
     monkeypatch.setattr(common, "Pretrainer", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(ds, "sere_main", lambda *a: pytest.fail("evaluated again"))
+    monkeypatch.setattr(ds, "run_segment", lambda *a: pytest.fail("evaluated again"))
     assert ds.run_study(plan) == 0
     assert (common.run_dir(tmp_path, "ibot", 0) / "results.json").read_text() == before
 

@@ -15,7 +15,8 @@ from sere.cli import main
 from sere.config import ModelConfig
 from sere.data.datasets import ImageFolderSource
 from sere.errors import SereError
-from sere.eval.embed import EmbedSettings, embed_folder, model_from_weights
+from sere.eval.embed import EmbedSettings, embed_folder
+from sere.eval.embed_models import model_from_weights
 from sere.eval.features import EvalImages, extract_features
 from sere.models.backbone import ViTBackbone
 

@@ -13,7 +13,8 @@ from timm.layers import resample_abs_pos_embed
 
 import sere
 from sere.api import load_run
-from sere.cli import weights as weights_cli
+from sere.cli import export as export_cli
+from sere.cli import import_check as import_check_cli
 from sere.io import export as export_mod
 from sere.io import pretrained as import_mod
 from sere.io.export import export_backbone
@@ -323,8 +324,8 @@ def test_wrong_size_and_non_checkpoints_raise_clear_errors(tmp_path):
 def test_cli_export_and_import_check(run, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="sere")
     sub = parser.add_subparsers(dest="command", required=True)
-    weights_cli.register_export(sub.add_parser("export"))
-    weights_cli.register_import_check(sub.add_parser("import-check"))
+    export_cli.register(sub.add_parser("export"))
+    import_check_cli.register(sub.add_parser("import-check"))
     out = tmp_path / "cli_export"
     args = parser.parse_args(["export", "--checkpoint", str(run), "--output", str(out),
                               "--img-size", "32"])

@@ -124,6 +124,29 @@ def test_readme_code_map_states_the_same_layers():
     assert stated == LAYERS
 
 
+def command_line_imports(paths: list[Path], root: Path = ROOT) -> list[str]:
+    """'path:line imports sere.cli...' for every import of the command line among `paths`
+    (module names resolved against `root`, so benchmark scripts count too)."""
+    return [f"{path.relative_to(root)}:{line} imports {module}" for path in paths
+            for line, module in imported_modules(path, root)
+            if module == "sere.cli" or module.startswith("sere.cli.")]
+
+
+def test_nothing_outside_the_command_line_imports_it():
+    library = [p for p in sources() if owner(module_name(p)) != "sere.cli"]
+    benchmarks = sorted((ROOT / "benchmarks").glob("*.py"))
+    assert ROOT / "benchmarks" / "dense_study.py" in benchmarks
+    assert command_line_imports(library + benchmarks) == []
+
+
+def test_the_command_line_import_checker_sees_one_in_a_function(tmp_path):
+    script = tmp_path / "bench.py"
+    script.write_text("import json\n\ndef run():\n    from sere.cli import main\n"
+                      "    from sere.config import load_config\n"
+                      "TEXT = 'from sere.cli import main'  # a string, not an import\n")
+    assert command_line_imports([script], tmp_path) == ["bench.py:4 imports sere.cli"]
+
+
 def module_imports(paths: list[Path], src: Path = SRC) -> dict[str, set[str]]:
     """Module -> the modules of `paths` it imports (in functions too): `from sere.data import
     scenes` and `from sere.data.scenes import f` both name the module sere.data.scenes."""

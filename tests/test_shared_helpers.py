@@ -1,13 +1,18 @@
-"""One home per helper: the atomic write every writer of a whole file goes through, and the one
-learning-rate check of the probes and their commands."""
+"""One home per helper: the atomic write every writer of a whole file goes through, the one
+learning-rate check of the probes and their commands, and the one DataLoader builder whose workers
+all start the same way."""
 
 from __future__ import annotations
 
 import doctest
 import math
+import signal
 
+import numpy as np
 import pytest
+import torch
 
+from sere.data.loader import build_loader
 from sere.errors import SereError
 from sere.eval.linear import check_learning_rates
 from sere.runtime import files
@@ -37,3 +42,25 @@ def test_learning_rates_must_be_positive_numbers(lrs):
 
 def test_positive_learning_rates_pass():
     check_learning_rates([1e-3, 0.1, 3.0], "--lrs")
+
+
+class WorkerState(torch.utils.data.Dataset):
+    """Items that report how the worker process loading them was started."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[int, int, bool]:
+        ignores_stop = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        return torch.get_num_threads(), int(np.random.randint(2**31)), ignores_stop
+
+
+def test_every_loader_worker_starts_the_same_way():
+    rows = [tuple(int(v) for v in row) for threads, draw, ignores in build_loader(
+        WorkerState(), batch_size=2, workers=2, generator=torch.Generator().manual_seed(0))
+        for row in zip(threads, draw, ignores)]
+    assert [(threads, ignores) for threads, _, ignores in rows] == [(1, 1)] * 4
+    draws = [draw for _, draw, _ in rows]
+    assert draws[0] != draws[2]  # each worker's numpy has its own seed, not the parent's copy
+    (_, _, ignores), = build_loader(WorkerState(), batch_size=4)
+    assert not ignores.any()  # no workers: this process's signal handlers are left alone

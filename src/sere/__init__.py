@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "ForwardBackward": "sere.api", "LoadedRun": "sere.api", "SEREPretraining": "sere.api",
-    "compute_losses": "sere.api", "load_run": "sere.api",
+    "compute_losses": "sere.api", "load_run": "sere.api", "pretrain": "sere.api",
     "Config": "sere.config", "apply_overrides": "sere.config",
     "config_from_dict": "sere.config", "load_config": "sere.config",
     "CropBox": "sere.geometry", "overlap_grids": "sere.geometry",

@@ -53,7 +53,7 @@ class Command:
 COMMANDS = (
     Command("pretrain", "pretrain a ViT with SERE (on iBOT or DINO)", "sere.cli.pretrain"),
     Command("knn", "k-NN top-1 of a checkpoint's backbone (DINO protocol)", "sere.cli.knn"),
-    Command("visualize", "attention, self-relation and PCA pictures (PNG)", "sere.cli.pictures"),
+    Command("visualize", "attention, self-relation and PCA pictures (PNG)", "sere.cli.visualize"),
     Command("linear", "linear probe on cached frozen features, learning rate chosen on "
             "held-out training images", "sere.cli.linear"),
     Command("segment", "linear segmentation probe (and k-means) on frozen patch features, mIoU",
@@ -63,9 +63,9 @@ COMMANDS = (
     Command("finetune", "supervised fine-tuning of a pretrained backbone (layer decay, "
             "Mixup/CutMix, RandAugment), top-1/top-5 each epoch", "sere.cli.finetune"),
     Command("export", "write a backbone as timm weights (model.safetensors + config.json) and "
-            "a plain backbone.pth", "sere.cli.weights", "register_export"),
+            "a plain backbone.pth", "sere.cli.export"),
     Command("import-check", "dry run: load pretrained weights into the configured model and "
-            "list missing/unexpected tensors", "sere.cli.weights", "register_import_check"),
+            "list missing/unexpected tensors", "sere.cli.import_check"),
     Command("embed", "embeddings of every image of a folder (embeddings.npy + index.parquet, "
             "or a torch file)", "sere.cli.embed"),
     Command("demo", "the CPU demo: pretrain on Fashion-MNIST, then k-NN", "sere.cli.pretrain",

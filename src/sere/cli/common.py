@@ -80,6 +80,14 @@ def sources_from_args(args: argparse.Namespace, in_chans: int) -> tuple[ImageSou
     return labelled_sources(in_chans, args.train_dir, args.test_dir, args.fashion_mnist_dir)
 
 
+def add_checkpoint_flags(parser: argparse.ArgumentParser, use: str) -> None:
+    """--checkpoint (required) and --backbone, the checkpoint's network to `use`."""
+    parser.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
+                        "runs/demo/last.pt")
+    parser.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
+                        help=f"the checkpoint's network to {use}")
+
+
 def add_labelled_flags(parser: argparse.ArgumentParser) -> None:
     """--train-dir, --test-dir, --fashion-mnist-dir and --unknown-classes."""
     from sere.data.labelled import UNKNOWN_CLASSES

@@ -10,20 +10,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """Embed every image under a folder with a checkpoint's or a weights file's backbone."""
     from tqdm import tqdm
 
-    from sere.errors import SereError
-    from sere.eval.embed import (EmbedSettings, embed_folder, model_from_checkpoint,
-                                 model_from_weights)
+    from sere.eval.embed import EmbedSettings, embed_folder
+    from sere.eval.embed_models import EmbedModelSpec, embedding_model
 
-    if bool(args.checkpoint) == bool(args.model):
-        raise SereError("give either --checkpoint (a sere pretrain checkpoint) or --model NAME "
-                        "--weights FILE")
-    if args.model and not args.weights:
-        raise SereError(f"--model {args.model} needs --weights FILE (no weights are downloaded)")
-    if args.checkpoint:
-        model = model_from_checkpoint(args.checkpoint, args.backbone)
-    else:
-        model = model_from_weights(args.model, args.weights, args.image_size, args.patch_size,
-                                   args.trust_pickle)
+    model = embedding_model(EmbedModelSpec(args.checkpoint, args.backbone, args.model,
+                                           args.weights, args.patch_size, args.trust_pickle),
+                            args.image_size)
     settings = EmbedSettings(
         folder=Path(args.folder), output=Path(args.output), model_key=model.key,
         image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,

@@ -3,37 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from sere.cli.common import add_labelled_flags, sources_from_args
+from sere.cli.common import add_checkpoint_flags, add_labelled_flags, sources_from_args
 from sere.config import apply_overrides
-from sere.eval.feature_cache import checkpoint_model_key, random_model_key
-from sere.eval.knn_accuracy import FeatureCacheSpec, KnnResult, knn_top1
-from sere.io.weights import load_backbone, random_backbone
-from sere.runtime import resolve_device
+from sere.eval.knn_accuracy import KnnResult
+from sere.eval.knn_run import KnnSettings, run_knn
+from sere.eval.probed import checkpoint_backbone
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
     """k-NN top-1 of a checkpoint's backbone, and of random initialisation."""
-    loaded = load_backbone(args.checkpoint, which=args.backbone)
-    cfg = apply_overrides(loaded.config, args.overrides)
-    train, test = sources_from_args(args, cfg.model.in_chans)
-    device = resolve_device(args.device)
-    ks = tuple(args.k or ())
+    probed = checkpoint_backbone(args.checkpoint, args.backbone)
+    probed = dataclasses.replace(probed, config=apply_overrides(probed.config, args.overrides))
+    train, test = sources_from_args(args, probed.config.model.in_chans)
     folder = Path(args.cache_dir) if args.cache_dir else Path(args.checkpoint).parent / "knn_cache"
-    cache = None if args.no_cache else FeatureCacheSpec(
-        folder, checkpoint_model_key(args.checkpoint, args.backbone))
-    result = knn_top1(loaded.backbone, cfg, train, test, device, args.max_train, args.max_test,
-                      args.workers, ks, cache, args.unknown_classes)
-    floor = None
-    if not args.no_random:
-        floor_cache = None if args.no_cache else FeatureCacheSpec(folder,
-                                                                   random_model_key(cfg, 0))
-        floor = knn_top1(random_backbone(cfg, 0), cfg, train, test, device, args.max_train,
-                         args.max_test, args.workers, ks, floor_cache, args.unknown_classes)
+    run = run_knn(probed, train, test, KnnSettings(
+        tuple(args.k or ()), args.max_train, args.max_test, args.workers, args.device,
+        floor=not args.no_random, cache_dir=None if args.no_cache else folder,
+        unknown_classes=args.unknown_classes))
+    result = run.pretrained
     print(f"{result.train_images} train / {result.test_images} test images, "
-          f"features={cfg.eval.features}, {args.backbone} backbone")
-    print_table(result, floor, args.backbone)
+          f"features={probed.config.eval.features}, {args.backbone} backbone")
+    print_table(result, run.floor, args.backbone)
     return 0
 
 
@@ -51,10 +44,7 @@ def print_table(result: KnnResult, floor: KnnResult | None, backbone: str) -> No
 def register(k: argparse.ArgumentParser) -> None:
     """The options of `sere knn`."""
     k.epilog = "example: sere knn --checkpoint runs/demo/last.pt --k 10 20 100"
-    k.add_argument("--checkpoint", required=True, help="a sere pretrain checkpoint, e.g. "
-                   "runs/demo/last.pt")
-    k.add_argument("--backbone", choices=("teacher", "student"), default="teacher",
-                   help="the checkpoint's network to evaluate")
+    add_checkpoint_flags(k, "evaluate")
     add_labelled_flags(k)
     k.add_argument("--k", type=int, nargs="+", help="neighbour counts to report besides "
                    "eval.k, e.g. --k 10 20 100 (default: eval.k only)")

@@ -1,97 +1,29 @@
-"""`sere linear`: the linear probe on a checkpoint's frozen backbone (sere.eval.linear)."""
+"""`sere linear`: the linear probe on a checkpoint's frozen backbone (`sere.eval.linear_run`
+does the work)."""
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from sere.cli.common import add_labelled_flags, edge_note, sources_from_args
-from sere.config import Config
-from sere.data.datasets import ImageSource, subset_indices
-from sere.data.labelled import class_mapping, map_labels
-from sere.errors import SereError
-from sere.eval.feature_cache import cached_features, checkpoint_model_key, random_model_key
-from sere.eval.features import GLOBAL_KINDS, FeatureSplit, check_feature_kind
-from sere.eval.linear import (
-    DEFAULT_LRS,
-    NORMS,
-    LinearResult,
-    check_learning_rates,
-    run_probe,
-    save_linear,
-)
-from sere.io.weights import load_backbone, random_backbone
-from sere.models.backbone import ViTBackbone
-from sere.runtime import resolve_device
+from sere.eval.features import GLOBAL_KINDS
+from sere.eval.linear import DEFAULT_LRS, NORMS, LinearResult
+from sere.eval.linear_run import LinearSettings, run_linear
+from sere.eval.probed import probed_backbone
 
 
-@dataclass
-class ProbedBackbone:
-    """The backbone the probe reads, and how the cache and the report name it."""
-
-    backbone: ViTBackbone
-    config: Config
-    model_key: str
-    who: str  # "teacher backbone", "student backbone" or "random init"
-    step: int
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse flag values that cannot work, before anything is loaded."""
-    if args.epochs < 1 or args.batch_size < 1:
-        raise SereError("--epochs and --batch-size must be at least 1")
-    check_learning_rates(args.lrs, "--lrs")
-    for flag, value in (("--max-train", args.max_train), ("--max-test", args.max_test)):
-        if value is not None and value < 1:
-            raise SereError(f"{flag} must be at least 1")
-
-
-def probed_backbone(args: argparse.Namespace) -> ProbedBackbone:
-    """The checkpoint's backbone, or with --random-init a random one of its shape."""
-    loaded = load_backbone(args.checkpoint, which=args.backbone)
-    cfg = loaded.config
-    if args.random_init:
-        return ProbedBackbone(random_backbone(cfg, args.seed), cfg,
-                              random_model_key(cfg, args.seed), "random init", loaded.step)
-    return ProbedBackbone(loaded.backbone, cfg,
-                          checkpoint_model_key(args.checkpoint, args.backbone),
-                          f"{args.backbone} backbone", loaded.step)
-
-
-def labelled_pair(args: argparse.Namespace, in_chans: int) -> tuple[ImageSource, ImageSource]:
-    """The probe's (train, test) sources; both must have labels, on comparable classes."""
-    train_src, test_src = sources_from_args(args, in_chans)
-    if not train_src.classes:
-        raise SereError("the linear probe's training set has no labels: give an image folder "
-                        "with one sub-folder per class (--train-dir)")
-    if not test_src.classes:
-        raise SereError("the linear probe's test set has no labels: give an image folder with "
-                        "one sub-folder per class (--test-dir)")
-    class_mapping(train_src.classes, test_src.classes, args.unknown_classes)  # refused early
-    return train_src, test_src
-
-
-def probe_splits(args: argparse.Namespace, probed: ProbedBackbone, sources: tuple[ImageSource,
-                 ImageSource], device: torch.device, cache_dir: Path) -> tuple[FeatureSplit,
-                                                                               FeatureSplit]:
-    """Train and test features (cached), the test labels on the training numbering."""
-    train_src, test_src = sources
-    splits = {}
-    for name, source, limit in (("train", train_src, args.max_train),
-                                ("test", test_src, args.max_test)):
-        got = cached_features(probed.backbone, probed.model_key, probed.config, source,
-                              subset_indices(len(source), limit, seed=1), args.features,
-                              device, cache_dir, num_workers=args.workers, name=name)
-        how = "read from" if got.from_cache else "extracted, cached in"
-        print(f"{name} features ({len(got.split.labels)} images): {how} {got.path}")
-        splits[name] = got.split
-    test = splits["test"]
-    mapping = class_mapping(train_src.classes, test_src.classes, args.unknown_classes)
-    return splits["train"], FeatureSplit(test.features, map_labels(test.labels, mapping))
+def settings_of(args: argparse.Namespace) -> LinearSettings:
+    """The runner's settings from the flags; the cache and output beside the checkpoint unless
+    given."""
+    beside = Path(args.checkpoint).resolve().parent
+    out = "linear_random_init" if args.random_init else "linear"
+    return LinearSettings(
+        args.features, args.norm, args.epochs, args.batch_size, tuple(args.lrs), args.max_train,
+        args.max_test, args.seed, args.unknown_classes, args.workers, args.device,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else beside / "linear_cache",
+        output=Path(args.output) if args.output else beside / out)
 
 
 def print_result(result: LinearResult, who: str) -> None:
@@ -112,24 +44,17 @@ def print_result(result: LinearResult, who: str) -> None:
 
 def cmd_linear(args: argparse.Namespace) -> int:
     """`sere linear`: the probe on a checkpoint's backbone, or on a random one of its shape."""
-    check_args(args)
-    probed = probed_backbone(args)
-    check_feature_kind(probed.backbone, args.features)
-    sources = labelled_pair(args, probed.config.model.in_chans)
-    device = resolve_device(args.device)
-    ckpt_dir = Path(args.checkpoint).resolve().parent
-    cache_dir = Path(args.cache_dir) if args.cache_dir else ckpt_dir / "linear_cache"
-    train, test = probe_splits(args, probed, sources, device, cache_dir)
-    result, classifier = run_probe(train, test, len(sources[0].classes), tuple(args.lrs),
-                                   args.epochs, args.batch_size, args.norm, seed=args.seed,
-                                   features=args.features, device=device)
-    result.extra = {"checkpoint": str(args.checkpoint), "backbone": probed.who,
-                    "step": probed.step, "cache_dir": str(cache_dir)}
-    out = Path(args.output) if args.output else ckpt_dir / (
-        "linear_random_init" if args.random_init else "linear")
-    weights_path, result_path = save_linear(out, result, classifier)
+    settings = settings_of(args)
+    settings.check()  # before the checkpoint is loaded
+    probed = probed_backbone(args.checkpoint, args.backbone, args.random_init, args.seed)
+    train, test = sources_from_args(args, probed.config.model.in_chans)
+    run = run_linear(probed, train, test, settings)
+    for got in run.origins:
+        how = "read from" if got.from_cache else "extracted, cached in"
+        print(f"{got.name} features ({got.shape[0]} images): {how} {got.path}")
+    result = run.result
     print_result(result, probed.who)
-    print(f"wrote {weights_path} and {result_path}")
+    print(f"wrote {run.written[0]} and {run.written[1]}")
     top5 = "" if result.test_top5 is None else f" (top-5 {result.test_top5:.1f} %)"
     print(f"linear top-1: {result.test_top1:.1f} %{top5}")
     return 0

@@ -28,24 +28,17 @@ def pretrain_config(args: argparse.Namespace) -> Config:
 
 
 def periodic_eval(cfg: Config) -> PeriodicEval | None:
-    """The k-NN callback of pretraining when `eval.knn_every` asks for one, else None."""
-    from sere.eval.knn_accuracy import periodic_knn
+    """The k-NN callback of pretraining when `eval.knn_every` asks for one (`sere.api`)."""
+    from sere.api import periodic_eval as library_periodic_eval
 
-    return periodic_knn(cfg) if cfg.eval.knn_every is not None else None
+    return library_periodic_eval(cfg)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    """Run pretraining."""
-    from sere.runtime.distributed import cleanup as leave_process_group
-    from sere.train.loop import Pretrainer
+    """Run pretraining (`sere.api.pretrain`)."""
+    from sere.api import pretrain
 
-    cfg = pretrain_config(args)
-    result = Pretrainer(cfg, resume=args.resume, evaluate=periodic_eval(cfg)).run()
-    # Under torchrun: leave the process group while the interpreter is whole; left to exit,
-    # gloo's threads sometimes abort a rank ("terminate called without an active exception").
-    # Only after a normal end (a stop included): after an error, the other ranks may still be
-    # inside a collective and leaving would wait for them.
-    leave_process_group()
+    result = pretrain(pretrain_config(args), resume=args.resume)
     if not result.preempted:
         print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
     return 0
@@ -53,32 +46,29 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Pretrain the demo preset on Fashion-MNIST, then k-NN against random initialisation."""
-    from sere.cli.pictures import draw
+    from sere.api import pretrain
     from sere.data.datasets import FashionMNISTSource
-    from sere.eval.knn_accuracy import knn_top1
-    from sere.io.weights import load_backbone, random_backbone
-    from sere.runtime import resolve_device
-    from sere.runtime.distributed import cleanup as leave_process_group
-    from sere.train.loop import Pretrainer
+    from sere.eval.knn_run import KnnSettings, run_knn
+    from sere.eval.probed import checkpoint_backbone
+    from sere.eval.visualize_run import draw_run_pictures
+    from sere.io.weights import load_network
 
     start = time.perf_counter()
     overrides = [f"train.output_dir={args.output_dir}", *args.overrides]
     cfg = load_config([resolve_config_path("demo")], overrides)
-    result = Pretrainer(cfg, resume="auto", evaluate=periodic_eval(cfg)).run()
-    leave_process_group()  # as in cmd_pretrain
+    result = pretrain(cfg, resume="auto")
     if result.preempted:
         return 0  # the loop said how to continue: run `sere demo` again
     pretrain_minutes = (time.perf_counter() - start) / 60
-    loaded = load_backbone(result.checkpoint)
     chans = cfg.model.in_chans
     train = FashionMNISTSource(cfg.data.path, train=True, in_chans=chans)
     test = FashionMNISTSource(cfg.data.path, train=False, in_chans=chans)
-    device = resolve_device(cfg.train.device)
-    ours = knn_top1(loaded.backbone, loaded.config, train, test, device, args.max_train,
-                    args.max_test, cfg.data.num_workers)
-    floor = knn_top1(random_backbone(loaded.config), loaded.config, train, test, device,
-                     args.max_train, args.max_test, cfg.data.num_workers)
-    pictures = draw(str(result.checkpoint), "teacher", test, 6, result.output_dir / "pictures")
+    knn = run_knn(checkpoint_backbone(result.checkpoint), train, test, KnnSettings(
+        max_train=args.max_train, max_test=args.max_test, workers=cfg.data.num_workers,
+        device=cfg.train.device))
+    pictures = draw_run_pictures(load_network(result.checkpoint), "teacher", test, 6,
+                                 result.output_dir / "pictures")
+    ours, floor = knn.pretrained, knn.floor
     print(f"run folder: {result.output_dir} (losses.png, pictures/, metrics.jsonl, "
           "tensorboard/, last.pt)")
     print(f"pictures: {pictures.overview}, {pictures.channel_relation}, {pictures.embedding}")

@@ -8,10 +8,11 @@ sampler at the right batch, and get exactly the batches an uninterrupted run wou
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -226,11 +227,42 @@ def build_dataset(cfg: Config, defer_photometric: bool = False) -> MultiCropData
 
 
 def worker_init(_: int) -> None:
-    """DataLoader workers use one thread each (the main process keeps the cores for compute)
-    and ignore the stop signals, which the main process handles (`sere.runtime.stop`)."""
+    """The one init of every DataLoader worker (`build_loader`): one thread each (the main
+    process keeps the cores for compute), numpy seeded from the worker's torch seed (fine-tuning's
+    RandAugment draws its ops with numpy, which PyTorch does not reseed in workers), and the stop
+    signals ignored, which the main process handles (`sere.runtime.stop`)."""
     torch.set_num_threads(1)
+    np.random.seed(torch.initial_seed() % 2**32)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def build_loader(dataset: torch.utils.data.Dataset, batch_size: int = 1, *, workers: int = 0,
+                 shuffle: bool = False, drop_last: bool = False,
+                 generator: torch.Generator | None = None,
+                 batch_sampler: Iterable[list[Any]] | None = None,
+                 collate_fn: Callable | None = None, pin_memory: bool = False,
+                 persistent_workers: bool = False) -> torch.utils.data.DataLoader:
+    """The one DataLoader builder of pretraining, fine-tuning and evaluation: `workers`
+    processes, each started by `worker_init`.
+
+    Args:
+        dataset: the items.
+        batch_size, shuffle, drop_last, generator: batching, when no `batch_sampler` is given
+            (`generator` orders a shuffle).
+        workers: worker processes; 0 loads in this process.
+        batch_sampler: yields each batch's keys (pretraining's resumable sampler) instead.
+        collate_fn: items -> batch; None: PyTorch's default.
+        pin_memory: page-locked batches (for a CUDA device).
+        persistent_workers: keep the workers between passes (with workers > 0).
+    """
+    batching = (dict(batch_sampler=batch_sampler) if batch_sampler is not None else
+                dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                     generator=generator))
+    return torch.utils.data.DataLoader(
+        dataset, **batching, num_workers=workers, collate_fn=collate_fn,
+        worker_init_fn=worker_init if workers else None, pin_memory=pin_memory,
+        persistent_workers=persistent_workers and workers > 0)
 
 
 def loader_batches(loader: torch.utils.data.DataLoader) -> Iterator[Any]:

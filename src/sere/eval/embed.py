@@ -26,25 +26,20 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-import timm
 import torch
 from torch import Tensor
 
-from sere.config import ARCHITECTURES, ModelConfig
 from sere.data.datasets import ImageFolderSource, UnreadableImage
-from sere.data.loader import loader_batches
+from sere.data.loader import build_loader, loader_batches
 from sere.errors import SereError
 from sere.eval.features import EvalImages
-from sere.io.pretrained import load_pretrained_weights
-from sere.io.weights import load_backbone
-from sere.models.backbone import ViTBackbone, build_backbone
+from sere.models.backbone import ViTBackbone
 from sere.runtime import resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -151,8 +146,7 @@ def _embed_shard(backbone: ViTBackbone, source: ImageFolderSource, k: int,
     s = settings
     start, stop = k * s.shard_size, min(len(source), (k + 1) * s.shard_size)
     images = FolderImages(source, s.image_size, s.mean, s.std, list(range(start, stop)))
-    loader = torch.utils.data.DataLoader(images, batch_size=s.batch_size, shuffle=False,
-                                         num_workers=s.workers)
+    loader = build_loader(images, s.batch_size, workers=s.workers)
     files = _shard_paths(s.output, k)
     dtype = np.float16 if s.float16 else np.float32
     grid = (s.image_size // backbone.patch_size) ** 2
@@ -298,54 +292,3 @@ def write_index(out: Path, index: list[list]) -> str:
     table = pa.table({name: [row[i] for row in index] for i, name in enumerate(columns)})
     pq.write_table(table, out / "index.parquet")
     return "parquet"
-
-
-@dataclass
-class EmbeddingModel:
-    """A backbone to embed with, the normalisation it expects, and a key naming its weights."""
-
-    backbone: ViTBackbone
-    key: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def _file_key(path: str | Path) -> str:
-    path = Path(path).resolve()
-    return f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.is_file() \
-        else str(path)
-
-
-def model_from_checkpoint(path: str | Path, which: str = "teacher") -> EmbeddingModel:
-    """The teacher (or student) backbone of a `sere pretrain` checkpoint, with its run's
-    normalisation."""
-    loaded = load_backbone(path, which)
-    data = loaded.config.data
-    return EmbeddingModel(loaded.backbone, f"checkpoint {_file_key(path)} {which}",
-                          tuple(data.normalize_mean), tuple(data.normalize_std))
-
-
-def model_from_weights(name: str, weights: str | Path, image_size: int, patch_size: int = 16,
-                       trust_pickle: bool = False) -> EmbeddingModel:
-    """A backbone built by name and filled from a weights file in any layout `sere.io` reads.
-
-    Args:
-        name: a timm DINOv2/DINOv3 architecture (vit_small_patch14_dinov2, ...) or one of the
-            project's own ViTs (vit_tiny, vit_small, vit_base, vit_large).
-        weights: the file (Meta, Hugging Face, timm, sere, SERE/iBOT/DINO layouts).
-        image_size: the size images will be resized to; the position table is resampled to it
-            once, by the backbone family's rule.
-        patch_size: the own ViTs' patch size (a timm name carries its own).
-        trust_pickle: allow files holding arbitrary Python objects.
-    """
-    own = name in ARCHITECTURES
-    found = re.fullmatch(r"vit_\w+?_patch(\d+)_\w*dinov[23]\w*", name)
-    if not own and (found is None or name not in timm.list_models()):
-        raise SereError(f"model {name!r} is unknown; give a timm DINOv2/DINOv3 name such as "
-                        f"vit_small_patch14_dinov2, or one of {', '.join(ARCHITECTURES)}")
-    cfg = (ModelConfig(arch=name, patch_size=patch_size) if own else
-           ModelConfig(backbone=name, patch_size=int(found.group(1))))
-    backbone = build_backbone(cfg, img_size=image_size, drop_path=0.0, with_mask_token=False)
-    load_pretrained_weights(weights, backbone, strict=True, trust_pickle=trust_pickle)
-    return EmbeddingModel(backbone.eval(), f"{name} {_file_key(weights)}", IMAGENET_MEAN,
-                          IMAGENET_STD)

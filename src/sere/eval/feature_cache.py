@@ -30,12 +30,26 @@ CACHE_FORMAT = "sere-linear-features-v1"
 
 
 @dataclass
+class FeatureOrigin:
+    """Where a split's features came from (what a command reports of an extraction)."""
+
+    name: str  # the split, "train" or "test"
+    shape: tuple[int, ...]  # of the features, (N, D) or (N, h, w, D)
+    path: Path | None  # the cache file, None when caching is off
+    from_cache: bool
+
+
+@dataclass
 class CachedFeatures:
     """A split's features and where they came from."""
 
     split: FeatureSplit
     path: Path | None  # the cache file, None when caching is off
     from_cache: bool
+
+    def origin(self, name: str) -> FeatureOrigin:
+        """Where these features of split `name` came from."""
+        return FeatureOrigin(name, tuple(self.split.features.shape), self.path, self.from_cache)
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:

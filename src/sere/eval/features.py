@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sere.data.datasets import ImageSource, UnreadableImage
-from sere.data.loader import loader_batches
+from sere.data.loader import build_loader, loader_batches
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone
 from sere.runtime.progress import progress_bar
@@ -145,8 +145,7 @@ def extract_features(backbone: ViTBackbone, images: EvalImages, kind: str, batch
     check_feature_kind(backbone, kind)
     was_training = backbone.training
     backbone.eval().to(device)
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
+    loader = build_loader(images, batch_size, workers=num_workers)
     feats, labels = [], []
     try:
         # loader_batches: a worker's error is one line and its workers are shut down at once

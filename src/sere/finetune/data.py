@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,6 +17,7 @@ from sere.data.datasets import (
     subset_indices,
 )
 from sere.data.labelled import class_mapping, labelled_sources
+from sere.data.loader import build_loader
 from sere.errors import SereError
 from sere.finetune.config import FinetuneConfig
 from sere.finetune.transforms import test_transform, to_pil, train_transform
@@ -113,15 +113,6 @@ def make_loader(dataset: FinetuneImages, batch_size: int, train: bool, workers: 
                 generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
     """Batches of (images (B, C, S, S), labels (B,)); training shuffles with `generator` and
     drops the last partial batch, testing keeps the order and every image."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, drop_last=train,
-        generator=generator if train else None, num_workers=workers,
-        worker_init_fn=worker_init if workers else None,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-
-
-def worker_init(worker_id: int) -> None:
-    """One thread per worker, and numpy seeded per worker (RandAugment draws its ops with numpy,
-    which PyTorch does not reseed in workers)."""
-    torch.set_num_threads(1)
-    np.random.seed(torch.initial_seed() % 2**32)
+    return build_loader(dataset, batch_size, workers=workers, shuffle=train, drop_last=train,
+                        generator=generator if train else None,
+                        pin_memory=device.type == "cuda", persistent_workers=True)

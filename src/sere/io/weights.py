@@ -15,6 +15,7 @@ import torch
 from sere.config import Config, config_from_dict
 from sere.errors import SereError
 from sere.models.backbone import ViTBackbone, build_backbone
+from sere.models.network import SERENetwork
 from sere.io.checkpoint import FINETUNE_KIND, load_checkpoint
 
 
@@ -79,3 +80,23 @@ def random_backbone(cfg: Config, seed: int = 0) -> ViTBackbone:
     torch.manual_seed(seed)
     return build_backbone(cfg.model, img_size=cfg.data.global_crop_size, drop_path=0.0,
                           with_mask_token=False).eval()
+
+
+@dataclass
+class LoadedNetwork:
+    """A network (backbone and heads) and the configuration of the run that trained it."""
+
+    network: SERENetwork
+    config: Config
+    step: int
+
+
+def load_network(path: str | Path, which: str = "teacher") -> LoadedNetwork:
+    """The teacher (default) or student network of a `sere pretrain` checkpoint, with its
+    projection and relation heads, in eval mode."""
+    if which not in ("teacher", "student"):
+        raise SereError(f"which = {which!r}: choose 'teacher' or 'student'")
+    run = read_run_checkpoint(path, which)
+    network = SERENetwork(run.config, is_student=which == "student")
+    network.load_state_dict(run.state[which])
+    return LoadedNetwork(network.eval(), run.config, run.step)

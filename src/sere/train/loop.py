@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sere.config import Config, save_config
 from sere.data.datasets import MOSTLY_BAD_MIN_READS
-from sere.data.loader import (EpochBatchSampler, build_dataset, collate, loader_batches,
-                              worker_init)
+from sere.data.loader import (EpochBatchSampler, build_dataset, build_loader, collate,
+                              loader_batches)
 from sere.errors import SereError
 from sere.io.checkpoint import refuse_earlier_run
 from sere.io.pretrained import UntrustedPickle, load_pretrained_weights
@@ -259,11 +259,9 @@ class Pretrainer:
 
     def _loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
         self.sampler.set_epoch(epoch, start_batch)
-        workers = self.cfg.data.num_workers
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
-            worker_init_fn=worker_init if workers else None,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        return build_loader(self.dataset, workers=self.cfg.data.num_workers,
+                            batch_sampler=self.sampler, collate_fn=collate,
+                            pin_memory=self.device.type == "cuda")
 
     def _batches(self):
         """Micro-batches from the current step on, across epochs, forever."""

@@ -1,0 +1,207 @@
+"""What `sere segment` does: linear (and k-means) segmentation probes on a backbone's frozen,
+cached patch features, written as result.json, report.txt and dense_pictures.png.
+
+    probed = random_init_backbone(cfg, seed=0)                  # or checkpoint_backbone(path)
+    run = run_segment(probed, SegmentSettings(DenseSources(fashion_mnist_scenes=True),
+                                              cluster=True, output=Path("segment")))
+    run.linear.miou, run.kmeans.miou
+
+The method and its numbers: docs/dense.md; the probes: `sere.eval.segment`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sere.data.dense import unseen_class_warning
+from sere.errors import SereError
+from sere.eval.dense_features import check_patch_size, dense_features
+from sere.eval.dense_pairs import DensePair, DenseSources, dense_pair
+from sere.eval.dense_pictures import save_dense_pictures
+from sere.eval.feature_cache import FeatureOrigin
+from sere.eval.features import LAST_BLOCKS
+from sere.eval.linear import check_learning_rates
+from sere.eval.probed import ProbedBackbone
+from sere.eval.segment import (KMeansRun, LinearProbeRun, ProbeSettings, SegmentationResult,
+                               format_report, kmeans_segmentation, linear_segmentation,
+                               predict_masks)
+from sere.runtime import resolve_device
+from sere.runtime.files import atomic_write_text
+
+PICTURE_ROWS = 6  # test images drawn into dense_pictures.png
+
+
+@dataclass
+class SegmentSettings:
+    """How `run_segment` evaluates.
+
+    Args:
+        data: the dense images (folders or Fashion-MNIST scenes) and how many.
+        features: "patch" (last block's normed patch tokens) or "patch4" (the last 4 blocks').
+        size: evaluation size, a multiple of the patch size; None: the global crop size.
+        cluster: also run k-means (K = number of classes) on the test patch features.
+        probe: the linear probe's learning rates, epochs and seed.
+        batch_size, workers: of the feature extraction.
+        probe_threads: torch threads while the probe trains.
+        device: "cpu", "cuda", "mps" or "auto" (of the extraction).
+        cache_dir: feature cache folder; None extracts without caching.
+        output: folder for result.json, report.txt, dense_pictures.png; None writes nothing.
+    """
+
+    data: DenseSources = field(default_factory=DenseSources)
+    features: str = "patch"
+    size: int | None = None
+    cluster: bool = False
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    batch_size: int = 64
+    workers: int = 0
+    probe_threads: int = 1
+    device: str = "auto"
+    cache_dir: Path | None = None
+    output: Path | None = None
+
+    def check(self) -> None:
+        """Refuse values that cannot work (before anything is loaded)."""
+        if (self.probe.epochs < 1 or self.batch_size < 1 or self.workers < 0
+                or self.probe_threads < 1):
+            raise SereError("--epochs, --batch-size and --probe-threads must be at least 1, "
+                            "--workers at least 0")
+        check_learning_rates(self.probe.lrs, "--lrs")
+        if self.data.max_train is not None and self.data.max_train < 2:
+            raise SereError("--max-train must be at least 2 (10 % are held out to choose the "
+                            "lr)")
+        if self.data.max_test is not None and self.data.max_test < 1:
+            raise SereError("--max-test must be at least 1")
+
+
+@dataclass
+class SegmentRuns:
+    """The linear probe's run and, with clustering, the k-means run."""
+
+    linear: LinearProbeRun
+    kmeans: KMeansRun | None
+
+
+@dataclass
+class SegmentRun:
+    """What `run_segment` measured and wrote."""
+
+    linear: SegmentationResult  # the linear probe's test scores (fractions)
+    kmeans: SegmentationResult | None  # with clustering
+    who: str  # the backbone, as ProbedBackbone names it
+    size: int  # evaluation size
+    train_images: int
+    test_images: int
+    record: dict[str, Any]  # result.json's content: the linear result, "kmeans", "settings"
+    written: list[Path]  # empty without an output folder
+    origins: list[FeatureOrigin]  # where the train and test features came from
+    warning: str | None = None  # test classes absent from the training masks
+
+
+def check_segment_kind(probed: ProbedBackbone, kind: str) -> None:
+    """patch4 reads the last 4 blocks: refuse it, with the way out, on a shallower backbone."""
+    depth = len(probed.backbone.vit.blocks)
+    if kind == "patch4" and depth < LAST_BLOCKS:
+        raise SereError(f"--features patch4 needs at least {LAST_BLOCKS} transformer blocks but "
+                        f"this backbone has {depth}; use --features patch")
+
+
+@dataclass
+class PatchFeatures:
+    """Train and test patch features (N, h, w, D) float16, and where they came from."""
+
+    train: torch.Tensor
+    test: torch.Tensor
+    origins: list[FeatureOrigin]
+
+
+def split_features(probed: ProbedBackbone, pair: DensePair,
+                   settings: SegmentSettings) -> PatchFeatures:
+    """Train and test patch features of `pair`, read from the cache or extracted into it."""
+    device = resolve_device(settings.device)
+    got = {name: dense_features(probed.backbone, probed.model_key, probed.config, dense.images,
+                                settings.features, device, settings.cache_dir,
+                                settings.batch_size, settings.workers, name)
+           for name, dense in (("train", pair.train), ("test", pair.test))}
+    return PatchFeatures(got["train"].split.features, got["test"].split.features,
+                         [cached.origin(name) for name, cached in got.items()])
+
+
+def run_probes(pair: DensePair, train: torch.Tensor, test: torch.Tensor,
+               settings: ProbeSettings, cluster: bool, threads: int) -> SegmentRuns:
+    """The linear probe (and k-means) with `threads` torch threads (restored after): the
+    probe's many small steps run several times slower with threads fighting over a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        k, names = pair.train.num_classes, pair.class_names
+        linear = linear_segmentation(train, pair.train.masks, test, pair.test.masks, k, names,
+                                     settings)
+        kmeans = (kmeans_segmentation(test, pair.test.masks, k, names, settings.seed)
+                  if cluster else None)
+    finally:
+        torch.set_num_threads(before)
+    return SegmentRuns(linear, kmeans)
+
+
+def result_record(runs: SegmentRuns, settings: dict[str, Any]) -> dict[str, Any]:
+    """result.json's content: the linear result's fields, "kmeans" and "settings"."""
+    record = asdict(runs.linear.result)
+    if runs.kmeans is not None:
+        record["kmeans"] = asdict(runs.kmeans.result)
+    record["settings"] = settings
+    return record
+
+
+def write_outputs(out: Path, runs: SegmentRuns, pair: DensePair, test: torch.Tensor,
+                  record: dict[str, Any]) -> list[Path]:
+    """result.json, report.txt and dense_pictures.png (the first test images) in `out`."""
+    reports = [format_report(r.result) for r in (runs.linear, runs.kmeans) if r is not None]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SereError(f"cannot create the output folder {out}: {err.strerror}") from None
+    for path, text in ((out / "result.json", json.dumps(record, indent=2) + "\n"),
+                       (out / "report.txt", "\n\n".join(reports) + "\n")):
+        try:
+            atomic_write_text(path, text)
+        except OSError as err:
+            raise SereError(f"could not write {path}: {err}") from None
+    n = min(PICTURE_ROWS, len(pair.test.images))
+    size = tuple(pair.test.masks.shape[1:])
+    probe = predict_masks(runs.linear.probe, test[:n], size)
+    clusters = runs.kmeans.predictions[:n] if runs.kmeans is not None else None
+    picture = save_dense_pictures(pair.test.images[:n], pair.test.masks[:n], probe, clusters,
+                                  out / "dense_pictures.png", pair.class_names)
+    return [out / "result.json", out / "report.txt", picture]
+
+
+def run_segment(probed: ProbedBackbone, settings: SegmentSettings) -> SegmentRun:
+    """Segmentation probes on `probed`'s patch features (the module docstring)."""
+    settings.check()
+    cfg = probed.config
+    size = settings.size or cfg.data.global_crop_size
+    check_patch_size(size, cfg.model.patch_size)
+    check_segment_kind(probed, settings.features)
+    pair = dense_pair(settings.data, size, cfg.model.in_chans)
+    warning = unseen_class_warning(pair.train.masks, pair.test.masks, tuple(pair.class_names))
+    features = split_features(probed, pair, settings)
+    runs = run_probes(pair, features.train, features.test, settings.probe, settings.cluster,
+                      settings.probe_threads)
+    record = result_record(runs, {
+        "checkpoint": probed.checkpoint, "backbone": probed.who, "step": probed.step,
+        "features": settings.features, "size": size, "data": pair.description,
+        "train_images": len(pair.train.images), "test_images": len(pair.test.images),
+        "num_classes": pair.train.num_classes, "probe": asdict(settings.probe),
+        "cluster": settings.cluster,
+        "cache_dir": None if settings.cache_dir is None else str(settings.cache_dir)})
+    written = ([] if settings.output is None
+               else write_outputs(settings.output, runs, pair, features.test, record))
+    return SegmentRun(runs.linear.result, runs.kmeans.result if runs.kmeans else None,
+                      probed.who, size, len(pair.train.images), len(pair.test.images), record,
+                      written, features.origins, warning or None)
