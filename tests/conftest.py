@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,19 @@ TINY = [
     # the defaults before they became the ViT-S recipe, which these tests were written against
     "data.global_crops_scale=[0.14, 1.0]", "optim.clip_grad=3.0", "train.precision=fp32",
 ]
+
+
+@pytest.fixture(autouse=True)
+def no_cli_log_handler_left_behind():
+    """A test that runs `sere.cli.main` in-process installs the CLI's log handler on the `sere`
+    logger, as the program does; take it away afterwards, so that later tests (doctests that
+    compare printed output, caplog checks) see the library as an importer does."""
+    root = logging.getLogger("sere")
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def tiny_on(dataset: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 from sere.runtime.progress import PLAIN_INTERVAL_S, progress_bar
 
@@ -13,6 +14,7 @@ class Terminal(io.StringIO):
 
 
 def test_plain_lines_off_a_terminal_and_the_bar_on_one():
+    logging.getLogger("sere").setLevel(logging.INFO)  # as the CLI sets it
     log = io.StringIO()  # not a terminal
     bar = progress_bar(total=4, desc="pretrain", unit="step", stream=log, dynamic_ncols=True)
     for _ in range(4):
@@ -31,3 +33,12 @@ def test_plain_lines_off_a_terminal_and_the_bar_on_one():
     bar.update(2)
     bar.close()
     assert "\r" in screen.getvalue()  # redrawn in place, as tqdm does
+
+
+def test_no_bar_for_a_program_that_sets_up_no_logging():
+    logging.getLogger("sere").setLevel(logging.NOTSET)  # the root's WARNING decides, as on import
+    log = io.StringIO()
+    bar = progress_bar(total=2, desc="pretrain", stream=log)
+    bar.update(2)
+    bar.close()
+    assert log.getvalue() == ""
