@@ -333,10 +333,15 @@ def test_unreadable_images_are_replaced_until_the_shared_limit():
     images = ftd.FinetuneImages(_Flaky({2, 3}), identity, list(range(8)))
     x, label = images[2]  # 2 and 3 unreadable: the next readable one is 4
     assert label == 4 and x[0, 0, 0] == pytest.approx(4 / 255)
-    assert MAX_CONSECUTIVE_BAD_IMAGES > 8  # so an all-bad set cycles into the limit below
+    # an all-bad set stops after trying each file once, as pretraining does
     hopeless = ftd.FinetuneImages(_Flaky(set(range(8))), identity, list(range(8)))
-    with pytest.raises(sere.SereError, match=f"{MAX_CONSECUTIVE_BAD_IMAGES} unreadable images"):
+    with pytest.raises(sere.SereError, match="^all 8 images could not be decoded .*mostly bad"):
         hopeless[0]
+    assert MAX_CONSECUTIVE_BAD_IMAGES < 60  # a large all-bad set stops after this many
+    endless = ftd.FinetuneImages(_Flaky(set(range(60))), identity, list(range(60)))
+    with pytest.raises(sere.SereError,
+                       match=f"^{MAX_CONSECUTIVE_BAD_IMAGES} images in a row could not be decoded"):
+        endless[0]
 
 
 def test_randaugment_posterize_keeps_at_least_one_bit():

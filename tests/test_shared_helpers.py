@@ -1,6 +1,6 @@
 """One home per helper: the atomic write every writer of a whole file goes through, the one
-learning-rate check of the probes and their commands, and the one DataLoader builder whose workers
-all start the same way."""
+learning-rate check of the probes and their commands, the one DataLoader builder whose workers
+all start the same way, and the one reader that steps over unreadable images."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from sere.data import datasets
+from sere.data.datasets import UnreadableImage, first_readable
 from sere.data.loader import build_loader
 from sere.errors import SereError
 from sere.eval.linear import check_learning_rates
@@ -64,3 +66,39 @@ def test_every_loader_worker_starts_the_same_way():
     assert draws[0] != draws[2]  # each worker's numpy has its own seed, not the parent's copy
     (_, _, ignores), = build_loader(WorkerState(), batch_size=4)
     assert not ignores.any()  # no workers: this process's signal handlers are left alone
+
+
+def _read_unless(bad: set[int]):
+    def read(i: int) -> int:
+        if i in bad:
+            raise UnreadableImage(f"file-{i}")
+        return 10 * i
+    return read
+
+
+def test_first_readable_steps_over_bad_files_wrapping_round_and_reports_them():
+    read = first_readable(_read_unless({3, 4}), [1, 2, 3, 4, 5], 2)
+    assert read.value == 50 and read.skipped == ["file-3", "file-4"]
+    wrapped = first_readable(_read_unless({5}), [1, 2, 3, 4, 5], 4)
+    assert wrapped.value == 10 and wrapped.skipped == ["file-5"]
+    seen = []
+    first_readable(_read_unless({3}), [1, 2, 3, 4], 2, on_skip=seen.append)
+    assert [str(e) for e in seen] == ["file-3"]
+
+    def strict(err: UnreadableImage) -> None:
+        raise SereError(f"strict: {err}")
+    with pytest.raises(SereError, match="^strict: file-3$"):
+        first_readable(_read_unless({3}), [1, 2, 3], 2, on_skip=strict)
+    with pytest.raises(SereError, match=r"^all 3 images could not be decoded \(last: file-2\)"):
+        first_readable(_read_unless({1, 2, 3}), [1, 2, 3], 2)
+    runner = doctest.DocTestRunner()
+    for example in doctest.DocTestFinder().find(first_readable, globs=dict(vars(datasets))):
+        runner.run(example)
+    assert tuple(runner.summarize(verbose=False)) == (0, 1)  # (failed, attempted)
+
+
+def test_first_readable_gives_up_after_the_shared_limit_in_a_large_bad_folder():
+    limit = datasets.MAX_CONSECUTIVE_BAD_IMAGES
+    many = list(range(limit + 10))
+    with pytest.raises(SereError, match=f"^{limit} images in a row could not be decoded"):
+        first_readable(_read_unless(set(many)), many, 0)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +39,40 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a g
 
 class UnreadableImage(Exception):
     """An image file that could not be decoded."""
+
+
+@dataclass
+class Readable:
+    """What `first_readable` read."""
+
+    value: Any  # what `read` returned
+    skipped: list[str]  # the unreadable files tried before it, in order
+
+
+def first_readable(read: Callable[[int], Any], indices: Sequence[int], position: int,
+                   on_skip: Callable[[UnreadableImage], None] | None = None) -> Readable:
+    """`read(indices[position])`, or, where that file cannot be decoded, `read` of the next
+    index (wrapping round) that can: the one way a training data set steps over a bad file.
+
+    Each file is tried at most once and at most `MAX_CONSECUTIVE_BAD_IMAGES` in all, so a small
+    folder cannot claim more failures than it has files. `on_skip` sees each failure first (it
+    may raise, as `data.strict=true` does). Raises SereError when every file tried was bad.
+
+    >>> first_readable(lambda i: 10 * i, [0, 1, 2], 1).value
+    10
+    """
+    skipped: list[str] = []
+    for attempt in range(min(MAX_CONSECUTIVE_BAD_IMAGES, len(indices))):
+        try:
+            return Readable(read(indices[(position + attempt) % len(indices)]), skipped)
+        except UnreadableImage as err:
+            if on_skip is not None:
+                on_skip(err)
+            skipped.append(str(err))
+    tried = (f"all {len(skipped)} images" if len(skipped) == len(indices)
+             else f"{len(skipped)} images in a row")
+    raise SereError(f"{tried} could not be decoded (last: {skipped[-1]}); the data folder "
+                    "looks mostly bad. Fix or remove them and start again")
 
 
 class ImageSource(torch.utils.data.Dataset):

@@ -18,12 +18,7 @@ from torch import Tensor
 
 from sere.config import Config
 from sere.data.augment import MultiCropAugmentation, RenderedCrops
-from sere.data.datasets import (
-    MAX_CONSECUTIVE_BAD_IMAGES,
-    ImageSource,
-    UnreadableImage,
-    subset_indices,
-)
+from sere.data.datasets import ImageSource, UnreadableImage, first_readable, subset_indices
 from sere.data.masking import block_mask, draw_mask_ratio
 from sere.data.sources import build_source
 from sere.errors import SereError
@@ -109,30 +104,18 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, position = key
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
-        skipped = []
-        # Each file is tried at most once: a small folder cannot claim more failures than files.
-        for attempt in range(min(MAX_CONSECUTIVE_BAD_IMAGES, len(self.indices))):
-            index = self.indices[(position + attempt) % len(self.indices)]
-            try:
-                views, label = self._views(index, generator)
-                break
-            except UnreadableImage as err:
-                if self.strict:
-                    raise SereError(f"unreadable image {err} (data.strict=true); remove or fix "
-                                    "it, or set data.strict=false to skip such files") from None
-                skipped.append(str(err))
-        else:
-            raise self._mostly_bad(skipped)
+        read = first_readable(lambda index: self._views(index, generator), self.indices,
+                              position, on_skip=self._strict_stop if self.strict else None)
+        views, label = read.value
         masks = [self._mask(generator) for _ in range(2)]
         return dict(crops=views.crops, boxes=views.boxes, photometric=views.photometric,
-                    masks=masks, label=label, skipped=skipped)
+                    masks=masks, label=label, skipped=read.skipped)
 
-    def _mostly_bad(self, skipped: list[str]) -> SereError:
-        """The error for `skipped`, the unreadable files tried in a row for one sample."""
-        tried = (f"all {len(skipped)} images" if len(skipped) == len(self.indices)
-                 else f"{len(skipped)} images in a row")
-        return SereError(f"{tried} could not be decoded (last: {skipped[-1]}); the data folder "
-                         "looks mostly bad. Fix or remove them and start again")
+    @staticmethod
+    def _strict_stop(err: UnreadableImage) -> None:
+        """`data.strict=true`: the first unreadable file ends the run."""
+        raise SereError(f"unreadable image {err} (data.strict=true); remove or fix it, or set "
+                        "data.strict=false to skip such files") from None
 
     def _views(self, index: int, generator: torch.Generator) -> tuple[RenderedCrops, int]:
         """Views and label of source item `index`: the crops are planned on the image's header

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from sere.data.datasets import (
-    MAX_CONSECUTIVE_BAD_IMAGES,
     ImageSource,
     SyntheticSource,
     UnreadableImage,
+    first_readable,
     subset_indices,
 )
 from sere.data.labelled import class_mapping, labelled_sources
@@ -29,7 +29,7 @@ class FinetuneImages(torch.utils.data.Dataset):
     """Labelled images of a source through a PIL transform.
 
     An unreadable image is replaced by the next readable one (with a warning), so one bad file
-    does not end a long run; `MAX_CONSECUTIVE_BAD_IMAGES` in a row raise SereError.
+    does not end a long run (`sere.data.datasets.first_readable`, as pretraining does).
 
     Args:
         source: labelled uint8 images.
@@ -48,18 +48,15 @@ class FinetuneImages(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        for attempt in range(MAX_CONSECUTIVE_BAD_IMAGES):
-            index = self.indices[(i + attempt) % len(self.indices)]
-            try:
-                image, label = self.source[index]  # uint8 (C, H, W), int
-            except UnreadableImage as err:
-                logger.warning(f"warning: skipping unreadable image {err}")
-                continue
-            if self.label_map is not None and label >= 0:
-                label = int(self.label_map[label])
-            return self.transform(to_pil(image)), label
-        raise SereError(f"{MAX_CONSECUTIVE_BAD_IMAGES} unreadable images in a row near "
-                        f"{self.source.describe(self.indices[i])}; check the data folder")
+        image, label = first_readable(self.source.__getitem__, self.indices, i,
+                                      on_skip=_warn_skipped).value  # uint8 (C, H, W), int
+        if self.label_map is not None and label >= 0:
+            label = int(self.label_map[label])
+        return self.transform(to_pil(image)), label
+
+
+def _warn_skipped(err: UnreadableImage) -> None:
+    logger.warning(f"warning: skipping unreadable image {err}")
 
 
 def build_sources(cfg: FinetuneConfig, in_chans: int) -> tuple[ImageSource, ImageSource]:

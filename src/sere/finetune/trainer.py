@@ -41,7 +41,7 @@ from sere.finetune.outputs import (
 from sere.finetune.state import STATE_NAME, cut_log, restore_state, save_state
 from sere.io.checkpoint import FINETUNE_KIND, save_checkpoint
 from sere.io.weights import load_backbone
-from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
+from sere.runtime import autocast_context, check_writable, start_compute
 from sere.runtime.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,8 @@ class Finetuner:
         self.cfg, self.checkpoint_path, self.random_init = cfg, Path(checkpoint), random_init
         self.resume = resume
         d, o, t = cfg.data, cfg.optim, cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
-        self.precision_choice = choose_precision(t.precision, self.device)
+        compute = start_compute(t.device, t.precision, t.threads)
+        self.device, self.precision_choice = compute.device, compute.precision
         self.precision = self.precision_choice.name
         self.pretrained = load_backbone(checkpoint, which)
         pre = self.pretrained.config

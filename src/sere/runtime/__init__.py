@@ -82,6 +82,24 @@ def choose_precision(name: str, device: torch.device) -> Precision:
     return Precision(name, "as set")
 
 
+@dataclass(frozen=True)
+class Compute:
+    """Where and how a training run computes."""
+
+    device: torch.device
+    precision: Precision  # the precision chosen for it, and why
+
+
+def start_compute(device: str, precision: str, threads: int | None) -> Compute:
+    """The one set-up of a training run's compute (pretraining and fine-tuning alike): the CPU
+    threads when `threads` is set, the device (`resolve_device`) and the precision
+    (`choose_precision`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    where = resolve_device(device)
+    return Compute(where, choose_precision(precision, where))
+
+
 def autocast_context(precision: str, device: torch.device):
     """The autocast context for `precision` (fp32 is a no-op)."""
     if precision == "fp32":

@@ -24,7 +24,7 @@ from sere.io.pretrained import UntrustedPickle, load_pretrained_weights
 from sere.losses.objective import LossTerms
 from sere.models.backbone import ViTBackbone, fused_attention_pays
 from sere.models.network import NetworkOutputs, build_networks
-from sere.runtime import autocast_context, check_writable, choose_precision, resolve_device
+from sere.runtime import autocast_context, check_writable, start_compute
 from sere.runtime import distributed as dist_utils
 from sere.runtime.files import remove_leftover_temporaries
 from sere.runtime.stop import StopRequest
@@ -89,8 +89,6 @@ class Pretrainer:
         self.drift = (DriftMonitor(cfg.eval.drift_margin)
                       if evaluate is not None and cfg.eval.knn_every is not None
                       and cfg.eval.drift_margin is not None else None)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
         self._start_runtime()
         if resume is None:  # a fresh run never overwrites another one
             refuse_earlier_run(self.output_dir)
@@ -128,8 +126,8 @@ class Pretrainer:
     def _start_runtime(self) -> None:
         """Device, precision and the process group."""
         cfg = self.cfg
-        self.device = resolve_device(cfg.train.device)
-        self.precision_choice = choose_precision(cfg.train.precision, self.device)
+        compute = start_compute(cfg.train.device, cfg.train.precision, cfg.train.threads)
+        self.device, self.precision_choice = compute.device, compute.precision
         self.precision = self.precision_choice.name
         self.dist = dist_utils.init_distributed(self.device.type)
         if cfg.train.parallel == "fsdp":
