@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from sere.config import Config
 from sere.geometry import overlap_grids
 from sere.losses.objective import SERELoss
-from sere.losses.relation import relation_cross_entropy, spatial_relation
+from sere.losses.parts import CrossEntropyParts, weighted_parts
+from sere.losses.relation import relation_parts, spatial_relation
 from sere.models.network import Networks, PatchLogits, SERENetwork, build_networks
 
 
@@ -95,7 +96,7 @@ class BaselineSERELoss(SERELoss):
     """`SERELoss` with relations materialised and resampled pair by pair."""
 
     def spatial_term(self, teacher_maps: Tensor, student_maps: Tensor,
-                     student_local_maps: Tensor | None, boxes: Tensor) -> Tensor:
+                     student_local_maps: Tensor | None, boxes: Tensor) -> CrossEntropyParts:
         heads, tau = self.num_heads, self.spatial.tau
         g, s_local = self.spatial.global_grid, self.spatial.local_grid
         teacher = [spatial_relation(m.flatten(2).float(), heads) for m in teacher_maps.chunk(2)]
@@ -103,20 +104,20 @@ class BaselineSERELoss(SERELoss):
         losses = []
         for t, s in ((0, 1), (1, 0)):
             grid_t, grid_s = overlap_grids(boxes[:, t], boxes[:, s], g)
-            losses.append(relation_cross_entropy(resample_relation(teacher[t], grid_t),
-                                                 resample_relation(student[s], grid_s), tau))
+            losses.append(relation_parts(resample_relation(teacher[t], grid_t),
+                                         resample_relation(student[s], grid_s), tau))
         if student_local_maps is not None:
             batch = boxes.shape[0]
             for l, local_map in enumerate(student_local_maps.split(batch)):  # noqa: E741
                 local = spatial_relation(local_map.flatten(2).float(), heads)
                 for t in range(2):
                     grid_l, grid_t = overlap_grids(boxes[:, 2 + l], boxes[:, t], s_local)
-                    losses.append(relation_cross_entropy(resample_relation(teacher[t], grid_t),
-                                                         resample_relation(local, grid_l), tau))
-        return torch.stack(losses).mean()
+                    losses.append(relation_parts(resample_relation(teacher[t], grid_t),
+                                                 resample_relation(local, grid_l), tau))
+        return weighted_parts([(1.0, p) for p in losses])
 
     def channel_term(self, teacher_maps: Tensor, student_maps: Tensor,
-                     student_local_maps: Tensor | None) -> Tensor:
+                     student_local_maps: Tensor | None) -> CrossEntropyParts:
         tau = self.channel.tau
 
         def relation(m: Tensor) -> Tensor:  # (B, C, h, w) -> (B, C, C)
@@ -127,9 +128,9 @@ class BaselineSERELoss(SERELoss):
         student = [relation(m) for m in student_maps.chunk(2)]
         if student_local_maps is not None:
             student += [relation(m) for m in student_local_maps.split(teacher_maps.shape[0] // 2)]
-        losses = [relation_cross_entropy(teacher[t], student[v], tau)
+        losses = [relation_parts(teacher[t], student[v], tau)
                   for t in range(2) for v in range(len(student)) if v != t]
-        return torch.stack(losses).mean()
+        return weighted_parts([(1.0, p) for p in losses])
 
 
 # ---------------------------------------------------------------------------------------------

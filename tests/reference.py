@@ -194,6 +194,21 @@ def row_cross_entropy(teacher_logits: Tensor, student_logits: Tensor, teacher_te
     return -(targets * log_softmax_rows(student_logits / student_temp)).sum(dim=-1)
 
 
+def row_kl(teacher_logits: Tensor, student_logits: Tensor, teacher_temp: float,
+           student_temp: float = 1.0) -> Tensor:
+    """Per row: `KL(softmax(T / tau_t) || softmax(S / tau_s))` by `torch.nn.functional.kl_div`."""
+    targets = softmax_rows(teacher_logits.detach() / teacher_temp)
+    return torch.nn.functional.kl_div(log_softmax_rows(student_logits / student_temp), targets,
+                                      reduction="none").sum(dim=-1)
+
+
+def row_teacher_entropy(teacher_logits: Tensor, student_logits: Tensor, teacher_temp: float,
+                        student_temp: float = 1.0) -> Tensor:
+    """Per row: `-sum_j p_j log p_j` of `p = softmax(T / tau_t)` (the student is not read)."""
+    targets = softmax_rows(teacher_logits.detach() / teacher_temp)
+    return -torch.special.xlogy(targets, targets).sum(dim=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # Section 5: SERE losses
 
@@ -203,7 +218,7 @@ def _as_double(x: Tensor | None) -> Tensor | None:
 
 
 def spatial_pair_loss(teacher_map: Tensor, student_map: Tensor, teacher_box, student_box,
-                      size: int, num_heads: int, tau: float) -> Tensor:
+                      size: int, num_heads: int, tau: float, row=row_cross_entropy) -> Tensor:
     """One image, one (teacher view, student view) pair: mean over heads and S^2 rows.
 
     The overlap grid is that of the pair's two boxes; each view is resampled on its own grid.
@@ -213,14 +228,16 @@ def spatial_pair_loss(teacher_map: Tensor, student_map: Tensor, teacher_box, stu
     rel_s = aligned_spatial_relation(student_map, grid_student, num_heads)
     per_head = []
     for k in range(num_heads):
-        per_head.append(row_cross_entropy(rel_t[k], rel_s[k], tau).mean())
+        per_head.append(row(rel_t[k], rel_s[k], tau).mean())
     return torch.stack(per_head).mean()
 
 
 def spatial_loss_naive(teacher_maps: Tensor, student_maps: Tensor,
                        student_local_maps: Tensor | None, boxes: Tensor, num_heads: int,
-                       global_grid: int, local_grid: int, tau: float) -> Tensor:
-    """SERE spatial loss: mean over the 2 + 2L (teacher view, student view) pair terms.
+                       global_grid: int, local_grid: int, tau: float,
+                       row=row_cross_entropy) -> Tensor:
+    """SERE spatial loss: mean over the 2 + 2L (teacher view, student view) pair terms
+    (`row`: the per-row quantity averaged, the cross-entropy unless given).
 
     Terms: (teacher 1, student 2), (teacher 2, student 1) on `global_grid`, and for every
     global view t and local crop l, (teacher t, student local l) on `local_grid`. Each term is
@@ -244,7 +261,7 @@ def spatial_loss_naive(teacher_maps: Tensor, student_maps: Tensor,
         for b in range(batch):
             per_image.append(spatial_pair_loss(
                 teacher_maps[t * batch + b], student_maps[s * batch + b],
-                box_list[b][t], box_list[b][s], global_grid, num_heads, tau))
+                box_list[b][t], box_list[b][s], global_grid, num_heads, tau, row))
         terms.append(torch.stack(per_image).mean())
     for t in range(2):
         for l in range(n_local):
@@ -252,15 +269,17 @@ def spatial_loss_naive(teacher_maps: Tensor, student_maps: Tensor,
             for b in range(batch):
                 per_image.append(spatial_pair_loss(
                     teacher_maps[t * batch + b], student_local_maps[l * batch + b],
-                    box_list[b][t], box_list[b][2 + l], local_grid, num_heads, tau))
+                    box_list[b][t], box_list[b][2 + l], local_grid, num_heads, tau, row))
             terms.append(torch.stack(per_image).mean())
     assert len(terms) == 2 + 2 * n_local
     return torch.stack(terms).mean()
 
 
 def channel_loss_naive(teacher_maps: Tensor, student_maps: Tensor,
-                       student_local_maps: Tensor | None, tau: float) -> Tensor:
-    """SERE channel loss: mean over the 2 + 2L terms; each the mean over images and C rows."""
+                       student_local_maps: Tensor | None, tau: float,
+                       row=row_cross_entropy) -> Tensor:
+    """SERE channel loss: mean over the 2 + 2L terms; each the mean over images and C rows
+    (`row`: the per-row quantity averaged, the cross-entropy unless given)."""
     teacher_maps = _as_double(teacher_maps)
     student_maps = _as_double(student_maps)
     student_local_maps = _as_double(student_local_maps)
@@ -279,7 +298,7 @@ def channel_loss_naive(teacher_maps: Tensor, student_maps: Tensor,
             teacher = rel(teacher_maps[t * batch + b])
             student = rel(student_maps[s * batch + b] if kind == "g"
                           else student_local_maps[s * batch + b])
-            per_image.append(row_cross_entropy(teacher, student, tau).mean())
+            per_image.append(row(teacher, student, tau).mean())
         terms.append(torch.stack(per_image).mean())
     return torch.stack(terms).mean()
 
@@ -289,8 +308,9 @@ def channel_loss_naive(teacher_maps: Tensor, student_maps: Tensor,
 
 
 def cls_loss_naive(student_cls: Tensor, teacher_cls: Tensor, center: Tensor,
-                   teacher_temp: float, student_temp: float) -> Tensor:
-    """DINO [CLS] term: each teacher global view vs every student view but itself, mean over pairs.
+                   teacher_temp: float, student_temp: float, row=row_cross_entropy) -> Tensor:
+    """DINO [CLS] term: each teacher global view vs every student view but itself, mean over pairs
+    (`row`: the per-row quantity averaged, the cross-entropy unless given).
 
     Args:
         student_cls: (V*B, K) view-major, globals first.
@@ -309,16 +329,17 @@ def cls_loss_naive(student_cls: Tensor, teacher_cls: Tensor, center: Tensor,
                 continue
             ces = []
             for b in range(batch):
-                ces.append(row_cross_entropy(teacher_cls[t * batch + b] - center,
-                                             student_cls[v * batch + b], teacher_temp,
-                                             student_temp))
+                ces.append(row(teacher_cls[t * batch + b] - center,
+                               student_cls[v * batch + b], teacher_temp, student_temp))
             pair_losses.append(torch.stack(ces).mean())
     return torch.stack(pair_losses).mean()
 
 
 def patch_loss_naive(student_patch: Tensor, teacher_patch: Tensor, mask: Tensor,
-                     patch_center: Tensor, teacher_temp: float, student_temp: float) -> Tensor:
-    """iBOT patch term from FULL student patch logits (every position, masked or not).
+                     patch_center: Tensor, teacher_temp: float, student_temp: float,
+                     row=row_cross_entropy) -> Tensor:
+    """iBOT patch term from FULL student patch logits (every position, masked or not); `row`:
+    the per-row quantity averaged, the cross-entropy unless given.
 
     Per image: `sum_n mask_n ce_n / max(1, sum_n mask_n)`; then the mean over images of a view,
     then the mean over the two views.
@@ -339,15 +360,15 @@ def patch_loss_naive(student_patch: Tensor, teacher_patch: Tensor, mask: Tensor,
     for v in range(2):
         per_image = []
         for b in range(batch):
-            row = v * batch + b
+            image = v * batch + b
             total = student_patch.new_zeros(())
             count = 0
             for p in range(n):
-                ce = row_cross_entropy(teacher_patch[row, p] - center, student_patch[row, p],
-                                       teacher_temp, student_temp)
-                m = 1.0 if flat[row][p] else 0.0
+                ce = row(teacher_patch[image, p] - center, student_patch[image, p],
+                         teacher_temp, student_temp)
+                m = 1.0 if flat[image][p] else 0.0
                 total = total + m * ce
-                count += int(flat[row][p])
+                count += int(flat[image][p])
             per_image.append(total / max(1, count))
         views.append(torch.stack(per_image).mean())
     return torch.stack(views).mean()

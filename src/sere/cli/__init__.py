@@ -3,7 +3,8 @@
     sere pretrain --config configs/demo.yaml optim.epochs=5 [--resume auto]
     sere knn --checkpoint runs/demo/last.pt
     sere linear --checkpoint runs/demo/last.pt
-    sere segment runs/demo/last.pt --fashion-mnist-scenes [--cluster]
+    sere segment runs/demo/last.pt --fashion-mnist-scenes [--cluster] [--raw-pixels]
+    sere segment-ceiling runs/demo/last.pt --fashion-mnist-scenes --steps 300
     sere scenes --output scenes/test --split test --count 200
     sere finetune --checkpoint runs/demo/last.pt
     sere visualize --checkpoint runs/demo/last.pt --output pictures
@@ -58,6 +59,9 @@ COMMANDS = (
             "held-out training images", "sere.cli.linear"),
     Command("segment", "linear segmentation probe (and k-means) on frozen patch features, mIoU",
             "sere.cli.segment"),
+    Command("segment-ceiling", "train the dense evaluations' supervised ceiling: the "
+            "checkpoint's ViT, segmentation from scratch; `sere segment` reads the result",
+            "sere.cli.segment_ceiling"),
     Command("scenes", "write Fashion-MNIST scenes (images and masks) as a dense folder",
             "sere.cli.scenes"),
     Command("finetune", "supervised fine-tuning of a pretrained backbone (layer decay, "

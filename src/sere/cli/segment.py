@@ -12,7 +12,7 @@ from sere.cli.common import edge_note
 from sere.errors import SereError
 from sere.eval.dense_pairs import SCENE_DEFAULTS, DenseSources
 from sere.eval.features import PATCH_KINDS
-from sere.eval.probed import probed_backbone
+from sere.eval.probed import PIXEL_WINDOW, checkpoint_raw_pixels, probed_backbone
 from sere.eval.segment import ProbeSettings, format_report
 from sere.eval.segment_run import SegmentRun, SegmentSettings, run_segment
 
@@ -32,7 +32,8 @@ def settings_of(args: argparse.Namespace, checkpoint: str) -> SegmentSettings:
     beside = Path(checkpoint).resolve().parent
     data = DenseSources(args.train_dir, args.test_dir, args.fashion_mnist_scenes,
                         args.fashion_mnist_dir, args.max_train, args.max_test)
-    out = "segment_random_init" if args.random_init else "segment"
+    out = ("segment_raw_pixels" if args.raw_pixels
+           else "segment_random_init" if args.random_init else "segment")
     return SegmentSettings(
         data, args.features, args.size, args.cluster,
         ProbeSettings(lrs=tuple(args.lrs), epochs=args.epochs, seed=args.seed),
@@ -58,8 +59,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     checkpoint = checkpoint_of(args)
     settings = settings_of(args, checkpoint)
     settings.check()  # before the checkpoint is loaded
-    run = run_segment(probed_backbone(checkpoint, args.backbone, args.random_init, args.seed),
-                      settings)
+    if args.raw_pixels and args.random_init:
+        raise SereError("give --raw-pixels or --random-init, not both")
+    probed = (checkpoint_raw_pixels(checkpoint, args.pixel_window) if args.raw_pixels
+              else probed_backbone(checkpoint, args.backbone, args.random_init, args.seed))
+    run = run_segment(probed, settings)
     if run.warning:
         print(run.warning, file=sys.stderr)
     for got in run.origins:
@@ -110,6 +114,13 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="also run k-means (K = number of classes) on the test patch features")
     p.add_argument("--random-init", action="store_true",
                    help="probe a randomly initialised backbone of the same shape (the floor)")
+    p.add_argument("--raw-pixels", action="store_true",
+                   help="probe raw pixels instead of a network: each patch's feature is the "
+                        "--pixel-window square of pixels around it (the checkpoint gives only "
+                        "the patch size and normalisation)")
+    p.add_argument("--pixel-window", type=int, default=PIXEL_WINDOW,
+                   help="side in pixels of a patch's window with --raw-pixels: the patch size "
+                        "plus an even margin")
     p.add_argument("--seed", type=int, default=0, help="held-out split, batch order, k-means, "
                    "random init")
     p.add_argument("--epochs", type=int, default=ProbeSettings.epochs,
@@ -117,8 +128,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=list(ProbeSettings.lrs),
                    help="AdamW learning rates swept")
     p.add_argument("--output", default=None, help="folder for result.json, report.txt, "
-                   "dense_pictures.png; default segment/ (segment_random_init/) beside the "
-                   "checkpoint")
+                   "dense_pictures.png; default segment/ (segment_random_init/, "
+                   "segment_raw_pixels/) beside the checkpoint")
     p.add_argument("--cache-dir", default=None,
                    help="feature cache folder; default segment_cache/ beside the checkpoint")
     p.add_argument("--batch-size", type=int, default=64, help="images per extraction batch")

@@ -93,3 +93,19 @@ def dense_pair(sources: DenseSources, size: int, in_chans: int) -> DensePair:
     if sources.fashion_mnist_scenes:
         return scenes_pair(sources, size, in_chans)
     return folder_pair(sources, size, in_chans)
+
+
+def dense_train_set(sources: DenseSources, size: int, in_chans: int) -> DenseSet:
+    """The training images of `sources` alone, as `dense_pair` gives them (the same scenes, the
+    same subset of a folder), without reading any test image: for training on them."""
+    if sources.fashion_mnist_scenes and sources.train_dir:
+        raise SereError("give either --train-dir or --fashion-mnist-scenes, not both")
+    if sources.fashion_mnist_scenes:
+        count = SCENE_DEFAULTS["train"] if sources.max_train is None else sources.max_train
+        scenes = fashion_mnist_scenes(sources.fashion_mnist_dir, True, count, SceneSpec(),
+                                      seed=0, in_chans=in_chans)
+        return scene_dense_set(scenes, count, size)
+    if not sources.train_dir:
+        raise SereError("give --train-dir (a dense folder with images/ and masks/) or "
+                        "--fashion-mnist-scenes")
+    return subset(read_dense_folder(sources.train_dir, size, in_chans), sources.max_train)

@@ -101,6 +101,11 @@ def random_model_key(cfg: Config, seed: int) -> str:
             f"{cfg.data.global_crop_size}:timm-{timm.__version__}")
 
 
+def pixel_model_key(cfg: Config, window: int) -> str:
+    """Cache key of `PixelWindows` for `cfg`'s patch size and channels: no weights, the window."""
+    return f"raw-pixels:{window}:{cfg.model.patch_size}:{cfg.model.in_chans}"
+
+
 def cache_key(model_key: str, kind: str, source: ImageSource, indices: list[int],
               cfg: Config) -> str:
     """The full cache key (hex SHA-256) of one split's features."""

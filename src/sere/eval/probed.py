@@ -3,6 +3,7 @@ a configuration's shape (the floor), with the key that names its weights in feat
 
     probed = checkpoint_backbone("runs/demo/last.pt")           # the teacher
     floor = random_init_backbone(probed.config, seed=0)          # no checkpoint needed
+    pixels = raw_pixel_backbone(probed.config, window=16)        # raw pixels, no network
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sere.config import Config
-from sere.eval.feature_cache import checkpoint_model_key, random_model_key
-from sere.io.weights import load_backbone, random_backbone
+from sere.eval.feature_cache import checkpoint_model_key, pixel_model_key, random_model_key
+from sere.io.weights import load_backbone, random_backbone, read_run_checkpoint
 from sere.models.backbone import ViTBackbone
+from sere.models.pixels import PixelWindows
 
 RANDOM_INIT = "random init"  # `ProbedBackbone.who` of a random network
+RAW_PIXELS = "raw pixels"  # `ProbedBackbone.who` of `PixelWindows`
+PIXEL_WINDOW = 16  # px: the patch and 6 px around it at patch 4 (docs/dense.md#range-anchors)
 
 
 @dataclass
 class ProbedBackbone:
     """A frozen backbone to evaluate, and how caches and reports name it."""
 
-    backbone: ViTBackbone
+    backbone: ViTBackbone | PixelWindows
     config: Config  # the run's configuration (shape, evaluation size, normalisation)
     model_key: str  # names the weights in feature caches (`sere.eval.feature_cache`)
-    who: str  # "teacher backbone", "student backbone" or "random init"
+    who: str  # "teacher backbone", "student backbone", "random init" or "raw pixels"
     step: int  # the checkpoint's training step (0 for a random network without one)
     checkpoint: str | None = None  # the file the weights (or the shape) came from
 
@@ -58,3 +62,20 @@ def probed_backbone(checkpoint: str | Path, which: str = "teacher", random_init:
         return checkpoint_backbone(checkpoint, which)
     loaded = load_backbone(checkpoint, which=which)
     return random_init_backbone(loaded.config, seed, loaded.step, str(checkpoint))
+
+
+def raw_pixel_backbone(cfg: Config, window: int = PIXEL_WINDOW, step: int = 0,
+                       checkpoint: str | None = None) -> ProbedBackbone:
+    """Raw pixels (`PixelWindows`) at `cfg`'s patch grid and normalisation: each patch's
+    feature is the `window`-px square of pixels around it; `step` and `checkpoint` only record
+    where the configuration came from."""
+    pixels = PixelWindows(cfg.model.patch_size, cfg.model.in_chans, window).eval()
+    return ProbedBackbone(pixels, cfg, pixel_model_key(cfg, window), RAW_PIXELS, step,
+                          checkpoint)
+
+
+def checkpoint_raw_pixels(checkpoint: str | Path, window: int = PIXEL_WINDOW) -> ProbedBackbone:
+    """`raw_pixel_backbone` with the configuration of a checkpoint (the commands'
+    `--raw-pixels`)."""
+    run = read_run_checkpoint(checkpoint)
+    return raw_pixel_backbone(run.config, window, run.step, str(checkpoint))

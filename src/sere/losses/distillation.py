@@ -8,10 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def soft_cross_entropy(target_probs: Tensor, student_logits: Tensor) -> Tensor:
-    """`-sum_j target_j * log_softmax(student)_j` over the last axis, in float32."""
-    return -(target_probs * F.log_softmax(student_logits.float(), dim=-1)).sum(dim=-1)
+from sere.losses.parts import CrossEntropyParts, soft_cross_entropy
+from sere.models.statistics import entropy
 
 
 def _global_mean(x: Tensor) -> Tensor:
@@ -63,6 +61,12 @@ class DistillationLoss(nn.Module):
             teacher_cls: (2*B, K) logits of the 2 global views.
             teacher_temp: the teacher's temperature at this step.
         """
+        return self.cls_parts(student_cls, teacher_cls, teacher_temp).cross_entropy
+
+    def cls_parts(self, student_cls: Tensor, teacher_cls: Tensor,
+                  teacher_temp: float) -> CrossEntropyParts:
+        """`cls_loss` and the mean entropy of its targets (each teacher view is in as many
+        pairs as the other, so the pairs' mean is the views' mean)."""
         n_teacher = 2
         batch = teacher_cls.shape[0] // n_teacher
         n_student = student_cls.shape[0] // batch
@@ -72,7 +76,9 @@ class DistillationLoss(nn.Module):
         log_probs = log_probs.view(n_student, batch, -1)  # (V, B, K)
         ce = -torch.einsum("tbk,vbk->tvb", targets, log_probs).mean(dim=-1)  # (2, V)
         same_view = torch.eye(n_teacher, n_student, dtype=torch.bool, device=ce.device)
-        return ce[~same_view].mean()
+        with torch.no_grad():
+            teacher_entropy = entropy(targets).mean()
+        return CrossEntropyParts(ce[~same_view].mean(), teacher_entropy)
 
     def patch_loss(self, student_masked: Tensor, teacher_masked: Tensor, mask: Tensor,
                    teacher_temp: float) -> Tensor:
@@ -86,14 +92,26 @@ class DistillationLoss(nn.Module):
             mask: (2*B, h, w) bool.
             teacher_temp: the teacher's patch temperature at this step.
         """
+        return self.patch_parts(student_masked, teacher_masked, mask, teacher_temp).cross_entropy
+
+    def patch_parts(self, student_masked: Tensor, teacher_masked: Tensor, mask: Tensor,
+                    teacher_temp: float) -> CrossEntropyParts:
+        """`patch_loss` and the entropy of its targets, averaged the same way (per image over
+        its masked patches, then over images)."""
         flat = mask.flatten(1)  # (2B, N)
         targets = F.softmax((teacher_masked.float() - self.patch_center[0]) / teacher_temp,
                             dim=-1).detach()
         ce = soft_cross_entropy(targets, student_masked.float() / self.student_temp)  # (M,)
         image_of = torch.arange(flat.shape[0], device=flat.device)[:, None].expand_as(flat)[flat]
-        per_image = torch.zeros(flat.shape[0], device=ce.device).index_add(0, image_of, ce)
-        per_image = per_image / flat.sum(dim=1).clamp(min=1)  # (2B,)
-        return per_image.mean()
+        count = flat.sum(dim=1).clamp(min=1)  # (2B,)
+
+        def image_mean(values: Tensor) -> Tensor:  # (M,) -> () mean over images of their mean
+            per_image = torch.zeros(flat.shape[0], device=values.device)
+            return (per_image.index_add(0, image_of, values) / count).mean()
+
+        with torch.no_grad():
+            teacher_entropy = image_mean(entropy(targets))
+        return CrossEntropyParts(image_mean(ce), teacher_entropy)
 
     @torch.no_grad()
     def update_centers(self, teacher_cls: Tensor | None,

@@ -10,13 +10,19 @@ from torch import Tensor, nn
 
 from sere.config import Config, Switches
 from sere.losses.distillation import DistillationLoss
+from sere.losses.parts import CrossEntropyParts
 from sere.losses.relation import ChannelRelationLoss, SpatialRelationLoss
 from sere.models.network import NetworkOutputs, Networks
 
 
+TERM_NAMES = ("cls", "patch", "spatial", "channel")  # the four terms, as `loss_<name>` logs them
+
+
 @dataclass
 class LossTerms:
-    """The total loss and each term (0 for a term that is switched off)."""
+    """The total loss and each term (0 for a term that is switched off), and the teacher's
+    entropy of each switched-on term (its `CE = KL + H(teacher)`, docs/dense.md#training-telemetry).
+    """
 
     total: Tensor
     cls: Tensor
@@ -24,13 +30,19 @@ class LossTerms:
     spatial: Tensor
     channel: Tensor
     teacher: NetworkOutputs | None = field(default=None, repr=False)  # set by compute_losses
+    teacher_entropy: dict[str, Tensor] = field(default_factory=dict)  # by term name, no graph
 
     def as_floats(self) -> dict[str, float]:
-        """Every term as a Python float, keyed `loss`, `loss_cls`, ... for logging."""
-        return {"loss": float(self.total.detach()), "loss_cls": float(self.cls.detach()),
-                "loss_patch": float(self.patch.detach()),
-                "loss_spatial": float(self.spatial.detach()),
-                "loss_channel": float(self.channel.detach())}
+        """Every term as a Python float, keyed `loss`, `loss_cls`, ... for logging; for each
+        switched-on term also `kl_<term>` (cross-entropy minus teacher entropy) and
+        `teacher_entropy_<term>`."""
+        values = {"loss": float(self.total.detach())}
+        for name in TERM_NAMES:
+            values[f"loss_{name}"] = float(getattr(self, name).detach())
+        for name, teacher in self.teacher_entropy.items():
+            values[f"kl_{name}"] = values[f"loss_{name}"] - float(teacher)
+            values[f"teacher_entropy_{name}"] = float(teacher)
+        return values
 
 
 @dataclass(frozen=True)
@@ -108,25 +120,30 @@ class SEREObjective(nn.Module):
             teacher_patch_temp: teacher temperature for patches at this step.
         """
         on = self.switches
-        zero = boxes.new_zeros((), dtype=torch.float32)
-        cls = patch = spatial = channel = zero
         s_glob, s_loc, t_glob = student.globals, student.locals, teacher.globals
+        parts: dict[str, CrossEntropyParts] = {}
         if on.cls:
             student_cls = s_glob.cls_logits
             if s_loc is not None:
                 student_cls = torch.cat([student_cls, s_loc.cls_logits])  # (V*B, K)
-            cls = self.distillation.cls_loss(student_cls, t_glob.cls_logits, teacher_temp)
+            parts["cls"] = self.distillation.cls_parts(student_cls, t_glob.cls_logits,
+                                                       teacher_temp)
         if on.patch:
-            patch = self.distillation.patch_loss(s_glob.patch_logits, t_glob.patch_logits,
-                                                 torch.cat(masks), teacher_patch_temp)
+            parts["patch"] = self.distillation.patch_parts(
+                s_glob.patch_logits, t_glob.patch_logits, torch.cat(masks), teacher_patch_temp)
         if on.spatial:
-            spatial = self.spatial_term(t_glob.spatial_map, s_glob.spatial_map,
-                                        s_loc.spatial_map if s_loc is not None else None, boxes)
+            parts["spatial"] = self.spatial_term(
+                t_glob.spatial_map, s_glob.spatial_map,
+                s_loc.spatial_map if s_loc is not None else None, boxes)
         if on.channel:
-            channel = self.channel_term(t_glob.channel_map, s_glob.channel_map,
-                                        s_loc.channel_map if s_loc is not None else None)
+            parts["channel"] = self.channel_term(t_glob.channel_map, s_glob.channel_map,
+                                                 s_loc.channel_map if s_loc is not None else None)
+        zero = boxes.new_zeros((), dtype=torch.float32)
+        cls, patch, spatial, channel = (parts[n].cross_entropy if n in parts else zero
+                                        for n in TERM_NAMES)
         total = self.weighted_total(cls, patch, spatial, channel)
-        return LossTerms(total=total, cls=cls, patch=patch, spatial=spatial, channel=channel)
+        return LossTerms(total=total, cls=cls, patch=patch, spatial=spatial, channel=channel,
+                         teacher_entropy={n: p.teacher_entropy for n, p in parts.items()})
 
     def weighted_total(self, cls: Tensor, patch: Tensor, spatial: Tensor,
                        channel: Tensor) -> Tensor:
@@ -135,14 +152,16 @@ class SEREObjective(nn.Module):
         return base + self.alpha * spatial + self.beta * channel
 
     def spatial_term(self, teacher_maps: Tensor, student_maps: Tensor,
-                     student_local_maps: Tensor | None, boxes: Tensor) -> Tensor:
-        """L_spatial of (2B, C, h, w) teacher `z` and student `p` maps; see `spatial_loss`."""
-        return self.spatial(teacher_maps, student_maps, student_local_maps, boxes)
+                     student_local_maps: Tensor | None, boxes: Tensor) -> CrossEntropyParts:
+        """L_spatial of (2B, C, h, w) teacher `z` and student `p` maps, with its teacher's
+        entropy; see `spatial_parts`."""
+        return self.spatial.parts(teacher_maps, student_maps, student_local_maps, boxes)
 
     def channel_term(self, teacher_maps: Tensor, student_maps: Tensor,
-                     student_local_maps: Tensor | None) -> Tensor:
-        """L_channel of (2B, C, h, w) teacher `z` and student `p` maps; see `channel_loss`."""
-        return self.channel(teacher_maps, student_maps, student_local_maps)
+                     student_local_maps: Tensor | None) -> CrossEntropyParts:
+        """L_channel of (2B, C, h, w) teacher `z` and student `p` maps, with its teacher's
+        entropy; see `channel_parts`."""
+        return self.channel.parts(teacher_maps, student_maps, student_local_maps)
 
     @torch.no_grad()
     def update_centers(self, *teachers: NetworkOutputs) -> None:

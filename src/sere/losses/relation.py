@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sere.geometry import overlap_grids
-from sere.losses.distillation import soft_cross_entropy
+from sere.losses.parts import CrossEntropyParts, cross_entropy_parts, weighted_parts
 
 
 def spatial_relation(features: Tensor, num_heads: int) -> Tensor:
@@ -48,17 +48,23 @@ def sample_features(feature_map: Tensor, grid: Tensor) -> Tensor:
                          padding_mode="zeros", align_corners=False)
 
 
-def relation_cross_entropy(teacher_logits: Tensor, student_logits: Tensor, tau: float) -> Tensor:
-    """Mean over all rows of `CE(softmax(teacher / tau), softmax(student))`; teacher detached."""
-    targets = F.softmax(teacher_logits.detach().float() / tau, dim=-1)
-    return soft_cross_entropy(targets, student_logits).mean()
+def relation_targets(teacher_logits: Tensor, tau: float) -> Tensor:
+    """The teacher's relation rows as distributions, `softmax(teacher / tau)`, detached."""
+    return F.softmax(teacher_logits.detach().float() / tau, dim=-1)
 
 
-def _spatial_ce(teacher_samples: Tensor, student_samples: Tensor, num_heads: int,
-                tau: float) -> Tensor:
+def relation_parts(teacher_logits: Tensor, student_logits: Tensor,
+                   tau: float) -> CrossEntropyParts:
+    """Mean over all rows of `CE(softmax(teacher / tau), softmax(student))` (teacher
+    detached), and the mean entropy of the teacher's rows."""
+    return cross_entropy_parts(relation_targets(teacher_logits, tau), student_logits)
+
+
+def _spatial_parts(teacher_samples: Tensor, student_samples: Tensor, num_heads: int,
+                   tau: float) -> CrossEntropyParts:
     """Cross-entropy of spatial relations of (P, C, n) sampled features, averaged over rows."""
-    return relation_cross_entropy(spatial_relation(teacher_samples, num_heads),
-                                  spatial_relation(student_samples, num_heads), tau)
+    return relation_parts(spatial_relation(teacher_samples, num_heads),
+                          spatial_relation(student_samples, num_heads), tau)
 
 
 def _sample_pairs(feature_map: Tensor, grids: list[Tensor]) -> Tensor:
@@ -74,10 +80,11 @@ def _sample_pairs(feature_map: Tensor, grids: list[Tensor]) -> Tensor:
     return samples.flatten(3)  # (G, B, C, S*S)
 
 
-def spatial_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps: Tensor | None,
-                 boxes: Tensor, num_heads: int, global_grid: int, local_grid: int,
-                 tau: float) -> Tensor:
-    """SERE spatial term: mean over the 2 global pairs and the 2L local-global pairs.
+def spatial_parts(teacher_maps: Tensor, student_maps: Tensor, student_local_maps: Tensor | None,
+                  boxes: Tensor, num_heads: int, global_grid: int, local_grid: int,
+                  tau: float) -> CrossEntropyParts:
+    """SERE spatial term: mean over the 2 global pairs and the 2L local-global pairs, with
+    its teacher's entropy averaged alike.
 
     Args:
         teacher_maps: (2B, C, h, w) teacher `z` of the 2 global views (view-major).
@@ -91,14 +98,14 @@ def spatial_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps:
     """
     teacher = teacher_maps.chunk(2)  # 2 x (B, C, h, w)
     student = student_maps.chunk(2)
-    total = teacher_maps.new_zeros((), dtype=torch.float32)
+    pairs = []
     for t, s in ((0, 1), (1, 0)):
         grid_t, grid_s = overlap_grids(boxes[:, t], boxes[:, s], global_grid)  # (B, S, S, 2)
-        total = total + _spatial_ce(_sample_pairs(teacher[t], [grid_t])[0],
-                                    _sample_pairs(student[s], [grid_s])[0], num_heads, tau)
-    n_global = 2
+        pairs.append((1.0, _spatial_parts(_sample_pairs(teacher[t], [grid_t])[0],
+                                          _sample_pairs(student[s], [grid_s])[0], num_heads,
+                                          tau)))
     if student_local_maps is None:
-        return total / n_global
+        return weighted_parts(pairs)
     batch = boxes.shape[0]
     n_local = student_local_maps.shape[0] // batch
     # Pairs (local l, teacher view t), each on its own grid of the (l, t) overlap.
@@ -111,16 +118,23 @@ def spatial_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps:
         [_sample_pairs(student_local_maps[l * batch:(l + 1) * batch],
                        [grids[l][t][0] for t in range(2)]) for l in range(n_local)]
     )  # (L, 2, B, C, S*S)
-    local_mean = _spatial_ce(teacher_samples.flatten(0, 2), student_samples.flatten(0, 2),
-                             num_heads, tau)
-    n_pairs = 2 * n_local
-    return (total + n_pairs * local_mean) / (n_global + n_pairs)
+    local_mean = _spatial_parts(teacher_samples.flatten(0, 2), student_samples.flatten(0, 2),
+                                num_heads, tau)
+    return weighted_parts(pairs + [(2.0 * n_local, local_mean)])  # 2 + 2L pairs in all
 
 
-def channel_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps: Tensor | None,
+def spatial_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps: Tensor | None,
+                 boxes: Tensor, num_heads: int, global_grid: int, local_grid: int,
                  tau: float) -> Tensor:
+    """The SERE spatial term alone; see `spatial_parts` for the arguments."""
+    return spatial_parts(teacher_maps, student_maps, student_local_maps, boxes, num_heads,
+                         global_grid, local_grid, tau).cross_entropy
+
+
+def channel_parts(teacher_maps: Tensor, student_maps: Tensor,
+                  student_local_maps: Tensor | None, tau: float) -> CrossEntropyParts:
     """SERE channel term: each teacher global view against the other student global view and
-    every student local view; mean over the 2 + 2L pairs.
+    every student local view; mean over the 2 + 2L pairs, with its teacher's entropy alike.
 
     Args:
         teacher_maps: (2B, C, h, w) teacher `z` of the global views.
@@ -130,18 +144,23 @@ def channel_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps:
     """
     teacher = channel_relation(teacher_maps.flatten(2)).chunk(2)  # 2 x (B, C, C)
     student = channel_relation(student_maps.flatten(2)).chunk(2)
-    total = (relation_cross_entropy(teacher[0], student[1], tau)
-             + relation_cross_entropy(teacher[1], student[0], tau))
-    n_terms = 2
+    pairs = [(1.0, relation_parts(teacher[0], student[1], tau)),
+             (1.0, relation_parts(teacher[1], student[0], tau))]
     if student_local_maps is None:
-        return total / n_terms
+        return weighted_parts(pairs)
     batch = teacher[0].shape[0]
     local = channel_relation(student_local_maps.flatten(2))  # (L*B, C, C)
     n_local = local.shape[0] // batch
     local = local.view(n_local, batch, *local.shape[1:])  # (L, B, C, C)
     for t in range(2):
-        total = total + n_local * relation_cross_entropy(teacher[t][None], local, tau)
-    return total / (n_terms + 2 * n_local)
+        pairs.append((float(n_local), relation_parts(teacher[t][None], local, tau)))
+    return weighted_parts(pairs)
+
+
+def channel_loss(teacher_maps: Tensor, student_maps: Tensor, student_local_maps: Tensor | None,
+                 tau: float) -> Tensor:
+    """The SERE channel term alone; see `channel_parts` for the arguments."""
+    return channel_parts(teacher_maps, student_maps, student_local_maps, tau).cross_entropy
 
 
 class SpatialRelationLoss(nn.Module):
@@ -172,8 +191,13 @@ class SpatialRelationLoss(nn.Module):
                 student_local_maps: Tensor | None, boxes: Tensor) -> Tensor:
         """L_spatial of (2B, C, h, w) teacher `z` and student `p` maps, (L*B, C, hl, wl) local
         student maps or None, and (B, 2 + L, 5) boxes."""
-        return spatial_loss(teacher_maps, student_maps, student_local_maps, boxes,
-                            self.num_heads, self.global_grid, self.local_grid, self.tau)
+        return self.parts(teacher_maps, student_maps, student_local_maps, boxes).cross_entropy
+
+    def parts(self, teacher_maps: Tensor, student_maps: Tensor,
+              student_local_maps: Tensor | None, boxes: Tensor) -> CrossEntropyParts:
+        """The term and its teacher's entropy (`spatial_parts`), for the same inputs."""
+        return spatial_parts(teacher_maps, student_maps, student_local_maps, boxes,
+                             self.num_heads, self.global_grid, self.local_grid, self.tau)
 
 
 class ChannelRelationLoss(nn.Module):
@@ -199,4 +223,9 @@ class ChannelRelationLoss(nn.Module):
                 student_local_maps: Tensor | None) -> Tensor:
         """L_channel of (2B, C, h, w) teacher `z` and student `p` maps and (L*B, C, hl, wl)
         local student maps or None."""
-        return channel_loss(teacher_maps, student_maps, student_local_maps, self.tau)
+        return self.parts(teacher_maps, student_maps, student_local_maps).cross_entropy
+
+    def parts(self, teacher_maps: Tensor, student_maps: Tensor,
+              student_local_maps: Tensor | None) -> CrossEntropyParts:
+        """The term and its teacher's entropy (`channel_parts`), for the same inputs."""
+        return channel_parts(teacher_maps, student_maps, student_local_maps, self.tau)
