@@ -62,6 +62,15 @@ def _leaf(x):
     return x.clone().requires_grad_(True)
 
 
+def random_maps(gen, batch, n_local, c, h, hl):
+    """Random teacher and student maps (2B, C, h, h) of the global views, and the student's
+    local maps (L*B, C, hl, hl) or None without local views."""
+    teacher = torch.randn(2 * batch, c, h, h, generator=gen)
+    student = torch.randn(2 * batch, c, h, h, generator=gen)
+    local = torch.randn(n_local * batch, c, hl, hl, generator=gen) if n_local else None
+    return teacher, student, local
+
+
 # =============================================================================================
 # Spatial loss
 
@@ -81,9 +90,7 @@ SPATIAL_CASES = [
 @pytest.mark.parametrize("batch,n_local,heads,c,h,hl,sg,sl,tau,seed", SPATIAL_CASES)
 def test_spatial_loss_matches_naive(batch, n_local, heads, c, h, hl, sg, sl, tau, seed):
     gen = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(2 * batch, c, h, h, generator=gen)
-    student = torch.randn(2 * batch, c, h, h, generator=gen)
-    local = torch.randn(n_local * batch, c, hl, hl, generator=gen) if n_local else None
+    teacher, student, local = random_maps(gen, batch, n_local, c, h, hl)
     boxes = _random_boxes(gen, batch, n_local)
 
     s_pkg = _leaf(student)
@@ -162,9 +169,7 @@ def test_spatial_local_without_overlap_counts_as_log_s2(sl):
 ])
 def test_channel_loss_matches_naive(batch, n_local, c, h, hl, tau, seed):
     gen = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(2 * batch, c, h, h, generator=gen)
-    student = torch.randn(2 * batch, c, h, h, generator=gen)
-    local = torch.randn(n_local * batch, c, hl, hl, generator=gen) if n_local else None
+    teacher, student, local = random_maps(gen, batch, n_local, c, h, hl)
     s_pkg = _leaf(student)
     l_pkg = _leaf(local) if n_local else None
     t_pkg = _leaf(teacher)

@@ -23,7 +23,7 @@ from sere.losses.objective import LossTerms  # noqa: E402
 from sere.losses.parts import cross_entropy_parts  # noqa: E402
 from sere.losses.relation import channel_parts, spatial_parts  # noqa: E402
 from sere.train.loop import Pretrainer  # noqa: E402
-from test_losses import _close, _masks, _random_boxes  # noqa: E402
+from test_losses import _close, _masks, _random_boxes, random_maps  # noqa: E402
 
 
 def _check(parts, naive_kl, naive_entropy):
@@ -51,9 +51,7 @@ def test_parts_of_known_distributions():
 ])
 def test_spatial_parts_match_naive(batch, n_local, heads, c, h, hl, sg, sl, tau, seed):
     gen = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(2 * batch, c, h, h, generator=gen)
-    student = torch.randn(2 * batch, c, h, h, generator=gen)
-    local = torch.randn(n_local * batch, c, hl, hl, generator=gen) if n_local else None
+    teacher, student, local = random_maps(gen, batch, n_local, c, h, hl)
     boxes = _random_boxes(gen, batch, n_local)
     parts = spatial_parts(teacher, student.requires_grad_(), local, boxes, heads, sg, sl, tau)
     args = (teacher.double(), student.detach().double(),
@@ -67,9 +65,7 @@ def test_spatial_parts_match_naive(batch, n_local, heads, c, h, hl, sg, sl, tau,
 ])
 def test_channel_parts_match_naive(batch, n_local, c, h, hl, tau, seed):
     gen = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(2 * batch, c, h, h, generator=gen)
-    student = torch.randn(2 * batch, c, h, h, generator=gen)
-    local = torch.randn(n_local * batch, c, hl, hl, generator=gen) if n_local else None
+    teacher, student, local = random_maps(gen, batch, n_local, c, h, hl)
     parts = channel_parts(teacher, student.requires_grad_(), local, tau)
     args = (teacher.double(), student.detach().double(),
             local.double() if n_local else None, tau)

@@ -17,9 +17,9 @@ def settings_of(args: argparse.Namespace) -> CeilingSettings:
                         fashion_mnist_dir=args.fashion_mnist_dir, max_train=args.max_train)
     output = (Path(args.output) if args.output
               else Path(args.checkpoint).resolve().parent / "ceiling.pt")
-    return CeilingSettings(data, output, args.steps, args.batch_size, args.lr,
-                           args.weight_decay, CeilingSettings.warmup_fraction, args.size,
-                           args.seed, args.device)
+    return CeilingSettings(data, output, steps=args.steps, batch_size=args.batch_size,
+                           lr=args.lr, weight_decay=args.weight_decay, size=args.size,
+                           seed=args.seed, device=args.device)
 
 
 def cmd_segment_ceiling(args: argparse.Namespace) -> int:

@@ -12,6 +12,9 @@ and trains all of it. Modules, each named for what it holds:
 * `evaluate`: test top-1 / top-5;
 * `trainer`: `Finetuner`, the loop; `outputs`: the run folder's files;
 * `command`: what `sere finetune` runs (the parser lives in `sere.cli`).
+
+Beside it, `segment_ceiling`: the dense evaluations' supervised ceiling (`sere
+segment-ceiling`), the same ViT trained from scratch for segmentation (docs/dense.md).
 """
 
 from __future__ import annotations
