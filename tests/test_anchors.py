@@ -10,9 +10,11 @@ import math
 import pytest
 import torch
 
+import sere
 from sere.cli import main
+from sere.data.dense import DenseSet
 from sere.errors import SereError
-from sere.finetune.segment_ceiling import DEFAULT_STEPS, ceiling_steps
+from sere.finetune.segment_ceiling import DEFAULT_STEPS, StepBatches, ceiling_steps
 from sere.io.checkpoint import load_checkpoint
 from sere.io.weights import load_backbone
 from sere.models.pixels import PixelWindows
@@ -78,6 +80,25 @@ def test_ceiling_steps_follow_the_checkpoint():
     assert ceiling_steps(7, 2000) == (7, "--steps")
     assert ceiling_steps(None, 2000) == (2000, "the checkpoint's step")
     assert ceiling_steps(None, 0) == (DEFAULT_STEPS, "the default")
+
+
+def test_ceiling_batches_flip_images_with_their_masks():
+    """Each image's mask marks its bright pixels; after the flips (and across passes: a batch
+    of 5 from 3 images) every batch's masks still mark its images' bright pixels."""
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(3, 1, 8, 8, generator=gen) < 0.3).to(torch.uint8) * 200  # (3, 1, 8, 8)
+    data = DenseSet(images, (images[:, 0] > 0).long(), 2, ["a", "b", "c"])
+    cfg = sere.load_config([], ["data.dataset=synthetic", "model.in_chans=1",
+                                "data.normalize_mean=[0.5]", "data.normalize_std=[0.25]"])
+    batches = StepBatches(data, cfg, 5, torch.Generator().manual_seed(1))
+    flipped = 0
+    for _ in range(4):
+        x, masks = batches.next()
+        assert x.shape == (5, 1, 8, 8) and masks.shape == (5, 8, 8)
+        torch.testing.assert_close(x.min(), torch.tensor(-2.0))  # (0 - 0.5) / 0.25
+        assert torch.equal(masks, (x[:, 0] > 0).long())
+        flipped += sum(not any(torch.equal(m, d) for d in data.masks) for m in masks)
+    assert flipped > 0  # some were flipped (a mirrored random mask is another mask)
 
 
 def test_ceiling_trains_and_sere_segment_reads_it(scenes, capsys):  # noqa: F811

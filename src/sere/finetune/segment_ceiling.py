@@ -66,7 +66,7 @@ class CeilingSettings:
     data: DenseSources = field(default_factory=DenseSources)
     output: Path = Path("ceiling.pt")
     steps: int | None = None
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
@@ -128,7 +128,7 @@ class StepBatches:
 
     def next(self) -> tuple[Tensor, Tensor]:
         """Images (B, C, S, S) float32 and masks (B, S, S) int64 of the next step."""
-        if len(self.order) < self.batch_size:
+        while len(self.order) < self.batch_size:  # a batch may span passes
             fresh = torch.randperm(len(self.data.images), generator=self.generator)
             self.order = torch.cat([self.order, fresh])
         chosen, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
