@@ -190,16 +190,23 @@ def test_channel_loss_matches_naive(batch, n_local, c, h, hl, tau, seed):
 # DINO [CLS] term, iBOT patch term, centers
 
 
-@pytest.mark.parametrize("batch,n_views,k,teacher_temp,seed", [
-    (1, 2, 7, 0.04, 0), (3, 2, 64, 0.07, 1), (2, 3, 16, 0.04, 2), (2, 5, 64, 0.1, 3),
-    (4, 12, 32, 0.07, 4),
-])
-def test_cls_loss_matches_naive(batch, n_views, k, teacher_temp, seed):
+def cls_inputs(seed, batch, n_views, k):
+    """A [CLS] loss with a random center, and random student (V*B, K) and teacher (2B, K)
+    logits."""
     gen = torch.Generator().manual_seed(seed)
     loss = DistillationLoss(k, student_temp=0.1, center_momentum=0.9)
     loss.center.copy_(0.3 * torch.randn(1, k, generator=gen))
     student = torch.randn(n_views * batch, k, generator=gen)
     teacher = torch.randn(2 * batch, k, generator=gen)
+    return loss, student, teacher
+
+
+@pytest.mark.parametrize("batch,n_views,k,teacher_temp,seed", [
+    (1, 2, 7, 0.04, 0), (3, 2, 64, 0.07, 1), (2, 3, 16, 0.04, 2), (2, 5, 64, 0.1, 3),
+    (4, 12, 32, 0.07, 4),
+])
+def test_cls_loss_matches_naive(batch, n_views, k, teacher_temp, seed):
+    loss, student, teacher = cls_inputs(seed, batch, n_views, k)
     s_pkg = _leaf(student)
     got = loss.cls_loss(s_pkg, teacher, teacher_temp)
     got.backward()

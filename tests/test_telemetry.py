@@ -23,7 +23,9 @@ from sere.losses.objective import LossTerms  # noqa: E402
 from sere.losses.parts import cross_entropy_parts  # noqa: E402
 from sere.losses.relation import channel_parts, spatial_parts  # noqa: E402
 from sere.train.loop import Pretrainer  # noqa: E402
-from test_losses import _close, _masks, _random_boxes, random_maps  # noqa: E402
+from test_losses import (  # noqa: E402
+    _close, _masks, _random_boxes, cls_inputs, random_maps,
+)
 
 
 def _check(parts, naive_kl, naive_entropy):
@@ -77,11 +79,7 @@ def test_channel_parts_match_naive(batch, n_local, c, h, hl, tau, seed):
     (1, 2, 7, 0.04, 0), (2, 5, 64, 0.1, 3),
 ])
 def test_cls_parts_match_naive(batch, n_views, k, teacher_temp, seed):
-    gen = torch.Generator().manual_seed(seed)
-    loss = DistillationLoss(k, student_temp=0.1, center_momentum=0.9)
-    loss.center.copy_(0.3 * torch.randn(1, k, generator=gen))
-    student = torch.randn(n_views * batch, k, generator=gen)
-    teacher = torch.randn(2 * batch, k, generator=gen)
+    loss, student, teacher = cls_inputs(seed, batch, n_views, k)
     parts = loss.cls_parts(student.requires_grad_(), teacher, teacher_temp)
     args = (student.detach().double(), teacher, loss.center, teacher_temp, 0.1)
     _check(parts, cls_loss_naive(*args, row=row_kl),
