@@ -10,10 +10,14 @@ from pathlib import Path
 
 from sere.cli.common import edge_note
 from sere.errors import SereError
+from sere.eval.dense_clusters import OVERCLUSTER_DEFAULT
+from sere.eval.dense_extras import ExtraSettings
+from sere.eval.dense_items import ItemSettings, format_items
 from sere.eval.dense_pairs import SCENE_DEFAULTS, DenseSources
+from sere.eval.dense_retrieval import RetrievalSettings
 from sere.eval.features import PATCH_KINDS
 from sere.eval.probed import probed_backbone
-from sere.eval.segment import ProbeSettings, format_report
+from sere.eval.segment import ProbeSettings, SegmentationResult, format_report, percent
 from sere.eval.segment_run import SegmentRun, SegmentSettings, run_segment
 
 
@@ -38,18 +42,59 @@ def settings_of(args: argparse.Namespace, checkpoint: str) -> SegmentSettings:
         ProbeSettings(lrs=tuple(args.lrs), epochs=args.epochs, seed=args.seed),
         args.batch_size, args.workers, args.probe_threads, args.device,
         cache_dir=Path(args.cache_dir) if args.cache_dir else beside / "segment_cache",
-        output=Path(args.output) if args.output else beside / out)
+        output=Path(args.output) if args.output else beside / out,
+        extras=extras_of(args), background=args.background)
+
+
+def extras_of(args: argparse.Namespace) -> ExtraSettings:
+    """Which of retrieval, overclustering and item classification the flags ask for."""
+    # the bank and the item probe keep their own fixed seeds: the same for every backbone
+    retrieval = (RetrievalSettings(args.bank_size, args.retrieval_k, args.retrieval_temperature)
+                 if args.retrieval else None)
+    return ExtraSettings(retrieval, tuple(args.overcluster or ()),
+                         ItemSettings() if args.items else None, args.seed)
+
+
+def cluster_counts(text: str) -> tuple[int, ...]:
+    """`50,100` -> (50, 100) (argparse type of --overcluster)."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of cluster "
+                                         "counts, e.g. 50,100") from None
+    if any(k < 2 for k in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: every cluster count must be at least 2")
+    return counts
+
+
+def labelled(run: SegmentRun) -> list[tuple[str, SegmentationResult]]:
+    """Every segmentation result of the run with the name the summary gives it."""
+    found = [("linear probe", run.linear)]
+    if run.kmeans is not None:
+        found.append(("k-means", run.kmeans))
+    if run.extras.retrieval is not None:
+        found.append(("retrieval", run.extras.retrieval.result))
+    found += [(f"k-means K={r.result.method.split('-', 1)[1]} (many-to-one)", r.result)
+              for r in run.extras.overcluster]
+    return found
 
 
 def summary_lines(run: SegmentRun) -> list[str]:
-    """The reports; the last line is `mIoU: ...` (with --cluster both methods, labelled)."""
-    lines = [format_report(run.linear)]
-    if run.kmeans is None:
-        return lines
-    lines += ["", format_report(run.kmeans), ""]
-    for label, result in (("linear probe", run.linear), ("k-means", run.kmeans)):
+    """The reports; the last line is `mIoU: ...`, or with more than the linear probe one
+    labelled `NAME mIoU: ...` line per method (item classes and background after it)."""
+    results = labelled(run)
+    if len(results) == 1 and run.extras.items is None:
+        return [format_report(run.linear)]
+    lines = []
+    for _, result in results:
+        lines += [format_report(result), ""]
+    if run.extras.items is not None:
+        lines += [format_items(run.extras.items), ""]
+    for label, result in results:
+        split = ("" if result.background is None else f"; items {percent(result.item_miou)}, "
+                 f"{result.background} {percent(result.background_iou)}")
         lines.append(f"{label} mIoU: {100 * result.miou:.1f} % (pixel accuracy "
-                     f"{100 * result.pixel_accuracy:.1f} %)")
+                     f"{100 * result.pixel_accuracy:.1f} %){split}")
     return lines
 
 
@@ -75,14 +120,41 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_extras(p: argparse.ArgumentParser) -> None:
+    """The options of the evaluations beside the linear probe (`sere.eval.dense_extras`)."""
+    p.add_argument("--overcluster", type=cluster_counts, nargs="?", default=None,
+                   const=OVERCLUSTER_DEFAULT, metavar="K,K",
+                   help="also k-means with these many clusters (default "
+                   f"{','.join(map(str, OVERCLUSTER_DEFAULT))}), each cluster given the class "
+                   "it overlaps most (many-to-one)")
+    p.add_argument("--retrieval", action="store_true",
+                   help="also dense retrieval: each test patch takes the softmax-weighted "
+                   "labels of its nearest training patches in a memory bank (no training)")
+    p.add_argument("--bank-size", type=int, default=RetrievalSettings.bank_size,
+                   help="retrieval: at most this many training patches in the memory bank")
+    p.add_argument("--retrieval-k", type=int, default=RetrievalSettings.k,
+                   help="retrieval: nearest neighbours per test patch (Hummingbird's 30)")
+    p.add_argument("--retrieval-temperature", type=float,
+                   default=RetrievalSettings.temperature,
+                   help="retrieval: softmax temperature of the cosine similarities")
+    p.add_argument("--items", action="store_true",
+                   help="also classify each ground-truth item from its mask-pooled patch "
+                   "features (k-NN and linear, top-1)")
+    p.add_argument("--background", default="0",
+                   help="the class (name or index) reported apart from the item classes' mIoU")
+
+
 def register(p: argparse.ArgumentParser) -> None:
     """The options of `sere segment`."""
-    p.epilog = "example: sere segment runs/demo/last.pt --fashion-mnist-scenes --cluster"
+    p.epilog = ("example: sere segment runs/demo/last.pt --fashion-mnist-scenes --cluster "
+                "--retrieval --items --overcluster 50,100")
     # a description is printed as written (only option help goes through %-formatting)
     p.description = ("Linear segmentation probe on a checkpoint's frozen patch features: a 1x1 "
                      "layer per patch, learning rate chosen on 10 % of the training images, mIoU "
                      "on the test images. --cluster adds (does not replace) k-means on the test "
-                     "patch features, Hungarian-matched to the classes. See docs/dense.md.")
+                     "patch features, Hungarian-matched to the classes; --overcluster, "
+                     "--retrieval and --items add k-means with many clusters, dense retrieval "
+                     "and item classification. See docs/dense.md.")
     p.add_argument("checkpoint", nargs="?", help="a `sere pretrain` checkpoint")
     p.add_argument("--checkpoint", dest="checkpoint_flag", default=None,
                    help="the same, as a flag (like the other commands); default: the "
@@ -108,6 +180,7 @@ def register(p: argparse.ArgumentParser) -> None:
                    "patch size); default the model's global crop size")
     p.add_argument("--cluster", action="store_true",
                    help="also run k-means (K = number of classes) on the test patch features")
+    register_extras(p)
     p.add_argument("--random-init", action="store_true",
                    help="probe a randomly initialised backbone of the same shape (the floor)")
     p.add_argument("--seed", type=int, default=0, help="held-out split, batch order, k-means, "

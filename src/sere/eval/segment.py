@@ -58,7 +58,8 @@ class ProbeSettings:
 @dataclass
 class SegmentationResult:
     """Test-set scores (fractions in [0, 1]) of one probe; `lr` and `val_miou` for the linear
-    probe only (`val_miou` maps each swept rate to its held-out mIoU)."""
+    probe only (`val_miou` maps each swept rate to its held-out mIoU). `item_miou` (every class
+    but `background`) and `background_iou` split `miou` (`dense_metrics.item_scores`)."""
 
     method: str
     miou: float
@@ -67,6 +68,9 @@ class SegmentationResult:
     class_names: list[str]
     lr: float | None = None
     val_miou: dict[str, float] = field(default_factory=dict)
+    item_miou: float | None = None
+    background_iou: float | None = None
+    background: str | None = None  # the background class's name
 
     def to_json(self) -> str:
         """The result as a JSON object (NaN-free: absent classes are null)."""
@@ -222,10 +226,24 @@ def kmeans_segmentation(test_features: Tensor, test_masks: Tensor, num_classes: 
     return KMeansRun(result, pred)
 
 
+def method_title(method: str) -> str:
+    """How a report names a result's method ("linear", "kmeans", "retrieval", "kmeans-K")."""
+    titles = {"linear": "linear probe", "kmeans": "k-means, Hungarian-matched",
+              "retrieval": "dense retrieval, k-NN over a memory bank"}
+    if method.startswith("kmeans-"):
+        return f"k-means, K = {method.split('-', 1)[1]}, many-to-one matched"
+    return titles.get(method, method)
+
+
+def percent(value: float | None) -> str:
+    """`12.3 %`, or `absent` for None."""
+    return "absent" if value is None else f"{100 * value:.1f} %"
+
+
 def format_report(result: SegmentationResult) -> str:
-    """A per-class IoU table; the last line is `mIoU: XX.X % (pixel accuracy YY.Y %)`."""
-    title = "linear probe" if result.method == "linear" else "k-means, Hungarian-matched"
-    lines = [f"dense segmentation ({title})"]
+    """A per-class IoU table, the item classes' mIoU and the background's IoU (when set); the
+    last line is `mIoU: XX.X % (pixel accuracy YY.Y %)`."""
+    lines = [f"dense segmentation ({method_title(result.method)})"]
     if result.lr is not None:
         rates = ", ".join(f"{lr}: {100 * v:.1f} %" for lr, v in result.val_miou.items())
         lines.append(f"held-out mIoU by lr: {rates}; chosen lr {result.lr:g}")
@@ -233,6 +251,10 @@ def format_report(result: SegmentationResult) -> str:
     lines.append(f"{'class':<{width}}  IoU")
     for name, iou in zip(result.class_names, result.per_class_iou):
         lines.append(f"{name:<{width}}  {'absent' if iou is None else f'{100 * iou:5.1f} %'}")
+    if result.background is not None:
+        lines.append(f"item classes (all but {result.background}) mIoU: "
+                     f"{percent(result.item_miou)}; {result.background} IoU: "
+                     f"{percent(result.background_iou)}")
     lines.append(f"mIoU: {100 * result.miou:.1f} % (pixel accuracy "
                  f"{100 * result.pixel_accuracy:.1f} %)")
     return "\n".join(lines)

@@ -6,6 +6,10 @@ cached patch features, written as result.json, report.txt and dense_pictures.png
                                               cluster=True, output=Path("segment")))
     run.linear.miou, run.kmeans.miou
 
+With `extras` (`ExtraSettings`) it also runs dense retrieval, k-means overclustering and item
+classification on the same features (`sere.eval.dense_extras`); every result reports the item
+classes' mIoU and the background's IoU apart (`background`, class 0 by default).
+
 The method and its numbers: docs/dense.md; the probes: `sere.eval.segment`.
 """
 
@@ -20,7 +24,10 @@ import torch
 
 from sere.data.dense import unseen_class_warning
 from sere.errors import SereError
+from sere.eval.dense_extras import ExtraRuns, ExtraSettings, run_extras, set_background
 from sere.eval.dense_features import check_patch_size, dense_features
+from sere.eval.dense_items import format_items
+from sere.eval.dense_metrics import background_index
 from sere.eval.dense_pairs import DensePair, DenseSources, dense_pair
 from sere.eval.dense_pictures import save_dense_pictures
 from sere.eval.feature_cache import FeatureOrigin
@@ -51,6 +58,8 @@ class SegmentSettings:
         device: "cpu", "cuda", "mps" or "auto" (of the extraction).
         cache_dir: feature cache folder; None extracts without caching.
         output: folder for result.json, report.txt, dense_pictures.png; None writes nothing.
+        extras: dense retrieval, overclustering, item classification (`ExtraSettings`).
+        background: the class (name or index) kept out of the item classes' mIoU.
     """
 
     data: DenseSources = field(default_factory=DenseSources)
@@ -64,6 +73,8 @@ class SegmentSettings:
     device: str = "auto"
     cache_dir: Path | None = None
     output: Path | None = None
+    extras: ExtraSettings = field(default_factory=ExtraSettings)
+    background: str = "0"
 
     def check(self) -> None:
         """Refuse values that cannot work (before anything is loaded)."""
@@ -77,6 +88,13 @@ class SegmentSettings:
                             "lr)")
         if self.data.max_test is not None and self.data.max_test < 1:
             raise SereError("--max-test must be at least 1")
+        if self.extras.retrieval is not None:
+            self.extras.retrieval.check()
+        if self.extras.items is not None:
+            self.extras.items.check()
+        if any(k < 2 for k in self.extras.overcluster):
+            raise SereError(f"--overcluster {list(self.extras.overcluster)}: every cluster "
+                            "count must be at least 2")
 
 
 @dataclass
@@ -101,6 +119,7 @@ class SegmentRun:
     written: list[Path]  # empty without an output folder
     origins: list[FeatureOrigin]  # where the train and test features came from
     warning: str | None = None  # test classes absent from the training masks
+    extras: ExtraRuns = field(default_factory=ExtraRuns)  # retrieval, overclustering, items
 
 
 def check_segment_kind(probed: ProbedBackbone, kind: str) -> None:
@@ -149,19 +168,25 @@ def run_probes(pair: DensePair, train: torch.Tensor, test: torch.Tensor,
     return SegmentRuns(linear, kmeans)
 
 
-def result_record(runs: SegmentRuns, settings: dict[str, Any]) -> dict[str, Any]:
-    """result.json's content: the linear result's fields, "kmeans" and "settings"."""
+def result_record(runs: SegmentRuns, extras: ExtraRuns,
+                  settings: dict[str, Any]) -> dict[str, Any]:
+    """result.json's content: the linear result's fields, "kmeans", the extras' entries
+    (`ExtraRuns.record`) and "settings"."""
     record = asdict(runs.linear.result)
     if runs.kmeans is not None:
         record["kmeans"] = asdict(runs.kmeans.result)
+    record.update(extras.record())
     record["settings"] = settings
     return record
 
 
-def write_outputs(out: Path, runs: SegmentRuns, pair: DensePair, test: torch.Tensor,
-                  record: dict[str, Any]) -> list[Path]:
+def write_outputs(out: Path, runs: SegmentRuns, extras: ExtraRuns, pair: DensePair,
+                  test: torch.Tensor, record: dict[str, Any]) -> list[Path]:
     """result.json, report.txt and dense_pictures.png (the first test images) in `out`."""
     reports = [format_report(r.result) for r in (runs.linear, runs.kmeans) if r is not None]
+    reports += [format_report(r) for r in extras.results()]
+    if extras.items is not None:
+        reports.append(format_items(extras.items))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -176,8 +201,9 @@ def write_outputs(out: Path, runs: SegmentRuns, pair: DensePair, test: torch.Ten
     size = tuple(pair.test.masks.shape[1:])
     probe = predict_masks(runs.linear.probe, test[:n], size)
     clusters = runs.kmeans.predictions[:n] if runs.kmeans is not None else None
+    retrieved = extras.retrieval.predictions[:n] if extras.retrieval is not None else None
     picture = save_dense_pictures(pair.test.images[:n], pair.test.masks[:n], probe, clusters,
-                                  out / "dense_pictures.png", pair.class_names)
+                                  out / "dense_pictures.png", pair.class_names, retrieved)
     return [out / "result.json", out / "report.txt", picture]
 
 
@@ -190,18 +216,23 @@ def run_segment(probed: ProbedBackbone, settings: SegmentSettings) -> SegmentRun
     check_segment_kind(probed, settings.features)
     pair = dense_pair(settings.data, size, cfg.model.in_chans)
     warning = unseen_class_warning(pair.train.masks, pair.test.masks, tuple(pair.class_names))
+    background = background_index(settings.background, pair.class_names)  # before extracting
     features = split_features(probed, pair, settings)
     runs = run_probes(pair, features.train, features.test, settings.probe, settings.cluster,
                       settings.probe_threads)
-    record = result_record(runs, {
+    extras = run_extras(pair, features.train, features.test, settings.extras, background)
+    for result in [r.result for r in (runs.linear, runs.kmeans) if r] + extras.results():
+        set_background(result, background)
+    record = result_record(runs, extras, {
         "checkpoint": probed.checkpoint, "backbone": probed.who, "step": probed.step,
         "features": settings.features, "size": size, "data": pair.description,
         "train_images": len(pair.train.images), "test_images": len(pair.test.images),
         "num_classes": pair.train.num_classes, "probe": asdict(settings.probe),
-        "cluster": settings.cluster,
+        "cluster": settings.cluster, "background": pair.class_names[background],
+        **settings.extras.record(),
         "cache_dir": None if settings.cache_dir is None else str(settings.cache_dir)})
     written = ([] if settings.output is None
-               else write_outputs(settings.output, runs, pair, features.test, record))
+               else write_outputs(settings.output, runs, extras, pair, features.test, record))
     return SegmentRun(runs.linear.result, runs.kmeans.result if runs.kmeans else None,
                       probed.who, size, len(pair.train.images), len(pair.test.images), record,
-                      written, features.origins, warning or None)
+                      written, features.origins, warning or None, extras)
