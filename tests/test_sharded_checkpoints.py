@@ -167,9 +167,14 @@ def test_another_global_batch_from_a_sharded_checkpoint_is_one_line(straight, tm
     assert _files(folder) == before
 
 
-def test_a_sharded_checkpoint_where_one_file_is_read_says_how_to_convert(straight, capsys):
+@pytest.mark.parametrize("command", [["export", "--output", "unused", "--checkpoint"],
+                                     ["import-check", *TINY, "--config", "vit_small_ibot_sere",
+                                      "--weights"]],
+                         ids=["export", "init.from"])
+def test_a_sharded_checkpoint_where_one_file_is_read_says_how_to_convert(straight, capsys,
+                                                                         command):
     path = straight[0] / STEP_4
-    code, err = _run_line(capsys, "export", "--checkpoint", str(path), "--output", "unused")
+    code, err = _run_line(capsys, *command, str(path))
     assert code == 2 and err == [
         f"error: {path} is a sharded checkpoint (a folder of shards); make one file of it "
         f"first: sere convert-checkpoint {path} --output {path.parent}/checkpoint-00000004.pt"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from sere.errors import SereError
-from sere.io.sharded_files import (RUN_STATE, check_complete, is_sharded_checkpoint,
+from sere.io.sharded_files import (RUN_STATE, check_complete, refuse_sharded,
                                    sharded_checkpoints, sharded_step)
 from sere.runtime.files import atomic_write_bytes
 
@@ -46,10 +46,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises SereError when the file is missing, truncated, corrupted or not a sere checkpoint.
     """
     path = Path(path)
-    if is_sharded_checkpoint(path):
-        raise SereError(f"{path} is a sharded checkpoint (a folder of shards); make one file of "
-                        f"it first: sere convert-checkpoint {path} --output {path.parent}/"
-                        f"{path.stem}.pt")
+    refuse_sharded(path)
     if not path.is_file():
         raise SereError(f"checkpoint {path} does not exist")
     try:

@@ -33,6 +33,16 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
                               or SHARDED_PATTERN.match(path.name) is not None)
 
 
+def refuse_sharded(path: str | Path) -> None:
+    """Raise SereError, naming `sere convert-checkpoint`, when `path` is a sharded checkpoint
+    given where one file is read."""
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        raise SereError(f"{path} is a sharded checkpoint (a folder of shards); make one file of "
+                        f"it first: sere convert-checkpoint {path} --output {path.parent}/"
+                        f"{path.stem}.pt")
+
+
 def sharded_checkpoints(folder: str | Path) -> list[Path]:
     """`checkpoint-<step>.dcp` folders in `folder`, oldest step first."""
     folder = Path(folder)
