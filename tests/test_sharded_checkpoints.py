@@ -16,9 +16,10 @@ import torch
 
 import sere
 from sere.cli import main
+from sere.errors import SereError
 from sere.io.checkpoint import (furthest_step, load_checkpoint, load_run_state,
                                 prune_checkpoints, save_checkpoint)
-from sere.io.sharded import convert_sharded_checkpoint
+from sere.io.sharded import convert_sharded_checkpoint, load_sharded
 from sere.io.sharded_files import RUN_STATE
 from sere.io.weights import load_backbone
 from sere.runtime.files import publish_folder, remove_leftover_temporaries, temporary_name
@@ -139,6 +140,12 @@ def test_a_missing_shard_is_one_line_and_changes_nothing(straight, tmp_path, cap
                           str(folder / "last.pt"))
     assert code == 2 and len(err) == 1 and "lacks the shard file __0_0.distcp" in err[0]
     assert _files(folder) == before
+
+
+def test_a_sharded_checkpoint_without_a_tensor_asked_for_is_one_line(straight):
+    with pytest.raises(SereError, match=r"does not fit this configuration \(Missing key in "
+                       r"checkpoint state_dict: student.absent.\); the loss weights"):
+        load_sharded(straight[0] / STEP_4, {"student": {"absent": torch.zeros(2)}})
 
 
 def test_a_truncated_shard_is_named(straight, tmp_path, capsys):

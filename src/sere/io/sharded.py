@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from sere.errors import SereError
@@ -71,11 +72,19 @@ def load_sharded(path: str | Path, template: dict) -> None:
         with _alone_as_meant():
             dcp.load(template, storage_reader=FileSystemReader(str(path)),
                      no_dist=not dist_utils.is_distributed())
-    except (RuntimeError, ValueError, KeyError) as err:  # CheckpointException is a RuntimeError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SereError(f"{path} does not fit this configuration ({first[:300]}); the loss "
-                        "weights decide which heads exist, so resume with the configuration "
-                        "saved in the checkpoint") from None
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as err:
+        raise SereError(f"{path} does not fit this configuration ({_first_cause(err)}); the "
+                        "loss weights decide which heads exist, so resume with the "
+                        "configuration saved in the checkpoint") from None
+
+
+def _first_cause(err: BaseException) -> str:
+    """The first line of what went wrong; of a CheckpointException (which gathers every
+    rank's), of the first rank's error."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 @dataclass
