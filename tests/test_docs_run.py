@@ -76,7 +76,7 @@ PRINTS = {
     "knn": r"^k-NN top-1: pretrained \d+\.\d %, random init \d+\.\d %$",
     "linear": r"^linear top-1: \d+\.\d %",
     "finetune": r"^fine-tune top-1: \d+\.\d %",
-    "segment": r"^k-means mIoU: \d+\.\d % \(pixel accuracy \d+\.\d %\)$",
+    "segment": r"^k-means mIoU: \d+\.\d % \(pixel accuracy \d+\.\d %\); items \d+\.\d %",
     "scenes": r"^wrote 4 56 px (train|test) scenes .* to scenes/(train|test)/images",
     "visualize": r"^wrote pictures/\S+\.png",
     "embed": r"^embedded 8 images into emb:$",
@@ -106,6 +106,15 @@ def long_run_checkpoint(work: Path) -> None:
     save_checkpoint(work / "runs/vit_small_ibot_sere/checkpoint-00010000.pt", state)
 
 
+def sharded_checkpoint(work: Path) -> None:
+    """The sharded checkpoint docs/many-gpus.md converts: a one-step tiny run that writes its
+    checkpoint as a `.dcp` folder, renamed to the page's step."""
+    assert main(["pretrain", "--config", "vit_small_ibot_sere", "data.path=photos", *PATCH16,
+                 "train.checkpoint=sharded", "train.output_dir=runs/big"]) == 0
+    written = sorted((work / "runs/big").glob("*.dcp"))[-1]
+    written.rename(work / "runs/big/checkpoint-00010000.dcp")
+
+
 def full_size_dinov2(work: Path) -> None:
     """`sere embed --model vit_small_patch14_dinov2` builds the named size: a random ViT-S/14 in
     Meta's layout, written over the tiny one of the shared folder."""
@@ -115,6 +124,7 @@ def full_size_dinov2(work: Path) -> None:
 
 
 LINEAR_MIOU = r"^mIoU: \d+\.\d % \(pixel accuracy \d+\.\d %\)$"  # `sere segment` without --cluster
+EXTRAS = r"^retrieval mIoU: \d+\.\d % \(pixel accuracy \d+\.\d %\); items \d+\.\d %"  # --retrieval
 RESUMED = r"^finished at step 2; checkpoint runs/vit_small_ibot_sere/last\.pt$"
 
 # Shown line (spaces as `normalised` leaves them) -> how it runs here.
@@ -137,6 +147,8 @@ RUN = {
     "segment runs/demo/last.pt --fashion-mnist-scenes --size 56 --cluster": Run(SCENE_PROBE),
     "segment runs/demo/last.pt --fashion-mnist-scenes --size 56 --cluster --random-init":
         Run(SCENE_PROBE),
+    "segment runs/demo/last.pt --fashion-mnist-scenes --size 56 --cluster --retrieval --items "
+    "--overcluster 50,100": Run((*SCENE_PROBE, "--bank-size", "500"), EXTRAS),
     "scenes --output scenes/train --split train --count 2000": Run((*FASHION, "--count", "4")),
     "scenes --output scenes/test --split test --count 500": Run((*FASHION, "--count", "4")),
     "segment run/last.pt --train-dir scenes/train --test-dir scenes/test --features patch4":
@@ -197,6 +209,8 @@ RUN = {
     "pretrain --config vit_small_ibot_sere data.dataset=synthetic data.synthetic_size=256 "
     "optim.batch_size=2 data.num_workers=0 train.max_steps=1 train.output_dir=/tmp/sere-check":
         Run(PATCH16, r"^finished at step 1; checkpoint sere-check/last\.pt$"),
+    "convert-checkpoint runs/big/checkpoint-00010000.dcp --output runs/big/last.pt":
+        Run(prints=r"runs/big/last\.pt", setup=sharded_checkpoint),
     # docs/weights.md
     "import-check --weights ibot_vits_16.pth --config vit_small_ibot_sere": Run(PATCH16),
     "pretrain --config vit_small_ibot_sere data.path=/data/photos init.from=ibot_vits_16.pth":
