@@ -62,7 +62,8 @@ def small_problem():
 def test_pixel_loss_is_the_naive_objective(small_problem):
     model, x, masks = small_problem
     torch.nn.init.normal_(model.classifier.weight, generator=torch.Generator().manual_seed(1))
-    got = pixel_loss(model, x, masks) + 0.5 * 1e-2 * float(model.classifier.weight.detach().pow(2).sum())
+    weight = model.classifier.weight.detach()
+    got = pixel_loss(model, x, masks) + 0.5 * 1e-2 * float(weight.pow(2).sum())
     want = naive_objective(model.classifier.weight.detach().double(),
                            model.classifier.bias.detach().double(), x, masks, 1e-2)
     assert got == pytest.approx(float(want), rel=1e-5)
@@ -78,7 +79,8 @@ def test_lbfgs_reaches_the_optimum_that_many_adam_steps_approach(small_problem):
     at_solution = naive_objective(weight, bias, x, masks, decay)
     at_solution.backward()  # the naive gradient at L-BFGS's end: about zero
     assert max(float(weight.grad.abs().max()), float(bias.grad.abs().max())) < 1e-4  # float32
-    assert report.grad_max < 1e-4 and report.loss == pytest.approx(float(at_solution.detach()), rel=1e-5)
+    optimum = float(at_solution.detach())
+    assert report.grad_max < 1e-4 and report.loss == pytest.approx(optimum, rel=1e-5)
     w = torch.zeros_like(weight).requires_grad_()
     b = torch.zeros_like(bias).requires_grad_()
     adam = torch.optim.Adam([w, b], lr=0.1)
@@ -89,8 +91,8 @@ def test_lbfgs_reaches_the_optimum_that_many_adam_steps_approach(small_problem):
         adam.step()
         schedule.step()
     adam_value = float(naive_objective(w, b, x, masks, decay).detach())
-    assert float(at_solution.detach()) <= adam_value + 1e-6  # as low (to float32) ...
-    assert adam_value - float(at_solution.detach()) < 1e-4  # ... and Adam closes in on the same point
+    assert optimum <= adam_value + 1e-6  # as low (to float32) ...
+    assert adam_value - optimum < 1e-4  # ... and Adam closes in on the same point
     torch.testing.assert_close(w.detach(), weight.detach(), atol=2e-2, rtol=0)
 
 
