@@ -62,7 +62,7 @@ PATCH16 = tiny_pretraining(16)  # the own ViT-S/16 presets, DINOv3 ViT-S/16
 PATCH14 = tiny_pretraining(14)  # DINOv2 ViT-S/14
 FASHION = ("--fashion-mnist-dir", "fmnist")  # tiny IDX files instead of the system package's
 LINEAR = ("--epochs", "1", "--lrs", "0.01", "--batch-size", "8")
-SEGMENT = ("--epochs", "1", "--lrs", "0.01")
+SEGMENT = ("--weight-decays", "1e-4", "--max-iterations", "5")
 SCENE_PROBE = (*FASHION, "--max-train", "12", "--max-test", "6", *SEGMENT)
 EMBED = ("--image-size", "28", "--batch-size", "8", "--workers", "0", "--no-progress")
 FINETUNE = ("optim.epochs=1", "optim.batch_size=8", "optim.eval_batch_size=8",
@@ -147,6 +147,8 @@ RUN = {
     "segment runs/demo/last.pt --fashion-mnist-scenes --size 56 --cluster": Run(SCENE_PROBE),
     "segment runs/demo/last.pt --fashion-mnist-scenes --size 56 --cluster --random-init":
         Run(SCENE_PROBE),
+    "segment runs/demo/last.pt --fashion-mnist-scenes --features block-2 --grid scene "
+    "--probe-seeds 3": Run(SCENE_PROBE, LINEAR_MIOU),
     "segment runs/demo/last.pt --fashion-mnist-scenes --size 56 --cluster --retrieval --items "
     "--overcluster 50,100": Run((*SCENE_PROBE, "--bank-size", "500"), EXTRAS),
     "scenes --output scenes/train --split train --count 2000": Run((*FASHION, "--count", "4")),
