@@ -82,7 +82,7 @@ SAVE_EVERY = 100  # steps between checkpoints: at most 100 steps are lost to a h
 SEGMENT_SIZE = 56  # `sere segment --size`: whole scenes, a 14 x 14 grid of patch features
 SEGMENT_TRAIN = 2000  # training scenes of the segmentation probe (seed 0, training items)
 SEGMENT_TEST = 1000  # test scenes (seed 1, test items)
-PROBE_EPOCHS = 10  # `sere segment --epochs` (its default)
+PROBE_ITERATIONS = 100  # `sere segment --max-iterations` (its default): L-BFGS per probe fit
 KNN_MAX_TRAIN = None  # single Fashion-MNIST items that vote (None: all 60,000)
 KNN_MAX_TEST = None  # single items classified (None: all 10,000)
 
@@ -95,7 +95,7 @@ PRIOR_FLOOR_SECONDS = 120.0
 
 OUTPUTS = ("benchmarks/results/dense_study", "runs/dense_study_quick")  # tracked; --quick
 ITEMS_OUTPUT = "benchmarks/results/dense_study_items"  # --pretrain-on items (tracked)
-QUICK = dict(steps=8, seeds=(0,), segment_train=40, segment_test=20, probe_epochs=2,
+QUICK = dict(steps=8, seeds=(0,), segment_train=40, segment_test=20, probe_iterations=10,
              knn_max_train=500, knn_max_test=200)
 
 PRIMARY = ("ibot", "ibot_sere")  # the main comparison, done first
@@ -128,7 +128,7 @@ class DensePlan:
     methods: tuple[str, ...] = tuple(m.key for m in METHODS)
     segment_train: int = SEGMENT_TRAIN
     segment_test: int = SEGMENT_TEST
-    probe_epochs: int = PROBE_EPOCHS
+    probe_iterations: int = PROBE_ITERATIONS
     knn_max_train: int | None = KNN_MAX_TRAIN
     knn_max_test: int | None = KNN_MAX_TEST
     overrides: tuple[str, ...] = ()  # extra `a.b=c` settings applied to every run
@@ -166,7 +166,7 @@ class DensePlan:
         overrides = (self.run_overrides(method, seed) if method is not None
                      else [*self.recipe_overrides(seed), *self.overrides])
         return {"method": method_key, "seed": seed, "overrides": overrides,
-                "segment": [self.segment_train, self.segment_test, self.probe_epochs,
+                "segment": [self.segment_train, self.segment_test, self.probe_iterations,
                             SEGMENT_SIZE],
                 "knn": [self.knn_max_train, self.knn_max_test]}
 
@@ -202,7 +202,8 @@ class DenseRecord:
     steps: int  # pretraining steps (0 for the floor)
     probe_miou: float  # linear segmentation probe, test scenes
     probe_pixel_accuracy: float
-    probe_lr: float  # chosen on 10 % held-out training scenes
+    probe_lr: float | None  # the AdamW probe's rate, chosen on 10 % held-out training
+    # scenes (records before the L-BFGS probe); None since
     cluster_miou: float  # k-means on the test scenes' patch features, Hungarian-matched
     cluster_pixel_accuracy: float
     knn_top1: float  # [CLS] k-NN on single Fashion-MNIST test items
@@ -217,6 +218,7 @@ class DenseRecord:
     wall_seconds: float  # all three together
     per_class_iou: list[float | None] = field(default_factory=list)  # probe, percent
     settings: dict[str, Any] = field(default_factory=dict)
+    probe_weight_decay: float | None = None  # the L-BFGS probe's, chosen on 10 % held out
 
     @property
     def eval_seconds(self) -> float:
@@ -243,13 +245,13 @@ class DenseEvaluation:
 
 def segment_settings(plan: DensePlan, seed: int, folder: Path) -> SegmentSettings:
     """The segment runner's settings of one evaluation, `sere segment --fashion-mnist-scenes
-    --cluster` at SEGMENT_SIZE (the seed also sets the probe's held-out split and batch order and
-    the k-means initialisation: paired across methods)."""
+    --cluster` at SEGMENT_SIZE (the seed also sets the probe's held-out split and the k-means
+    initialisation: paired across methods)."""
     return SegmentSettings(
         DenseSources(fashion_mnist_scenes=True, max_train=plan.segment_train,
                      max_test=plan.segment_test),
         size=SEGMENT_SIZE, cluster=True,
-        probe=ProbeSettings(epochs=plan.probe_epochs, seed=seed),
+        probe=ProbeSettings(seed=seed, max_iterations=plan.probe_iterations),
         cache_dir=folder / SEGMENT_CACHE, output=folder / SEGMENT_OUT)
 
 
@@ -278,7 +280,7 @@ def make_record(method: str, seed: int, steps: int, ev: DenseEvaluation,
     seg, kmeans = ev.segment, ev.segment["kmeans"]
     return DenseRecord(
         method=method, seed=seed, steps=steps, probe_miou=100 * seg["miou"],
-        probe_pixel_accuracy=100 * seg["pixel_accuracy"], probe_lr=seg["lr"],
+        probe_pixel_accuracy=100 * seg["pixel_accuracy"], probe_lr=None,
         cluster_miou=100 * kmeans["miou"], cluster_pixel_accuracy=100 * kmeans["pixel_accuracy"],
         knn_top1=ev.knn_top1, segment_train=seg["settings"]["train_images"],
         segment_test=seg["settings"]["test_images"], knn_train=ev.knn_train,
@@ -287,7 +289,7 @@ def make_record(method: str, seed: int, steps: int, ev: DenseEvaluation,
         knn_seconds=ev.knn_seconds,
         wall_seconds=pretrain_seconds + ev.segment_seconds + ev.knn_seconds,
         per_class_iou=[None if v is None else 100 * v for v in seg["per_class_iou"]],
-        settings=settings)
+        settings=settings, probe_weight_decay=seg["fits"][0]["weight_decay"])
 
 
 def do_run(plan: DensePlan, method: Method, seed: int) -> DenseRecord | None:
@@ -435,7 +437,7 @@ def plan_from_args(args: argparse.Namespace) -> DensePlan:
                       else [m.key for m in METHODS]),
         segment_train=quick.get("segment_train", SEGMENT_TRAIN),
         segment_test=quick.get("segment_test", SEGMENT_TEST),
-        probe_epochs=quick.get("probe_epochs", PROBE_EPOCHS),
+        probe_iterations=quick.get("probe_iterations", PROBE_ITERATIONS),
         knn_max_train=quick.get("knn_max_train", KNN_MAX_TRAIN),
         knn_max_test=quick.get("knn_max_test", KNN_MAX_TEST),
         overrides=tuple(args.overrides))

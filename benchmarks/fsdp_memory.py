@@ -15,6 +15,13 @@ that runs and the next one, gathered, and one unit's full fp32 gradient before i
 reduce-scatter. Activations come on top of both and depend on batch, crops and
 `train.grad_checkpointing`.
 
+A checkpoint holds the weights of both networks and the student's two moments (no gradients):
+
+    checkpoint:            C = 12 * P_student + 4 * P_teacher
+    sharded over N:        C / N written and held by each process (`train.checkpoint=sharded`)
+
+while a single file (`train.checkpoint=file`) is gathered whole into rank 0's CPU memory.
+
     python benchmarks/fsdp_memory.py [--gpus 8] [--param-bytes 2]
 """
 
@@ -68,6 +75,13 @@ def per_gpu_bytes(c: Counts, gpus: int, param_bytes: int) -> tuple[float, float]
     return state, state / gpus + c.largest_unit * (2 * param_bytes + 4)
 
 
+def checkpoint_bytes(c: Counts, gpus: int) -> tuple[float, float]:
+    """(one file, each process's part of a sharded checkpoint over `gpus`) bytes, by the
+    module's formula."""
+    whole = 12 * c.student + 4 * c.teacher
+    return whole, whole / gpus
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=8, help="processes FSDP shards over")
@@ -77,11 +91,17 @@ def main() -> None:
     print(f"| model | student params | teacher params | largest unit | DDP GiB/GPU "
           f"| FSDP x{args.gpus} GiB/GPU |")
     print("|---|---|---|---|---|---|")
-    for name, settings in SIZES.items():
-        c = count(settings)
+    counts = {name: count(settings) for name, settings in SIZES.items()}
+    for name, c in counts.items():
         ddp, fsdp = per_gpu_bytes(c, args.gpus, args.param_bytes)
         print(f"| {name} | {c.student / 1e6:.0f} M | {c.teacher / 1e6:.0f} M "
               f"| {c.largest_unit / 1e6:.0f} M | {ddp / GIB:.1f} | {fsdp / GIB:.1f} |")
+    print(f"\n| model | checkpoint GiB (one file, gathered on rank 0) "
+          f"| sharded x{args.gpus}: GiB per process |")
+    print("|---|---|---|")
+    for name, c in counts.items():
+        whole, part = checkpoint_bytes(c, args.gpus)
+        print(f"| {name} | {whole / GIB:.1f} | {part / GIB:.1f} |")
 
 
 if __name__ == "__main__":

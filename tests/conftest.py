@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,18 @@ def make_checkpoint(path: Path, cfg: sere.Config, seed: int) -> None:
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     save_checkpoint(path, {"config": cfg.to_dict(), "teacher": state, "student": state,
                            "step": 5})
+
+
+def pytest_configure(config):
+    """Under `pytest -n 2` (pytest-xdist, as `make test` runs) each worker process computes
+    with one torch thread, so that the two workers share the two cores instead of fighting."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with slow tests run first (each module's own order kept): with two workers,
+    the long multi-process tests start early instead of leaving one worker busy alone at the
+    end."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)

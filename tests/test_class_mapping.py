@@ -171,7 +171,7 @@ def test_segment_matches_dense_classes_by_name(folders, capsys):
     def segment(test: str) -> int:
         return main(["segment", str(folders / "run" / "last.pt"), "--train-dir",
                      str(folders / "dtrain"), "--test-dir", str(folders / test), "--size", "16",
-                     "--epochs", "2", "--lrs", "0.01", "--output", str(folders / f"s_{test}")])
+                     "--weight-decays", "0.01", "--max-iterations", "5", "--output", str(folders / f"s_{test}")])
 
     assert segment("dsame") == 0 and segment("dreordered") == 0
     same, reordered = (json.loads((folders / f"s_{t}" / "result.json").read_text())
@@ -189,7 +189,7 @@ def test_segment_checks_a_test_folder_without_classes_txt_against_the_training_k
     dense_folder(folders / "plain_test", [], ["bg", "q", "r", "x", "y"])  # x is 3, y is 4
     assert main(["segment", str(folders / "run" / "last.pt"), "--train-dir",
                  str(folders / "plain_train"), "--test-dir", str(folders / "plain_test"),
-                 "--size", "16", "--epochs", "1", "--lrs", "0.01"]) == 2
+                 "--size", "16", "--max-iterations", "1"]) == 2
     err = capsys.readouterr().err
     assert re.search(r"mask .*plain_test/masks/0\.png holds class 3 in 64 pixels, outside "
                      r"0\.\.2 \(the training masks hold 3 classes\)", err), err

@@ -34,7 +34,7 @@ def flat(text: str) -> str:
 def test_every_command_is_walked():
     assert set(sub_commands()) == {"pretrain", "knn", "visualize", "linear", "finetune",
                                    "export", "import-check", "demo", "config", "segment",
-                                   "segment-ceiling", "scenes", "embed"}
+                                   "segment-ceiling", "scenes", "embed", "convert-checkpoint"}
 
 
 @pytest.mark.parametrize("name", sorted(sub_commands()))

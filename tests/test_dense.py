@@ -131,7 +131,7 @@ def synthetic_segmentation(n: int, seed: int, informative: bool, grid: int = 4, 
 def fast_settings():
     from sere.eval.segment import ProbeSettings
 
-    return ProbeSettings(lrs=(1e-2, 1e-1), epochs=15, batch_size=16, seed=0)
+    return ProbeSettings(weight_decays=(1e-3, 1e-1), seed=0)
 
 
 def test_linear_probe_reads_class_features():
@@ -141,7 +141,11 @@ def test_linear_probe_reads_class_features():
     test = synthetic_segmentation(30, 1, informative=True)
     run = linear_segmentation(*train, *test, 4, ["a", "b", "c", "d"], fast_settings())
     assert run.result.miou > 0.85 and run.result.pixel_accuracy > 0.9
-    assert run.result.lr in (1e-2, 1e-1) and set(run.result.val_miou) == {"0.01", "0.1"}
+    fit, = run.result.fits
+    assert fit.weight_decay in (1e-3, 1e-1) and set(fit.val_miou) == {"0.001", "0.1"}
+    assert fit.val_miou[f"{fit.weight_decay:g}"] == max(fit.val_miou.values())
+    assert fit.miou == run.result.miou and run.result.miou_std is None
+    assert fit.grad_max <= fast_settings().tolerance  # converged
     last = format_report(run.result).splitlines()[-1]
     assert last == (f"mIoU: {100 * run.result.miou:.1f} % "
                     f"(pixel accuracy {100 * run.result.pixel_accuracy:.1f} %)")

@@ -83,7 +83,7 @@ def test_the_schedules_span_exactly_the_step_budget(tmp_path, steps, per_epoch):
 
 def test_quick_flags_and_defaults(tmp_path):
     quick = ds.plan_from_args(ds.build_parser().parse_args(["--quick"]))
-    assert (quick.steps, quick.seeds, quick.segment_train, quick.probe_epochs) == (8, (0,), 40, 2)
+    assert (quick.steps, quick.seeds, quick.segment_train, quick.probe_iterations) == (8, (0,), 40, 10)
     assert quick.output == Path("runs/dense_study_quick")
     full = ds.plan_from_args(ds.build_parser().parse_args([]))
     assert full.output == Path("benchmarks/results/dense_study") and full.steps == 2000
@@ -98,7 +98,7 @@ def test_segment_is_asked_for_the_study_s_evaluation(tmp_path):
     assert settings.data.fashion_mnist_scenes and not settings.data.train_dir
     assert (settings.data.max_train, settings.data.max_test) == (2000, 1000)
     assert settings.cluster and settings.size == 56 and settings.features == "patch"
-    assert (settings.probe.epochs, settings.probe.seed) == (10, 2)
+    assert (settings.probe.max_iterations, settings.probe.seed) == (100, 2)
     assert settings.output == Path("r/segment") and settings.cache_dir == Path("r/segment_cache")
 
 
@@ -107,7 +107,8 @@ def test_the_floor_is_a_random_backbone_without_a_checkpoint_file(tmp_path, monk
 
     def fake_evaluate(probed, folder, plan, seed):
         seen.append((probed, folder, seed))
-        return ds.DenseEvaluation({"miou": 0.25, "pixel_accuracy": 0.8, "lr": 0.01,
+        return ds.DenseEvaluation({"miou": 0.25, "pixel_accuracy": 0.8,
+                                   "fits": [{"weight_decay": 1e-4}],
                                    "per_class_iou": [0.5], "kmeans": {"miou": 0.125,
                                                                       "pixel_accuracy": 0.75},
                                    "settings": {"train_images": 4, "test_images": 2}},
@@ -124,7 +125,8 @@ def test_the_floor_is_a_random_backbone_without_a_checkpoint_file(tmp_path, monk
 
 
 def test_a_record_takes_segment_s_fractions_as_percent():
-    segment = {"miou": 0.25, "pixel_accuracy": 0.8, "lr": 0.01, "per_class_iou": [0.5, None],
+    segment = {"miou": 0.25, "pixel_accuracy": 0.8, "fits": [{"weight_decay": 1e-3}],
+               "per_class_iou": [0.5, None],
                "kmeans": {"miou": 0.125, "pixel_accuracy": 0.75},
                "settings": {"train_images": 40, "test_images": 20}}
     ev = ds.DenseEvaluation(segment, 61.5, 500, 200, segment_seconds=3.0, knn_seconds=2.0)
@@ -132,6 +134,7 @@ def test_a_record_takes_segment_s_fractions_as_percent():
     assert (record.probe_miou, record.cluster_miou, record.probe_pixel_accuracy) == \
         (25.0, 12.5, 80.0)
     assert record.per_class_iou == [50.0, None] and record.knn_top1 == 61.5
+    assert record.probe_weight_decay == 1e-3 and record.probe_lr is None
     assert (record.segment_train, record.segment_test) == (40, 20)
     assert record.wall_seconds == 15.0 and record.eval_seconds == 5.0
 
@@ -270,7 +273,7 @@ TINY = ("model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.out_d
 @pytest.mark.slow
 def test_tiny_dense_study_end_to_end_then_resume_skips_everything(tmp_path, monkeypatch):
     plan = ds.DensePlan(output=tmp_path, steps=3, seeds=(0,), methods=("ibot", "ibot_sere"),
-                        segment_train=12, segment_test=6, probe_epochs=1, knn_max_train=100,
+                        segment_train=12, segment_test=6, probe_iterations=5, knn_max_train=100,
                         knn_max_test=50, overrides=TINY)
     assert ds.run_study(plan) == 0
     records = {r.method: r for r in ds.load_records(tmp_path)}

@@ -1,7 +1,7 @@
 """Docs that cannot drift (issue 26): every `sere ...` line shown in README.md and docs/*.md
-goes through the real argument parser (and its settings through `load_config`), every command's
-help ends with an example that parses, the README stays short, and the site builds with
-`mkdocs build --strict`."""
+goes through the real argument parser (and its settings through `load_config`; tests/
+test_docs_run.py runs them), every command's help ends with an example that parses, the README
+stays short, and the site builds with `mkdocs build --strict`."""
 
 from __future__ import annotations
 
@@ -148,44 +148,4 @@ def test_every_python_block_of_the_api_page_runs(tmp_path, monkeypatch):
         exec(compile(block, f"docs/api.md, python block {number}", "exec"), namespace)
     assert namespace["result"].step == 2
     assert namespace["report"].missing == [] and namespace["report"].loaded
-    assert (tmp_path / "exported" / "model.safetensors").is_file()
-
-
-# Settings appended to a shown pretraining line to run it in seconds (a later setting wins).
-TINY = ["model.arch=vit_tiny", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
-        "model.out_dim=64", "model.hidden_dim=32", "model.bottleneck_dim=16",
-        "data.global_crop_size=48", "data.local_crop_size=32", "data.local_crops_number=2",
-        "data.num_workers=0", "optim.batch_size=4", "train.max_steps=1", "train.precision=fp32"]
-
-
-def write_class_folders(root: Path, classes: int = 2, per_class: int = 4) -> None:
-    """`root/<class>/<i>.png`: small random RGB images."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-
-
-@pytest.mark.slow
-def test_readme_own_images_commands_run_at_tiny_sizes(tmp_path, monkeypatch, capsys):
-    """The README's three commands of "Your own images", as shown, on small class folders, with
-    TINY settings appended to the pretraining line and eval.k=2 to the k-NN line."""
-    from sere.cli import main
-
-    text = (ROOT / "README.md").read_text().split("## Your own images", 1)[1]
-    lines = shown_command_lines(text.split("\n## ", 1)[0])
-    assert [shlex.split(line)[0] for line in lines] == ["pretrain", "knn", "export"]
-    monkeypatch.chdir(tmp_path)
-    for folder in ("train", "val"):
-        write_class_folders(tmp_path / folder)
-    extra = {"pretrain": TINY, "knn": ["eval.k=2"], "export": []}
-    for line in lines:
-        argv = shlex.split(line.replace("/data/photos", "train"))
-        assert main(argv + extra[argv[0]]) == 0, line
-    assert "k-NN top-1: pretrained" in capsys.readouterr().out
     assert (tmp_path / "exported" / "model.safetensors").is_file()

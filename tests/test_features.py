@@ -39,6 +39,11 @@ def test_every_kind_against_a_block_by_block_reference():
     patch = batch_features(backbone, images, "patch")
     assert patch.shape == (2, 4, 5, 32)
     torch.testing.assert_close(patch, last[:, 1:].reshape(2, 4, 5, 32))
+    for k in (2, 3, 4):  # block-k: the k-th block from the end, through the final norm
+        block = batch_features(backbone, images, f"block-{k}")
+        assert block.shape == (2, 4, 5, 32) == (2, 4, 5, feature_dim(32, f"block-{k}"))
+        torch.testing.assert_close(block, norm(blocks[-k])[:, 1:].reshape(2, 4, 5, 32))
+        assert not torch.allclose(block, patch)
     patch4 = batch_features(backbone, images, "patch4")
     assert patch4.shape == (2, 4, 5, feature_dim(32, "patch4")) == (2, 4, 5, 128)
     for slot, block in enumerate(blocks[-4:]):
@@ -71,3 +76,5 @@ def test_unknown_kind_and_too_shallow_backbones_are_refused():
         batch_features(backbone_of(2), torch.randn(1, 3, 16, 16), "cls8")
     with pytest.raises(SereError, match="patch4 needs at least 4"):
         batch_features(backbone_of(2), torch.randn(1, 3, 16, 16), "patch4")
+    with pytest.raises(SereError, match="block-3 needs at least 3 .* use --features patch"):
+        batch_features(backbone_of(2), torch.randn(1, 3, 16, 16), "block-3")

@@ -71,8 +71,8 @@ def scenes(tmp_path):
 
 def segment_argv(root: Path, *extra: str) -> list[str]:
     return ["segment", str(root / "run" / "last.pt"), "--train-dir", str(root / "train"),
-            "--test-dir", str(root / "test"), "--size", "24", "--epochs", "2",
-            "--lrs", "0.01", "0.1", *extra]
+            "--test-dir", str(root / "test"), "--size", "24", "--weight-decays", "0.001",
+            "0.1", "--max-iterations", "20", *extra]
 
 
 def test_scenes_command_writes_matching_image_mask_pairs(scenes):
@@ -107,14 +107,18 @@ def test_segment_end_to_end_caches_features_and_writes_results(scenes, capsys, m
     assert out.count("extracted, cached in") == 2
     assert calls == [(20, 1, 24, 24), (8, 1, 24, 24)]  # one batch per split, at --size
     record = json.loads((scenes / "run" / "segment" / "result.json").read_text())
-    assert record["method"] == "linear" and record["lr"] in (0.01, 0.1)
-    # two rates: the chosen one is at the sweep's edge, which is said as `sere linear` says it
-    assert f"note: the chosen rate {record['lr']:g} is at the edge of the sweep" in out
+    fit, = record["fits"]
+    assert record["method"] == "linear" and fit["weight_decay"] in (0.001, 0.1)
+    assert (fit["seed"], record["miou_std"]) == (0, None) and fit["iterations"] <= 20
+    # two decays: the chosen one is at the sweep's edge, which is said as `sere linear` says it
+    assert (f"note: the chosen weight decay {fit['weight_decay']:g} is at the edge of the "
+            "sweep; extend --weight-decays") in out
     assert 0 <= record["miou"] <= 1 and 0 <= record["pixel_accuracy"] <= 1
     assert len(record["per_class_iou"]) == 11 and record["class_names"][0] == "background"
     assert f"{100 * record['miou']:.1f} %" in lines[-2]
     assert f"{100 * record['kmeans']['miou']:.1f} %" in lines[-1]
     assert record["settings"]["features"] == "patch" and record["settings"]["size"] == 24
+    assert record["settings"]["grid"] is None and record["settings"]["mask_size"] == 24
     assert (record["settings"]["train_images"], record["settings"]["test_images"]) == (20, 8)
     picture = scenes / "run" / "segment" / "dense_pictures.png"
     assert Image.open(picture).size[0] > 300
@@ -141,10 +145,32 @@ def test_random_init_has_its_own_cache_and_output(scenes, capsys):
 
 def test_patch4_concatenates_four_blocks(scenes, capsys):
     make_checkpoint(scenes / "deep" / "last.pt", seed=3, depth=4)
-    argv = segment_argv(scenes, "--features", "patch4")
+    argv = segment_argv(scenes, "--features", "concat4")  # another name of patch4
     argv[1] = str(scenes / "deep" / "last.pt")
     assert main(argv) == 0
-    assert "(20, 6, 6, 128)" in capsys.readouterr().out  # 4 x 32 channels on a 6 x 6 grid
+    out = capsys.readouterr().out
+    assert "(20, 6, 6, 128)" in out and "features=patch4" in out  # 4 x 32 channels, 6 x 6
+
+
+def test_block_and_grid_options_pick_the_features_and_their_size(scenes, capsys, monkeypatch):
+    calls: list[tuple] = []
+    real = features.batch_features
+    monkeypatch.setattr(features, "batch_features",
+                        lambda b, x, kind: (calls.append((kind, tuple(x.shape))),
+                                            real(b, x, kind))[1])
+    base = [a for a in segment_argv(scenes) if a not in ("--size", "24")]
+    assert main([*base, "--features", "block-2", "--grid", "scene", "--probe-seeds", "2",
+                 "--probe-seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [("block-2", (20, 1, 56, 56)), ("block-2", (8, 1, 56, 56))]
+    assert "(20, 14, 14, 32)" in out and "mIoU over 2 probe fits" in out
+    record = json.loads((scenes / "run" / "segment" / "result.json").read_text())
+    assert [f["seed"] for f in record["fits"]] == [5, 6] and record["miou_std"] is not None
+    assert (record["settings"]["grid"], record["settings"]["size"]) == ("scene", 56)
+    assert record["settings"]["features"] == "block-2"
+    assert main([*base, "--features", "block-1"]) == 0  # --grid crop: the global crop size
+    assert calls[-1] == ("patch", (8, 1, 16, 16)) and "features=patch," in capsys.readouterr().out
+    one_line_error(capsys, [*base, "--grid", "scene", "--size", "24"], "--grid or --size")
 
 
 def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
@@ -163,6 +189,9 @@ def test_bad_input_is_one_line_error(scenes, capsys):
     one_line_error(capsys, [*segment_argv(scenes), "--fashion-mnist-scenes"], "not both")
     one_line_error(capsys, [*segment_argv(scenes), "--size", "26"], "multiple of the patch")
     one_line_error(capsys, segment_argv(scenes, "--features", "patch4"), "use --features patch")
+    one_line_error(capsys, segment_argv(scenes, "--features", "block-3"), "block-3 needs at "
+                   "least 3", "use --features patch")
+    one_line_error(capsys, segment_argv(scenes, "--probe-seeds", "0"), "--probe-seeds")
     one_line_error(capsys, [*segment_argv(scenes), "--max-train", "1"], "--max-train")
     one_line_error(capsys, ["segment", "--train-dir", "a", "--test-dir", "b"], "checkpoint")
     (scenes / "test" / "masks" / "000003.png").unlink()

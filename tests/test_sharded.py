@@ -1,9 +1,11 @@
 """Sharded training (issue 25): `train.parallel=fsdp` shards student, teacher and heads with
 FSDP2 per transformer block and trains like DDP: on 2 gloo processes, 3 steps give the same
-losses and the same saved teacher to float rounding. Its single-file checkpoint resumes
-sharded to the bit (after a SIGKILL under torchrun's restarts too), or unsharded; a DDP one
-resumes sharded. FSDP on one process, and the settings it does not run with, stop with one
-line before anything is written."""
+losses and the same saved teacher to float rounding. Its single-file checkpoint
+(`train.checkpoint=file`) resumes sharded to the bit, or unsharded; a DDP one resumes sharded.
+Its sharded checkpoint (the default) holds the same tensors as the single file, resumes on 2
+processes to the bit (after a SIGKILL under torchrun's restarts too), on one unsharded
+process, and one process's resumes on 2. FSDP on one process, and the settings it does not
+run with, stop with one line before anything is written."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import sere
 from sere.cli import main
 from sere.errors import SereError
 from sere.io.checkpoint import load_checkpoint
+from sere.io.sharded import convert_sharded_checkpoint
 from sere.io.weights import load_backbone
 from sere.train.loop import Pretrainer
 from sere.train.optim import clip_per_parameter
@@ -34,13 +37,18 @@ from test_elastic import KILL_STEP, TWO_BY_FOUR as ELASTIC_SETTINGS
 from test_elastic import _assert_identical as assert_identical, _torchrun as elastic_torchrun
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fsdp_memory import Counts, count, per_gpu_bytes  # noqa: E402
+from fsdp_memory import Counts, checkpoint_bytes, count, per_gpu_bytes  # noqa: E402
 
 # 2 processes x 4 images, 3 steps (a checkpoint at step 2 and at the end), at full learning
 # rate from the first step, a clip that bites every step and an EMA that moves the teacher by
 # a tenth of the way: every part of the step that sharding touches changes the numbers.
+# Single-file checkpoints, which FSDP writes with `train.checkpoint=file`.
 TWO_BY_FOUR = [*TINY, "optim.batch_size=4", "train.max_steps=3", "optim.warmup_epochs=0",
-               "optim.lr=0.1", "optim.clip_grad=0.01", "optim.momentum_teacher=0.9"]
+               "optim.lr=0.1", "optim.clip_grad=0.01", "optim.momentum_teacher=0.9",
+               "train.checkpoint=file"]
+# The same, sharded, with sharded checkpoints at steps 2 and 3.
+SHARDED = [*TWO_BY_FOUR[:-1], "train.parallel=fsdp", "train.checkpoint=sharded"]
+STEP_2, STEP_3 = "checkpoint-00000002.dcp", "checkpoint-00000003.dcp"
 # Both runs compute the same sums in another order (an all-reduce of whole gradients against
 # a reduce-scatter of shards; per-parameter norms from shard norms): fp32 rounding, ~1e-7
 # relative per operation. Measured here: losses at most 1e-7 apart (relative), weights at most
@@ -74,11 +82,13 @@ def _losses(folder: Path) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """The folders of the same 3-step run on 2 processes with `ddp` and with `fsdp`."""
+    """The folders of the same 3-step run on 2 processes with `ddp`, with `fsdp`, and with
+    `fsdp` and sharded checkpoints (`dcp`)."""
     folders = {}
-    for parallel in ("ddp", "fsdp"):
-        folders[parallel] = tmp_path_factory.mktemp("sharded") / parallel
-        done = _torchrun(folders[parallel], *TWO_BY_FOUR, f"train.parallel={parallel}")
+    for name, settings in (("ddp", [*TWO_BY_FOUR, "train.parallel=ddp"]),
+                           ("fsdp", [*TWO_BY_FOUR, "train.parallel=fsdp"]), ("dcp", SHARDED)):
+        folders[name] = tmp_path_factory.mktemp("sharded") / name
+        done = _torchrun(folders[name], *settings)
         assert done.returncode == 0, done.stderr[-3000:]
     return folders
 
@@ -149,22 +159,95 @@ def test_fsdp_run_resumes_bitwise_and_crosses_to_ddp_and_back(runs, tmp_path):
 @pytest.mark.slow
 def test_a_sharded_run_killed_mid_run_restarts_and_ends_bitwise(tmp_path):
     """tests/test_elastic.py's SIGKILL after step 5 of 8 under torchrun --max-restarts 1, with
-    `train.parallel=fsdp`: the restarted group resumes from step 4 and ends to the bit where an
-    uninterrupted sharded run ends."""
+    `train.parallel=fsdp` and its sharded checkpoints: the restarted group resumes from step 4
+    and ends to the bit where an uninterrupted sharded run ends."""
     ends = []
     for name, kill in (("straight", None), ("cut", KILL_STEP)):
         done = elastic_torchrun(tmp_path / name, *ELASTIC_SETTINGS, "train.parallel=fsdp",
                                 kill_step=kill)
         assert done.returncode == 0, done.stderr[-3000:]
-        state = load_checkpoint(tmp_path / name / "last.pt")
-        state["config"]["train"].pop("output_dir")
-        for group in state["optimizer"]["param_groups"]:  # a list once loaded by name
-            group["betas"] = tuple(group["betas"])
-        ends.append(state)
+        ends.append(_converted(tmp_path / name / "checkpoint-00000008.dcp"))
     assert "exitcode: -9" in done.stderr
-    assert f"resuming from {tmp_path / 'cut' / 'last.pt'} at step 4" in done.stdout
+    cut = tmp_path / "cut"
+    assert f"resuming from {cut / 'checkpoint-00000004.dcp'} at step 4" in done.stdout
     assert ends[0]["step"] == 8
     assert_identical(ends[0], ends[1])
+
+
+def _converted(checkpoint: Path) -> dict:
+    """The sharded `checkpoint` as one file (`sere convert-checkpoint`), loaded, without the
+    settings that differ between the runs compared."""
+    single = checkpoint.with_suffix(".pt")
+    if not single.exists():
+        convert_sharded_checkpoint(checkpoint, single)
+    state = load_checkpoint(single)
+    state["config"]["train"].pop("output_dir")
+    state["config"]["train"].pop("checkpoint")
+    for group in state["optimizer"]["param_groups"]:  # a list once loaded by name
+        group["betas"] = tuple(group["betas"])
+    return state
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_hold_what_the_single_file_holds(runs):
+    """Each process writes its own shard file; converted to one file, the end is the FSDP
+    run's single-file checkpoint to the bit: networks, centers, AdamW state, random states."""
+    assert sorted(p.name for p in (runs["dcp"] / STEP_3).iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "run.pt"]
+    single = load_checkpoint(runs["fsdp"] / "last.pt")
+    single["config"]["train"].pop("output_dir")
+    single["config"]["train"].pop("checkpoint")
+    assert_identical(single, _converted(runs["dcp"] / STEP_3))
+
+
+def _holding(source: Path, folder: Path) -> Path:
+    """`folder`, new, holding a copy of the sharded checkpoint `source`."""
+    folder.mkdir()
+    shutil.copytree(source, folder / source.name)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_on_two_processes_to_the_bit(runs, tmp_path):
+    again = _holding(runs["dcp"] / STEP_2, tmp_path / "again")
+    done = _torchrun(again, *SHARDED, "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {again / STEP_2} at step 2" in done.stdout
+    assert_identical(_converted(runs["dcp"] / STEP_3), _converted(again / STEP_3))
+
+
+@pytest.mark.slow
+def test_a_two_process_sharded_checkpoint_resumes_on_one_process(runs, tmp_path):
+    """2 -> 1: one unsharded process (FSDP needs two) of the same global batch reads both
+    shard files into whole tensors and ends where the sharded run ends, to rounding."""
+    one = _holding(runs["dcp"] / STEP_2, tmp_path / "one")
+    Pretrainer(sere.load_config([], [*TWO_BY_FOUR, "optim.batch_size=8",
+                                     f"train.output_dir={one}"]), resume="auto").run()
+    end, resumed = _converted(runs["dcp"] / STEP_3), load_checkpoint(one / "last.pt")
+    _assert_same_networks(end, resumed)
+    torch.testing.assert_close(dict(resumed["loss"]), dict(end["loss"]))
+
+
+@pytest.mark.slow
+def test_a_one_process_sharded_checkpoint_resumes_on_two_sharded_processes(runs, tmp_path):
+    """1 -> 2: a one-process run's sharded checkpoint (one shard file), continued by 2 FSDP
+    processes, each reading its half of every tensor: the end of the 2-process run, to
+    rounding."""
+    two = tmp_path / "two"
+    Pretrainer(sere.load_config([], [*TWO_BY_FOUR, "optim.batch_size=8", "train.max_steps=2",
+                                     "train.checkpoint=sharded",
+                                     f"train.output_dir={two}"])).run()
+    assert sorted(p.name for p in (two / STEP_2).iterdir()) == [".metadata", "__0_0.distcp",
+                                                                "run.pt"]
+    done = _torchrun(two, *SHARDED, "--resume", "auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "continuing on 2 processes a checkpoint of 1: the same global batch" in done.stdout
+    end, resumed = _converted(runs["dcp"] / STEP_3), _converted(two / STEP_3)
+    _assert_same_networks(end, resumed)
+    for name, moments in end["optimizer"]["state"].items():
+        for key, value in moments.items():
+            torch.testing.assert_close(resumed["optimizer"]["state"][name][key], value,
+                                       rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=name)
 
 
 def test_fsdp_on_one_process_is_one_line_and_writes_nothing(capsys, tmp_path):
@@ -233,5 +316,6 @@ def test_memory_formula():
     divides them and adds two gathered units and one unit's fp32 gradient."""
     counts = Counts(student=1000, teacher=900, largest_unit=10)
     assert per_gpu_bytes(counts, gpus=4, param_bytes=2) == (19600, 19600 / 4 + 10 * 8)
+    assert checkpoint_bytes(counts, gpus=4) == (15600, 15600 / 4)  # no gradients saved
     vit_s = count(["model.arch=vit_small"])
     assert 21_000_000 < vit_s.teacher < vit_s.student  # the student adds local relation heads

@@ -206,6 +206,11 @@ class TrainConfig:
     # student, teacher and heads over them with FSDP2, per transformer block
     # (docs/many-gpus.md#sharded-training)
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # checkpoints: "file" is one file that rank 0 writes (networks gathered); "sharded" a folder
+    # that every process writes its part of with torch.distributed.checkpoint, to turn into
+    # one file with `sere convert-checkpoint`; "auto": sharded with fsdp, else file
+    # (docs/many-gpus.md#sharded-checkpoints)
+    checkpoint: Literal["auto", "file", "sharded"] = "auto"
 
 
 @dataclass

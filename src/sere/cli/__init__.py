@@ -10,6 +10,7 @@
     sere visualize --checkpoint runs/demo/last.pt --output pictures
     sere export --checkpoint runs/demo/last.pt --output exported
     sere import-check --weights dino_deitsmall16_pretrain.pth --config vit_small_ibot_sere
+    sere convert-checkpoint runs/big/checkpoint-00010000.dcp --output runs/big/last.pt
     sere embed photos/ --output emb --model vit_small_patch14_dinov2 --weights dinov2_vits14.pth
     sere demo
     sere config --list | --show [--config X] [key=value ...]
@@ -70,6 +71,8 @@ COMMANDS = (
             "a plain backbone.pth", "sere.cli.export"),
     Command("import-check", "dry run: load pretrained weights into the configured model and "
             "list missing/unexpected tensors", "sere.cli.import_check"),
+    Command("convert-checkpoint", "make one file of a sharded checkpoint (train.checkpoint="
+            "sharded), for the commands that read checkpoints", "sere.cli.convert"),
     Command("embed", "embeddings of every image of a folder (embeddings.npy + index.parquet, "
             "or a torch file)", "sere.cli.embed"),
     Command("demo", "the CPU demo: pretrain on Fashion-MNIST, then k-NN", "sere.cli.pretrain",

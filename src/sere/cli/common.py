@@ -64,12 +64,14 @@ def package_version() -> str:
         return "unknown"
 
 
-def edge_note(chosen: float, rates: list[float]) -> str | None:
-    """A note when the chosen learning rate is the smallest or largest of a sweep of several
-    (the optimum may lie beyond it), else None; `sere linear` and `sere segment` print it."""
-    if len(rates) > 1 and chosen in (min(rates), max(rates)):
-        return (f"note: the chosen rate {chosen:g} is at the edge of the sweep; extend --lrs "
-                "beyond it to check that the optimum is inside")
+def edge_note(chosen: float, values: list[float], what: str = "rate",
+              option: str = "--lrs") -> str | None:
+    """A note when the chosen value (a learning rate, a weight decay) is the smallest or largest
+    of a sweep of several (the optimum may lie beyond it), else None; `sere linear` and `sere
+    segment` print it."""
+    if len(values) > 1 and chosen in (min(values), max(values)):
+        return (f"note: the chosen {what} {chosen:g} is at the edge of the sweep; extend "
+                f"{option} beyond it to check that the optimum is inside")
     return None
 
 

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from sere.cli.common import resolve_config_path
-from sere.config import Config, apply_overrides, load_config
+from sere.config import Config, apply_overrides, config_from_dict, load_config
 
 if TYPE_CHECKING:
     from sere.train.loop import PeriodicEval
@@ -21,6 +21,13 @@ def pretrain_config(args: argparse.Namespace) -> Config:
     """The run's configuration: the files and overrides given, or, when resuming from a named
     checkpoint without --config, the configuration saved in it plus the overrides."""
     if args.resume and args.resume != "auto" and not args.config:
+        from sere.io.sharded_files import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(args.resume):
+            from sere.io.checkpoint import load_run_state
+
+            saved = config_from_dict(load_run_state(args.resume)["config"])
+            return apply_overrides(saved, args.overrides)
         from sere.io.weights import read_run_checkpoint
 
         return apply_overrides(read_run_checkpoint(args.resume).config, args.overrides)
@@ -41,6 +48,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(pretrain_config(args), resume=args.resume)
     if not result.preempted:
         print(f"finished at step {result.step}; checkpoint {result.checkpoint}")
+        if result.checkpoint.is_dir():
+            print(f"  sharded; one file for the other commands: sere convert-checkpoint "
+                  f"{result.checkpoint} --output {result.checkpoint.with_suffix('.pt')}")
     return 0
 
 

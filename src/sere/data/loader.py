@@ -232,14 +232,16 @@ def build_loader(dataset: torch.utils.data.Dataset, batch_size: int = 1, *, work
     Args:
         dataset: the items.
         batch_size, shuffle, drop_last, generator: batching, when no `batch_sampler` is given
-            (`generator` orders a shuffle).
+            (`generator` orders a shuffle; with a `batch_sampler` too, it draws the workers'
+            base seed when an iterator starts; None: torch's global generator does).
         workers: worker processes; 0 loads in this process.
         batch_sampler: yields each batch's keys (pretraining's resumable sampler) instead.
         collate_fn: items -> batch; None: PyTorch's default.
         pin_memory: page-locked batches (for a CUDA device).
         persistent_workers: keep the workers between passes (with workers > 0).
     """
-    batching = (dict(batch_sampler=batch_sampler) if batch_sampler is not None else
+    batching = (dict(batch_sampler=batch_sampler, generator=generator)
+                if batch_sampler is not None else
                 dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                      generator=generator))
     return torch.utils.data.DataLoader(

@@ -1,5 +1,5 @@
 """Per-patch features of dense data (images with masks), through the one feature extractor
-(`sere.eval.features`, kinds "patch" and "patch4") and the feature cache
+(`sere.eval.features`, its per-patch kinds) and the feature cache
 (`sere.eval.feature_cache`), stored in float16.
 
 The images of a dense set are already at the evaluation size (`read_dense_folder` and
@@ -50,15 +50,23 @@ class DenseImageSource(ImageSource):
         return f"dense:{tuple(self.images.shape)}:{digest}"
 
 
-def resize_dense(images: Tensor, masks: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """Images uint8 (N, C, H, W) and masks (N, H, W) at `size` x `size`: bilinear with
-    antialiasing for images, nearest for masks (as the dense folder reader does)."""
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """uint8 images (N, C, H, W) at `size` x `size`, bilinear with antialiasing (as the dense
+    folder reader resizes); unchanged when already that size."""
     if images.shape[-2:] == (size, size):
-        return images, masks.long()
+        return images
     resized = F.interpolate(images.float(), size=(size, size), mode="bilinear",
                             align_corners=False, antialias=True)  # (N, C, S, S)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def resize_dense(images: Tensor, masks: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Images uint8 (N, C, H, W) and masks (N, H, W) at `size` x `size`: `resize_images`,
+    nearest for masks (as the dense folder reader does)."""
+    if images.shape[-2:] == (size, size):
+        return images, masks.long()
     target = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")
-    return resized.round().clamp(0, 255).to(torch.uint8), target[:, 0].long()  # (N, S, S)
+    return resize_images(images, size), target[:, 0].long()  # (N, S, S)
 
 
 def scene_dense_set(source: SceneSource, count: int, size: int) -> DenseSet:

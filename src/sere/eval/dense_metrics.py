@@ -90,3 +90,42 @@ def apply_matching(clusters: Tensor, mapping: Tensor, num_classes: int) -> Tenso
     matches no target and so counts as an error (the caller sizes its confusion with it)."""
     mapped = mapping[clusters.long()]
     return torch.where(mapped < 0, torch.full_like(mapped, num_classes), mapped)
+
+
+def many_to_one_match(clusters: Tensor, target: Tensor, num_clusters: int,
+                      num_classes: int) -> Tensor:
+    """int64 (num_clusters,) class of each cluster: the class whose pixels it covers most (each
+    cluster on its own, so several clusters may take one class: the many-to-one matching that
+    overclustering is scored with, as in Leopart, Ziegler and Asano 2022). A cluster covering
+    only ignored pixels takes class 0; it changes no score."""
+    confusion = confusion_matrix(clusters, target, num_classes, num_clusters)  # (K, C)
+    return confusion.argmax(dim=0)
+
+
+@dataclass
+class ItemScores:
+    """mIoU over the item classes (every class but the background) and the background's IoU,
+    fractions; None where undefined (no item class present, background absent)."""
+
+    item_miou: float | None
+    background_iou: float | None
+
+
+def item_scores(per_class: list[float | None], background: int) -> ItemScores:
+    """Split per-class IoUs (None: class absent from target and prediction) into the mean over
+    the classes other than `background` (absent ones left out, as in mIoU) and the background's
+    own IoU."""
+    if not 0 <= background < len(per_class):
+        raise SereError(f"background class {background} outside 0..{len(per_class) - 1}")
+    items = [v for c, v in enumerate(per_class) if c != background and v is not None]
+    return ItemScores(sum(items) / len(items) if items else None, per_class[background])
+
+
+def background_index(name: str, class_names: list[str]) -> int:
+    """The class `name` names: a class name, or an index 0..K-1 written as a number."""
+    if name in class_names:
+        return class_names.index(name)
+    if name.isdigit() and int(name) < len(class_names):
+        return int(name)
+    raise SereError(f"--background {name!r} is neither a class name nor an index "
+                    f"0..{len(class_names) - 1}; the classes are: {', '.join(class_names)}")

@@ -6,8 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from sere.data.datasets import subset_indices
-from sere.data.dense import CLASS_FILE, DenseSet, read_class_names, read_dense_folder, remap_masks
+from sere.data.dense import (CLASS_FILE, DenseSet, pair_files, read_class_names,
+                             read_dense_folder, remap_masks)
 from sere.data.labelled import class_mapping
 from sere.data.scenes import SCENE_CLASSES, SceneSpec, fashion_mnist_scenes
 from sere.errors import SereError
@@ -84,6 +87,19 @@ def scenes_pair(sources: DenseSources, size: int, in_chans: int) -> DensePair:
     return DensePair(scene_dense_set(train, counts["train"], size),
                      scene_dense_set(test, counts["test"], size), list(SCENE_CLASSES),
                      f"Fashion-MNIST scenes ({SceneSpec().size} px, train seed 0, test seed 1)")
+
+
+def scene_size(sources: DenseSources) -> int:
+    """The full size of the data's images: the scene canvas (56 px), or the larger side of
+    the first training image of a dense folder (its images are read square at one size)."""
+    if sources.fashion_mnist_scenes:
+        return SceneSpec().size
+    if not sources.train_dir:
+        raise SereError("give both --train-dir and --test-dir (dense folders with images/ and "
+                        "masks/), or --fashion-mnist-scenes")
+    first, _ = pair_files(Path(sources.train_dir))[0]
+    with Image.open(first) as image:
+        return max(image.size)
 
 
 def dense_pair(sources: DenseSources, size: int, in_chans: int) -> DensePair:

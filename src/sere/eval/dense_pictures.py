@@ -1,4 +1,5 @@
-"""Pictures of dense predictions: image | ground truth | probe prediction | k-means clusters."""
+"""Pictures of dense predictions: image | ground truth | probe prediction | k-means clusters |
+retrieval."""
 
 from __future__ import annotations
 
@@ -34,26 +35,30 @@ def _image_array(image: Tensor) -> np.ndarray:
 
 
 def save_dense_pictures(images: Tensor, masks: Tensor, probe: Tensor, clusters: Tensor | None,
-                        path: str | Path, class_names: list[str] | None = None) -> Path:
-    """Save a PNG grid, one row per image: image | ground truth | probe | k-means (matched).
+                        path: str | Path, class_names: list[str] | None = None,
+                        retrieval: Tensor | None = None) -> Path:
+    """Save a PNG grid, one row per image: image | ground truth | probe | k-means (matched) |
+    retrieval.
 
-    images: uint8 (N, C, H, W); masks, probe, clusters: class maps (N, H, W) of the same size;
-    without `clusters` the k-means column is left out.
+    images: uint8 (N, C, H, W); masks, probe, clusters, retrieval: class maps (N, H, W) of the
+    same size; without `clusters` (`retrieval`) the k-means (retrieval) column is left out.
     """
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    maps = [masks, probe] + ([] if clusters is None else [clusters])
+    columns = [("ground truth", masks), ("linear probe", probe),
+               ("k-means (matched)", clusters), ("retrieval", retrieval)]
+    titles = ["image"] + [title for title, m in columns if m is not None]
+    maps = [m for _, m in columns if m is not None]
     if any(m.shape != images[:, 0].shape for m in maps):
-        raise SereError("dense pictures need images (N, C, H, W) and three (N, H, W) maps of "
+        raise SereError("dense pictures need images (N, C, H, W) and class maps (N, H, W) of "
                         "the same N, H, W")
     path = Path(path)
     n = len(images)
     figure, axes = plt.subplots(n, len(maps) + 1, figsize=(2 * len(maps) + 2, 2 * n),
                                 squeeze=False)
-    titles = ("image", "ground truth", "linear probe", "k-means (matched)")
     for row in range(n):
         panels = (_image_array(images[row]), *(colourise(m[row]) for m in maps))
         for column, panel in enumerate(panels):

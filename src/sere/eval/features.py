@@ -9,11 +9,14 @@ through `ViTBackbone`; a feature kind picks what of its outputs to keep:
   LayerNorm, concatenated, then the mean of the last block's normed patch tokens, (5C,)
   (DINO's linear-probe choice for ViT-S; needs at least 4 blocks);
 - "patch": the last block's normed patch tokens on their grid, (h, w, C);
+- "block-2", "block-3", "block-4": the patch tokens of the 2nd, 3rd, 4th block from the end,
+  through the final LayerNorm, (h, w, C) ("patch" is block 1 from the end);
 - "patch4": the patch tokens of each of the last 4 blocks, each through the final LayerNorm,
-  concatenated per patch, (h, w, 4C).
+  concatenated per patch (oldest block first), (h, w, 4C).
 
 The k-NN evaluation (`eval.features`) and the linear probe (`--features`) accept the same
-global kinds; the per-patch kinds are for dense evaluation.
+global kinds; the per-patch kinds are for dense evaluation, where `sere segment` also takes the
+names of PATCH_NAMES ("block-1" for "patch", "concat4" for "patch4").
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from sere.runtime.progress import progress_bar
 logger = logging.getLogger(__name__)
 
 GLOBAL_KINDS = ("cls", "cls_avgpool", "cls4_avgpool")  # one vector per image
-PATCH_KINDS = ("patch", "patch4")  # one vector per patch, (B, h, w, D)
+PATCH_KINDS = ("patch", "block-2", "block-3", "block-4", "patch4")  # per patch, (B, h, w, D)
+PATCH_NAMES = {"block-1": "patch", "concat4": "patch4"}  # other names of two patch kinds
 LAST_BLOCKS = 4  # blocks that "cls4_avgpool" and "patch4" read
 
 
@@ -86,20 +90,28 @@ class EvalImages(torch.utils.data.Dataset):
 def feature_dim(embed_dim: int, kind: str) -> int:
     """Length of one feature vector of `kind` (per image, or per patch) for width `embed_dim`."""
     dims = {"cls": 1, "cls_avgpool": 2, "cls4_avgpool": LAST_BLOCKS + 1, "patch": 1,
-            "patch4": LAST_BLOCKS}
+            "block-2": 1, "block-3": 1, "block-4": 1, "patch4": LAST_BLOCKS}
     if kind not in dims:
         raise SereError(f"features = {kind!r} is unknown; choose one of "
                         f"{', '.join(GLOBAL_KINDS + PATCH_KINDS)}")
     return dims[kind] * embed_dim
 
 
+def blocks_read(kind: str) -> int:
+    """How many of the last blocks' outputs `kind` reads besides the last one's (0: none)."""
+    if kind in ("cls4_avgpool", "patch4"):
+        return LAST_BLOCKS
+    return int(kind.removeprefix("block-")) if kind.startswith("block-") else 0
+
+
 def check_feature_kind(backbone: ViTBackbone, kind: str) -> None:
     """Refuse a feature kind that the backbone cannot give."""
     feature_dim(backbone.embed_dim, kind)
-    depth = len(backbone.vit.blocks)
-    if kind in ("cls4_avgpool", "patch4") and depth < LAST_BLOCKS:
-        raise SereError(f"features {kind} needs at least {LAST_BLOCKS} transformer blocks "
-                        f"but this backbone has {depth}; use --features cls")
+    depth, needed = len(backbone.vit.blocks), blocks_read(kind)
+    if depth < needed:
+        way_out = "patch" if kind in PATCH_KINDS else "cls"
+        raise SereError(f"features {kind} needs at least {needed} transformer blocks "
+                        f"but this backbone has {depth}; use --features {way_out}")
 
 
 @torch.no_grad()
@@ -115,7 +127,7 @@ def batch_features(backbone: ViTBackbone, images: Tensor, kind: str) -> Tensor:
         (B, D) for a global kind, (B, h, w, D) for a per-patch kind, in the backbone's dtype.
     """
     check_feature_kind(backbone, kind)
-    out = backbone(images, keep_last=LAST_BLOCKS if kind in ("cls4_avgpool", "patch4") else 0)
+    out = backbone(images, keep_last=blocks_read(kind))  # last_blocks: oldest first
     b, n, c = out.patch.shape
     h, w = out.grid
     if kind == "cls":
@@ -125,6 +137,8 @@ def batch_features(backbone: ViTBackbone, images: Tensor, kind: str) -> Tensor:
     if kind == "patch":
         return out.patch.reshape(b, h, w, c)  # (B, h, w, C)
     norm, prefix = backbone.vit.norm, backbone.vit.num_prefix_tokens
+    if kind.startswith("block-"):  # the oldest kept block: `blocks_read(kind)` from the end
+        return norm(out.last_blocks[0])[:, prefix:].reshape(b, h, w, c)  # (B, h, w, C)
     if kind == "patch4":
         normed = [norm(tokens)[:, prefix:] for tokens in out.last_blocks]  # 4 x (B, N, C)
         return torch.cat(normed, dim=-1).reshape(b, h, w, LAST_BLOCKS * c)  # (B, h, w, 4C)

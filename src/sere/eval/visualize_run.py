@@ -29,7 +29,7 @@ from sere.eval.visualize import Pictures, draw_embedding, draw_pictures, readabl
 from sere.io.weights import LoadedNetwork, load_network
 from sere.runtime import resolve_device
 
-PICTURE_PROBE = ProbeSettings(lrs=(3e-3, 1e-2, 3e-2), epochs=5)  # quick, for pictures only
+PICTURE_PROBE = ProbeSettings(weight_decays=(1e-4,), max_iterations=30)  # quick, pictures only
 PICTURE_TRAIN = 1000  # training images of the dense picture's probe
 EMBEDDING_IMAGES = 2000  # images of the t-SNE map
 

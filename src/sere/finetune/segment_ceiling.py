@@ -4,7 +4,7 @@ dense training images, then saved as a checkpoint that `sere segment` reads like
 one, so that it goes through the same frozen-feature evaluations.
 
 Training: the backbone's last-block normed patch tokens (the `patch` features) go through the
-segmentation probe's head (`sere.eval.segment.LinearSegmenter` with no standardisation: a
+segmentation probe's head (`sere.eval.segment_probe.LinearSegmenter` without whitening: a
 zero-initialised 1x1 layer per patch, logits upsampled bilinearly to the mask), per-pixel
 cross-entropy ignoring 255, so the patch labels are derived as the probe derives them; AdamW
 with a linear warm-up and cosine decay; a random horizontal flip of each image with its mask.
@@ -32,7 +32,7 @@ from sere.data.dense import IGNORE_INDEX, DenseSet
 from sere.errors import SereError
 from sere.eval.dense_features import check_patch_size
 from sere.eval.dense_pairs import DenseSources, dense_train_set
-from sere.eval.segment import LinearSegmenter
+from sere.eval.segment_probe import LinearSegmenter
 from sere.io.checkpoint import save_checkpoint
 from sere.io.weights import random_backbone, read_run_checkpoint
 from sere.models.backbone import ViTBackbone
@@ -167,7 +167,7 @@ def train_ceiling(cfg: Config, data: DenseSet, settings: CeilingSettings, steps:
     """Train a random backbone of `cfg`'s shape and a linear head on `data` for `steps`."""
     backbone = random_backbone(cfg, settings.seed).train().to(device)
     dim = backbone.embed_dim
-    head = LinearSegmenter(torch.zeros(dim), torch.ones(dim), data.num_classes).to(device)
+    head = LinearSegmenter(torch.zeros(dim), torch.eye(dim), data.num_classes).to(device)
     params = [p for p in (*backbone.parameters(), *head.parameters()) if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     batches = StepBatches(data, cfg, settings.batch_size,

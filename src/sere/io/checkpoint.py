@@ -11,12 +11,15 @@ import hashlib
 import io
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sere.errors import SereError
+from sere.io.sharded_files import (RUN_STATE, check_complete, refuse_sharded,
+                                   sharded_checkpoints, sharded_step)
 from sere.runtime.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises SereError when the file is missing, truncated, corrupted or not a sere checkpoint.
     """
     path = Path(path)
+    refuse_sharded(path)
     if not path.is_file():
         raise SereError(f"checkpoint {path} does not exist")
     try:
@@ -56,6 +60,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
         raise SereError(f"checkpoint {path} is corrupted (checksum mismatch); use an earlier one")
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+
+
+def load_run_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state, verified: of a file, all of it (`load_checkpoint`); of a sharded
+    checkpoint, its run state (step, configuration, centers, random states, no networks) once
+    every shard file is there (`sere.io.sharded_files.check_complete`)."""
+    path = Path(path)
+    if not path.is_dir():
+        return load_checkpoint(path)
+    check_complete(path)
+    return load_checkpoint(path / RUN_STATE)
 
 
 def step_checkpoints(folder: str | Path) -> list[Path]:
@@ -75,26 +90,32 @@ def checkpoint_step(path: Path) -> int:
 
 def prune_checkpoints(folder: str | Path, keep_last: int, keep_every: int | None = None) -> None:
     """Delete all but the newest `keep_last` step checkpoints, and those whose step is a multiple
-    of `keep_every` (tagged ones)."""
-    old = step_checkpoints(folder)
-    for path in old[:max(0, len(old) - keep_last)]:
-        if keep_every and checkpoint_step(path) % keep_every == 0:
-            continue
-        path.unlink()
+    of `keep_every` (tagged ones): files and sharded folders, each kind on its own."""
+    for old, step_of in ((step_checkpoints(folder), checkpoint_step),
+                         (sharded_checkpoints(folder), sharded_step)):
+        for path in old[:max(0, len(old) - keep_last)]:
+            if keep_every and step_of(path) % keep_every == 0:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def latest_valid_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in `folder` that loads and verifies, with its state.
+    """The newest checkpoint in `folder` that loads and verifies, with its state
+    (`load_run_state`: a sharded checkpoint's without the networks).
 
-    Tries `last.pt` and every step checkpoint, newest step first; damaged ones are skipped with a
-    warning.
+    Tries `last.pt`, every step checkpoint and every sharded one; damaged ones are skipped with
+    a warning.
     """
     candidates = []
-    for path in [Path(folder) / "last.pt", *step_checkpoints(folder)]:
-        if not path.is_file():
+    for path in [Path(folder) / "last.pt", *step_checkpoints(folder),
+                 *sharded_checkpoints(folder)]:
+        if not path.exists():
             continue
         try:
-            state = load_checkpoint(path)
+            state = load_run_state(path)
         except SereError as err:
             logger.warning(f"warning: skipping {err}")
             continue
@@ -112,7 +133,8 @@ def refuse_earlier_run(folder: str | Path) -> None:
     folder = Path(folder)
     start_over = ("start over in another folder (train.output_dir=...) or after deleting this "
                   "one")
-    checkpoints = [p for p in [folder / "last.pt", *step_checkpoints(folder)] if p.is_file()]
+    checkpoints = [p for p in [folder / "last.pt", *step_checkpoints(folder),
+                               *sharded_checkpoints(folder)] if p.exists()]
     if checkpoints:
         raise SereError(f"{folder} already holds a run ({checkpoints[0].name}); continue it with "
                         f"--resume auto, or {start_over}")
@@ -123,8 +145,9 @@ def refuse_earlier_run(folder: str | Path) -> None:
 
 
 def furthest_step(folder: str | Path) -> tuple[int, Path] | None:
-    """The furthest step saved in `folder` and its file: step checkpoints by their names,
-    `last.pt` by its contents (a damaged one is passed over); None when none is there."""
+    """The furthest step saved in `folder` and its file: step checkpoints (files and sharded
+    folders) by their names, `last.pt` by its contents (a damaged one is passed over); None
+    when none is there."""
     folder = Path(folder)
     found = []
     last = folder / "last.pt"
@@ -134,6 +157,7 @@ def furthest_step(folder: str | Path) -> tuple[int, Path] | None:
         except SereError:
             pass  # latest_valid_checkpoint warns about it when resuming with `auto`
     found += [(checkpoint_step(p), p) for p in step_checkpoints(folder)]
+    found += [(sharded_step(p), p) for p in sharded_checkpoints(folder)]
     return max(found, key=lambda f: f[0]) if found else None  # last.pt first among equals
 
 
@@ -145,9 +169,10 @@ def refuse_rollback(folder: str | Path, resumed: Path, step: int) -> None:
     if furthest is None or furthest[0] <= step:
         return
     branch = Path(folder).parent / f"{Path(folder).name}-from-{step}"
+    copy = "cp -r" if Path(resumed).is_dir() else "cp"
     raise SereError(
         f"{resumed} is at step {step} but {folder} already holds step {furthest[0]} "
         f"({furthest[1].name}); resuming it there would roll the run back. Continue the run "
         f"with --resume auto, or branch from step {step} into a new folder: mkdir {branch} && "
-        f"cp {resumed} {branch}/ and resume there with train.output_dir={branch} "
+        f"{copy} {resumed} {branch}/ and resume there with train.output_dir={branch} "
         f"--resume {branch / resumed.name}")

@@ -47,6 +47,7 @@ from sere.models.backbone import TimmDinoBackbone, ViTBackbone
 from sere.models.heads import ProjectionHead, RelationHeads
 from sere.io.checkpoint import FORMAT
 from sere.io.layouts import TIMM_NAMES, Converted, NoLayout, detect_layout
+from sere.io.sharded_files import refuse_sharded
 from sere.io.weights import read_run_checkpoint
 
 # Folder contents tried in order when a folder is given.
@@ -145,6 +146,7 @@ def _shape(t: Tensor) -> str:
 def _resolve_file(path: Path) -> Path:
     if not path.exists():
         raise SereError(f"weights {path} do not exist; give a checkpoint file or an export folder")
+    refuse_sharded(path)
     if path.is_dir():
         for name in FOLDER_FILES:
             if (path / name).is_file():

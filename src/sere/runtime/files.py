@@ -7,12 +7,20 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")  # what `atomic_path` names its temporary file
+TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")  # names of `temporary_name` and `publish_folder`
+
+
+def temporary_name(path: str | Path) -> Path:
+    """The temporary path next to `path` that this process writes `path` under (a match of
+    `TEMPORARY`, so that `remove_leftover_temporaries` finds it)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -29,7 +37,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     ('done', ['result.txt'])
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # matches TEMPORARY
+    temporary = temporary_name(path)
     try:
         yield temporary
         os.replace(temporary, path)
@@ -51,11 +59,36 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def publish_folder(temporary: str | Path, path: str | Path) -> None:
+    """Rename the whole folder `temporary` to `path`, replacing a folder of that name: the old
+    one is first renamed aside (a `TEMPORARY` name), then deleted. A reader finds `path` whole
+    or absent, never part of either."""
+    temporary, path = Path(temporary), Path(path)
+    aside = None
+    if path.exists():
+        aside = path.with_name(f".{path.name}.old.tmp-{os.getpid()}")
+        os.replace(path, aside)
+    os.replace(temporary, path)
+    _sync_folder(path.parent)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush `folder`'s entries (a rename in it) to the disk."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporary files of `atomic_path` in `folder` and return them: what a writer
-    killed mid-write (SIGKILL, a dead machine) leaves behind, since no cleanup runs then. Their
-    names never match a file that anything reads, so a half-written file is never read; this
-    only gives the space back. Call it only where nothing else writes into `folder`.
+    """Delete the temporary files and folders of `atomic_path` and `publish_folder` in `folder`
+    and return them: what a writer killed mid-write (SIGKILL, a dead machine) leaves behind,
+    since no cleanup runs then. Their names never match a file that anything reads, so a
+    half-written file is never read; this only gives the space back. Call it only where
+    nothing else writes into `folder`.
 
     >>> import tempfile
     >>> folder = Path(tempfile.mkdtemp())
@@ -67,8 +100,11 @@ def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = sorted(p for p in folder.iterdir() if TEMPORARY.match(p.name) and p.is_file())
+    found = sorted(p for p in folder.iterdir() if TEMPORARY.match(p.name))
     for path in found:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         logger.info(f"removed {path}, left by a write that was killed half-way")
     return found

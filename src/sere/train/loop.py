@@ -39,8 +39,9 @@ from sere.train.sharding import (clip_sharded_per_parameter, load_optimizer_stat
                                  optimizer_state_by_name, shard_pretraining)
 from sere.train.hyperparameters import Schedules
 from sere.train.summary import RunPlan, describe_run
+from sere.train.sharded_checkpoint import load_sharded_networks, save_sharded_run
 from sere.train.state import (RunState, checkpoint_size, checkpoint_state, resume_run,
-                              save_run)
+                              run_record, save_run)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class Pretrainer:
         if resumed_from is None and cfg.init.from_:
             self._init_from(cfg.init.from_)
         self._wrap_networks()
+        if resumed_from is not None and resumed_from.is_dir():  # sharded: each its part
+            load_sharded_networks(resumed_from, self.run_state)
         self.metrics = None
         if self.dist.is_main:
             remove_leftover_temporaries(self.output_dir)  # of a process killed mid-write
@@ -248,18 +251,36 @@ class Pretrainer:
         return checkpoint_state(self.run_state, self.step, self.steps_per_epoch,
                                 self.skipped_images)
 
+    @property
+    def writes_sharded_checkpoints(self) -> bool:
+        """Whether this run writes sharded checkpoints (`train.checkpoint`; auto: with fsdp)."""
+        kind = self.cfg.train.checkpoint
+        return kind == "sharded" or (kind == "auto" and self.cfg.train.parallel == "fsdp")
+
     def save(self) -> Path:
-        """Write `checkpoint-<step>.pt` and `last.pt` (rank 0), prune old ones."""
-        return save_run(self.output_dir, self.checkpoint_state(), self.cfg.train.keep_last,
-                        self.cfg.train.keep_every, self.dist.is_main)
+        """Write `checkpoint-<step>.pt` and `last.pt` (rank 0), or every process its part of
+        `checkpoint-<step>.dcp`; prune old ones. Returns the newest checkpoint."""
+        train = self.cfg.train
+        if self.writes_sharded_checkpoints:
+            record = run_record(self.run_state, self.step, self.steps_per_epoch,
+                                self.skipped_images)
+            return save_sharded_run(self.output_dir, self.run_state, record, train.keep_last,
+                                    train.keep_every, self.dist.is_main)
+        return save_run(self.output_dir, self.checkpoint_state(), train.keep_last,
+                        train.keep_every, self.dist.is_main)
 
     # -----------------------------------------------------------------------------------------
 
     def _loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
+        """The loader of `epoch` from its batch `start_batch` on. Its iterator draws one number
+        (the workers' base seed) when it starts: from torch's global generator at an epoch's
+        start, as in a run never interrupted; resumed mid-epoch, from a generator of its own,
+        so that the global one (drop path) goes on as the checkpoint left it."""
         self.sampler.set_epoch(epoch, start_batch)
+        own = torch.Generator().manual_seed(self.cfg.train.seed + epoch) if start_batch else None
         return build_loader(self.dataset, workers=self.cfg.data.num_workers,
                             batch_sampler=self.sampler, collate_fn=collate,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", generator=own)
 
     def _batches(self):
         """Micro-batches from the current step on, across epochs, forever."""

@@ -1,5 +1,7 @@
 """A run's state on disk: what a checkpoint holds, writing it, and resuming from it (weights,
-centers, optimiser, gradient scaler and every random generator of every process)."""
+centers, optimiser, gradient scaler and every random generator of every process). A single
+file is written here; a sharded checkpoint by `sere.train.sharded_checkpoint`, whose run state
+`resume_run` reads here too."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 
 from sere.config import Config, saved_model_settings
 from sere.errors import SereError
-from sere.io.checkpoint import (latest_valid_checkpoint, load_checkpoint, prune_checkpoints,
+from sere.io.checkpoint import (latest_valid_checkpoint, load_run_state, prune_checkpoints,
                                 refuse_rollback, save_checkpoint)
 from sere.runtime import distributed as dist_utils
 from sere.train.pretraining import SEREPretraining
@@ -67,22 +69,32 @@ class Resumed:
     skipped_images: list[str]
 
 
-def checkpoint_state(run: RunState, step: int, steps_per_epoch: int,
-                     skipped_images: list[str]) -> dict:
-    """Everything the run depends on (RNG states of every process included)."""
+def run_record(run: RunState, step: int, steps_per_epoch: int,
+               skipped_images: list[str]) -> dict:
+    """What the run depends on besides the networks and the optimiser: step, configuration,
+    centers, gradient scaler, the RNG states of every process (a collective)."""
     rngs = dist_utils.all_gather_objects(rng_state())
     return {
         "step": step,
         "world_size": len(rngs),
         "epoch": step // steps_per_epoch,
         "config": run.cfg.to_dict(),
-        "student": network_state(run.pretraining.student),
-        "teacher": network_state(run.pretraining.teacher),
         "loss": run.pretraining.loss.state_dict(),
-        "optimizer": optimizer_state(run.pretraining.student, run.optimizer),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "rng": rngs,
         "skipped_images": skipped_images,
+    }
+
+
+def checkpoint_state(run: RunState, step: int, steps_per_epoch: int,
+                     skipped_images: list[str]) -> dict:
+    """Everything the run depends on (RNG states of every process included), as one file
+    holds it: the networks and the optimiser whole (gathered on rank 0 when sharded)."""
+    return {
+        **run_record(run, step, steps_per_epoch, skipped_images),
+        "student": network_state(run.pretraining.student),
+        "teacher": network_state(run.pretraining.teacher),
+        "optimizer": optimizer_state(run.pretraining.student, run.optimizer),
     }
 
 
@@ -111,16 +123,18 @@ def _check_model_settings(path: Path, state: dict, cfg: Config) -> None:
 
 
 def _load_weights(path: Path, state: dict, run: RunState) -> None:
-    """Networks, centers, optimiser and scaler from `state`, or one clear error."""
+    """Networks, centers, optimiser and scaler from `state`, or one clear error. Of a sharded
+    checkpoint's run state, the centers and the scaler only."""
     try:
-        run.pretraining.student.load_state_dict(state["student"])
-        run.pretraining.teacher.load_state_dict(state["teacher"])
         run.pretraining.loss.load_state_dict(state["loss"])
-        if keyed_by_name(state["optimizer"]):  # saved by a sharded run
-            load_optimizer_state_by_name(run.pretraining.student, run.optimizer,
-                                         state["optimizer"])
-        else:
-            run.optimizer.load_state_dict(state["optimizer"])
+        if not path.is_dir():
+            run.pretraining.student.load_state_dict(state["student"])
+            run.pretraining.teacher.load_state_dict(state["teacher"])
+            if keyed_by_name(state["optimizer"]):  # saved by a sharded run
+                load_optimizer_state_by_name(run.pretraining.student, run.optimizer,
+                                             state["optimizer"])
+            else:
+                run.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0]
         raise SereError(f"{path} does not fit this configuration ({first}); the loss weights "
@@ -160,7 +174,9 @@ def _saved_world_size(path: Path, state: dict, cfg: Config, world_size: int) -> 
 
 def resume_run(resume: str, output_dir: Path, run: RunState, rank: int,
                world_size: int) -> Resumed | None:
-    """Load a checkpoint into the run and restore this process's random generators.
+    """Load a checkpoint into the run and restore this process's random generators. Of a
+    sharded checkpoint (a folder), only its run state: its networks and optimiser are loaded
+    once the networks are wrapped (`sere.train.sharded_checkpoint.load_sharded_networks`).
 
     Args:
         resume: a checkpoint path, or "auto" for the newest valid one in `output_dir` (None,
@@ -179,7 +195,7 @@ def resume_run(resume: str, output_dir: Path, run: RunState, rank: int,
             return None
         path, state = found
     else:
-        path, state = Path(resume), load_checkpoint(resume)
+        path, state = Path(resume), load_run_state(resume)
         refuse_rollback(output_dir, path, int(state["step"]))
     _check_model_settings(path, state, run.cfg)
     saved_world = _saved_world_size(path, state, run.cfg, world_size)
