@@ -27,6 +27,7 @@ from sere.models.network import NetworkOutputs, build_networks
 from sere.runtime import autocast_context, check_writable, start_compute
 from sere.runtime import distributed as dist_utils
 from sere.runtime.files import remove_leftover_temporaries
+from sere.runtime.memory import HEAP_TRIM_EVERY, release_free_heap
 from sere.runtime.stop import StopRequest
 from sere.runtime.progress import progress_bar
 from sere.train.metrics import MetricsWriter, plot_losses
@@ -399,6 +400,8 @@ class Pretrainer:
             self._check_mostly_bad()
             out = self.train_step(micro)
             bar.update(1)
+            if self.step % HEAP_TRIM_EVERY == 0:
+                release_free_heap()  # RSS stays flat over long runs (sere.runtime.memory)
             if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - tick
                 rate = images_per_step * (self.step - tick_step) / max(elapsed, 1e-9)
