@@ -11,10 +11,10 @@ demo: setup data
 	$(BIN)/sere demo
 
 test: setup data
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -n auto -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 setup: $(STAMP)
 

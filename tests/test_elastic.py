@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,11 @@ from sere.train.loop import Pretrainer
 
 from conftest import TINY
 
-WORKER = Path(__file__).parent / "elastic_worker.py"
+# One worker runs the whole module (`make test` runs `pytest -n auto --dist loadgroup`), so
+# that its module fixture of torchrun launches runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("elastic")
+
+WORKER = Path(__file__).parent / "torchrun_worker.py"
 # 2 processes x 4 images: 4 steps an epoch, 8 in all, a checkpoint every 2 steps
 TWO_BY_FOUR = [*TINY, "optim.batch_size=4"]
 KILL_STEP = 5  # rank 1 dies after step 5: the run goes back to step 4's checkpoint
@@ -38,16 +43,20 @@ def _free_port() -> int:
 
 
 def _torchrun(output_dir: Path, *settings: str, kill_step: int | None = None,
-              ) -> subprocess.CompletedProcess:
-    """`sere pretrain --resume auto` on 2 gloo processes under torchrun, one restart allowed."""
+             then: list[tuple[Path, list[str]]] = ()) -> subprocess.CompletedProcess:
+    """`sere pretrain --resume auto` on 2 gloo processes under torchrun, one restart allowed;
+    each `(folder, settings)` of `then` is a further run in the same processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("SERE_TEST_KILL_STEP", None)
     if kill_step is not None:
         env["SERE_TEST_KILL_STEP"] = str(kill_step)
+    runs = []
+    for folder, run_settings in [(output_dir, list(settings)), *then]:
+        runs += ["--then"] * bool(runs) + ["pretrain", *run_settings,
+                                           f"train.output_dir={folder}", "--resume", "auto"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--max-restarts", "1", "--master-addr", "127.0.0.1", "--master-port",
-           str(_free_port()), str(WORKER), "pretrain", *settings,
-           f"train.output_dir={output_dir}", "--resume", "auto"]
+           str(_free_port()), str(WORKER), *runs]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -76,13 +85,33 @@ def _assert_identical(a, b, where: str = "checkpoint") -> None:
         assert a == b, where
 
 
+@dataclass(frozen=True)
+class TwoProcessRuns:
+    """What one torchrun launch left: an uninterrupted 2-process run of 8 steps (`straight`)
+    and one that continued a one-process run's step 4 (`continued`), with the launch's output."""
+
+    straight: Path
+    continued: Path
+    stdout: str
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    """The folder of an uninterrupted 2-process run of 8 steps."""
-    folder = tmp_path_factory.mktemp("elastic") / "straight"
-    done = _torchrun(folder, *TWO_BY_FOUR)
+def two_process(tmp_path_factory) -> TwoProcessRuns:
+    """4 steps of one process of 8 images, then one launch that runs the 2 x 4 run from scratch
+    and continues the one-process run on 2 processes of 4."""
+    root = tmp_path_factory.mktemp("elastic")
+    Pretrainer(sere.load_config([], [*TINY, "optim.batch_size=8", "train.max_steps=4",
+                                     f"train.output_dir={root / 'continued'}"])).run()
+    done = _torchrun(root / "straight", *TWO_BY_FOUR,
+                     then=[(root / "continued", TWO_BY_FOUR)])
     assert done.returncode == 0, done.stderr[-3000:]
-    return folder
+    return TwoProcessRuns(root / "straight", root / "continued", done.stdout)
+
+
+@pytest.fixture(scope="module")
+def straight(two_process) -> Path:
+    """The folder of an uninterrupted 2-process run of 8 steps."""
+    return two_process.straight
 
 
 @pytest.mark.slow
@@ -126,20 +155,17 @@ def test_two_process_checkpoint_resumes_on_one_process_with_the_same_global_batc
 
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_processes_with_the_same_global_batch(
-        straight, tmp_path):
+        two_process):
     """4 steps of one process of 8 images, continued by 2 processes of 4 under torchrun: the
     end matches the uninterrupted 2-process run to float rounding."""
-    folder = tmp_path / "two"
-    Pretrainer(sere.load_config([], [*TINY, "optim.batch_size=8", "train.max_steps=4",
-                                     f"train.output_dir={folder}"])).run()
-    done = _torchrun(folder, *TWO_BY_FOUR)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "continuing on 2 processes a checkpoint of 1: the same global batch" in done.stdout
-    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(folder / "last.pt")
+    folder = two_process.continued
+    assert "continuing on 2 processes a checkpoint of 1: the same global batch" in (
+        two_process.stdout)
+    a, b = load_checkpoint(two_process.straight / "last.pt"), load_checkpoint(folder / "last.pt")
     assert b["step"] == 8 and b["world_size"] == 2
     for name, value in a["teacher"].items():
         torch.testing.assert_close(b["teacher"][name], value, rtol=1e-3, atol=1e-5, msg=name)
-    losses = [[r["loss"] for r in _metrics(d)] for d in (straight, folder)]
+    losses = [[r["loss"] for r in _metrics(d)] for d in (two_process.straight, folder)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 

@@ -34,7 +34,12 @@ from sere.train.sharding import (clip_sharded_per_parameter, keyed_by_name,
 
 from conftest import TINY
 from test_elastic import KILL_STEP, TWO_BY_FOUR as ELASTIC_SETTINGS
-from test_elastic import _assert_identical as assert_identical, _torchrun as elastic_torchrun
+from test_elastic import WORKER, _assert_identical as assert_identical
+from test_elastic import _torchrun as elastic_torchrun
+
+# One worker runs the whole module (`make test` runs `pytest -n auto --dist loadgroup`), so
+# that its module fixture of torchrun launches runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("sharded")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from fsdp_memory import Counts, checkpoint_bytes, count, per_gpu_bytes  # noqa: E402
@@ -65,12 +70,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(output_dir: Path, *settings: str) -> subprocess.CompletedProcess:
-    """`sere pretrain` on 2 gloo processes under torchrun."""
+def _torchrun(*runs: tuple[Path, list[str]]) -> subprocess.CompletedProcess:
+    """`sere pretrain SETTINGS train.output_dir=FOLDER` for each `(FOLDER, SETTINGS)` of `runs`,
+    one after the other in the same 2 gloo processes under torchrun (tests/torchrun_worker.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SERE_TEST_KILL_STEP", None)
+    lines = []
+    for folder, settings in runs:
+        lines += ["--then"] * bool(lines) + ["pretrain", *settings, f"train.output_dir={folder}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "sere.cli", "pretrain", *settings, f"train.output_dir={output_dir}"]
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(WORKER), *lines]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -81,16 +90,49 @@ def _losses(folder: Path) -> list[dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """The folders of the same 3-step run on 2 processes with `ddp`, with `fsdp`, and with
-    `fsdp` and sharded checkpoints (`dcp`)."""
-    folders = {}
-    for name, settings in (("ddp", [*TWO_BY_FOUR, "train.parallel=ddp"]),
-                           ("fsdp", [*TWO_BY_FOUR, "train.parallel=fsdp"]), ("dcp", SHARDED)):
-        folders[name] = tmp_path_factory.mktemp("sharded") / name
-        done = _torchrun(folders[name], *settings)
-        assert done.returncode == 0, done.stderr[-3000:]
-    return folders
+def runs(tmp_path_factory) -> dict[str, Path | str]:
+    """The folders of one torchrun launch: the same 3-step run on 2 processes with `ddp`, with
+    `fsdp`, and with `fsdp` and sharded checkpoints (`dcp`); the elastic test's uninterrupted
+    8-step run, sharded (`straight`); and a one-process run's sharded step-2 checkpoint
+    continued by 2 FSDP processes (`two`). Also `stdout`: the launch's output."""
+    root = tmp_path_factory.mktemp("sharded")
+    folders = {name: root / name for name in ("ddp", "fsdp", "dcp", "straight", "two")}
+    Pretrainer(sere.load_config([], [*TWO_BY_FOUR, "optim.batch_size=8", "train.max_steps=2",
+                                     "train.checkpoint=sharded",
+                                     f"train.output_dir={folders['two']}"])).run()
+    done = _torchrun((folders["ddp"], [*TWO_BY_FOUR, "train.parallel=ddp"]),
+                     (folders["fsdp"], [*TWO_BY_FOUR, "train.parallel=fsdp"]),
+                     (folders["dcp"], SHARDED),
+                     (folders["straight"], [*ELASTIC_SETTINGS, "train.parallel=fsdp"]),
+                     (folders["two"], [*SHARDED, "--resume", "auto"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**folders, "stdout": done.stdout}
+
+
+def _holding(source: Path, folder: Path) -> Path:
+    """`folder`, new, holding a copy of the checkpoint (file or sharded folder) `source`."""
+    folder.mkdir()
+    if source.is_dir():
+        shutil.copytree(source, folder / source.name)
+    else:
+        shutil.copy(source, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, tmp_path_factory) -> dict[str, Path | str]:
+    """One more launch, from the step-2 checkpoints of `runs`: the FSDP run's single file
+    resumed sharded (`again`), the DDP run's resumed sharded (`sharded`), and the sharded
+    checkpoint resumed on 2 processes (`again_dcp`)."""
+    root = tmp_path_factory.mktemp("resumed")
+    folders = {"again": _holding(runs["fsdp"] / "checkpoint-00000002.pt", root / "again"),
+               "sharded": _holding(runs["ddp"] / "checkpoint-00000002.pt", root / "sharded"),
+               "again_dcp": _holding(runs["dcp"] / STEP_2, root / "again_dcp")}
+    fsdp_file = [*TWO_BY_FOUR, "train.parallel=fsdp", "--resume", "auto"]
+    done = _torchrun((folders["again"], fsdp_file), (folders["sharded"], fsdp_file),
+                     (folders["again_dcp"], [*SHARDED, "--resume", "auto"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**folders, "stdout": done.stdout}
 
 
 def _assert_same_networks(a: dict, b: dict, exact: bool = False) -> None:
@@ -125,53 +167,37 @@ def test_fsdp_trains_as_ddp_on_two_processes(runs):
                        b["teacher"][moved])
 
 
-def _from_step_2(runs: dict[str, Path], parallel: str, folder: Path) -> Path:
-    """`folder` holding the step-2 checkpoint of the `parallel` run, to resume."""
-    folder.mkdir()
-    shutil.copy(runs[parallel] / "checkpoint-00000002.pt", folder)
-    return folder
-
-
 @pytest.mark.slow
-def test_fsdp_run_resumes_bitwise_and_crosses_to_ddp_and_back(runs, tmp_path):
+def test_fsdp_run_resumes_bitwise_and_crosses_to_ddp_and_back(runs, resumed, tmp_path):
     """The single-file checkpoint of a sharded run resumes sharded (to the bit), on one
     unsharded process (as DDP ends, to rounding), and a DDP checkpoint resumes sharded."""
     fsdp_end = load_checkpoint(runs["fsdp"] / "last.pt")
-    again = _from_step_2(runs, "fsdp", tmp_path / "again")
-    done = _torchrun(again, *TWO_BY_FOUR, "train.parallel=fsdp", "--resume", "auto")
-    assert done.returncode == 0, done.stderr[-3000:]
-    resumed = load_checkpoint(again / "last.pt")
-    _assert_same_networks(fsdp_end, resumed, exact=True)
+    resumed_end = load_checkpoint(resumed["again"] / "last.pt")
+    _assert_same_networks(fsdp_end, resumed_end, exact=True)
     for name, moments in fsdp_end["optimizer"]["state"].items():
         for key, value in moments.items():
-            assert torch.equal(resumed["optimizer"]["state"][name][key], value), name
+            assert torch.equal(resumed_end["optimizer"]["state"][name][key], value), name
     ddp_end = load_checkpoint(runs["ddp"] / "last.pt")
-    one = _from_step_2(runs, "fsdp", tmp_path / "one")
+    one = _holding(runs["fsdp"] / "checkpoint-00000002.pt", tmp_path / "one")
     Pretrainer(sere.load_config([], [*TWO_BY_FOUR, "optim.batch_size=8",
                                      f"train.output_dir={one}"]), resume="auto").run()
     _assert_same_networks(ddp_end, load_checkpoint(one / "last.pt"))
-    sharded = _from_step_2(runs, "ddp", tmp_path / "sharded")
-    done = _torchrun(sharded, *TWO_BY_FOUR, "train.parallel=fsdp", "--resume", "auto")
-    assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same_networks(ddp_end, load_checkpoint(sharded / "last.pt"))
+    _assert_same_networks(ddp_end, load_checkpoint(resumed["sharded"] / "last.pt"))
 
 
 @pytest.mark.slow
-def test_a_sharded_run_killed_mid_run_restarts_and_ends_bitwise(tmp_path):
+def test_a_sharded_run_killed_mid_run_restarts_and_ends_bitwise(runs, tmp_path):
     """tests/test_elastic.py's SIGKILL after step 5 of 8 under torchrun --max-restarts 1, with
     `train.parallel=fsdp` and its sharded checkpoints: the restarted group resumes from step 4
-    and ends to the bit where an uninterrupted sharded run ends."""
-    ends = []
-    for name, kill in (("straight", None), ("cut", KILL_STEP)):
-        done = elastic_torchrun(tmp_path / name, *ELASTIC_SETTINGS, "train.parallel=fsdp",
-                                kill_step=kill)
-        assert done.returncode == 0, done.stderr[-3000:]
-        ends.append(_converted(tmp_path / name / "checkpoint-00000008.dcp"))
-    assert "exitcode: -9" in done.stderr
+    and ends to the bit where an uninterrupted sharded run (`runs["straight"]`) ends."""
     cut = tmp_path / "cut"
+    done = elastic_torchrun(cut, *ELASTIC_SETTINGS, "train.parallel=fsdp", kill_step=KILL_STEP)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exitcode: -9" in done.stderr
     assert f"resuming from {cut / 'checkpoint-00000004.dcp'} at step 4" in done.stdout
-    assert ends[0]["step"] == 8
-    assert_identical(ends[0], ends[1])
+    straight = _converted(runs["straight"] / "checkpoint-00000008.dcp")
+    assert straight["step"] == 8
+    assert_identical(straight, _converted(cut / "checkpoint-00000008.dcp"))
 
 
 def _converted(checkpoint: Path) -> dict:
@@ -200,19 +226,10 @@ def test_sharded_checkpoints_hold_what_the_single_file_holds(runs):
     assert_identical(single, _converted(runs["dcp"] / STEP_3))
 
 
-def _holding(source: Path, folder: Path) -> Path:
-    """`folder`, new, holding a copy of the sharded checkpoint `source`."""
-    folder.mkdir()
-    shutil.copytree(source, folder / source.name)
-    return folder
-
-
 @pytest.mark.slow
-def test_a_sharded_checkpoint_resumes_on_two_processes_to_the_bit(runs, tmp_path):
-    again = _holding(runs["dcp"] / STEP_2, tmp_path / "again")
-    done = _torchrun(again, *SHARDED, "--resume", "auto")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resuming from {again / STEP_2} at step 2" in done.stdout
+def test_a_sharded_checkpoint_resumes_on_two_processes_to_the_bit(runs, resumed):
+    again = resumed["again_dcp"]
+    assert f"resuming from {again / STEP_2} at step 2" in resumed["stdout"]
     assert_identical(_converted(runs["dcp"] / STEP_3), _converted(again / STEP_3))
 
 
@@ -229,19 +246,14 @@ def test_a_two_process_sharded_checkpoint_resumes_on_one_process(runs, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_one_process_sharded_checkpoint_resumes_on_two_sharded_processes(runs, tmp_path):
+def test_a_one_process_sharded_checkpoint_resumes_on_two_sharded_processes(runs):
     """1 -> 2: a one-process run's sharded checkpoint (one shard file), continued by 2 FSDP
     processes, each reading its half of every tensor: the end of the 2-process run, to
     rounding."""
-    two = tmp_path / "two"
-    Pretrainer(sere.load_config([], [*TWO_BY_FOUR, "optim.batch_size=8", "train.max_steps=2",
-                                     "train.checkpoint=sharded",
-                                     f"train.output_dir={two}"])).run()
+    two = runs["two"]
     assert sorted(p.name for p in (two / STEP_2).iterdir()) == [".metadata", "__0_0.distcp",
                                                                 "run.pt"]
-    done = _torchrun(two, *SHARDED, "--resume", "auto")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "continuing on 2 processes a checkpoint of 1: the same global batch" in done.stdout
+    assert "continuing on 2 processes a checkpoint of 1: the same global batch" in runs["stdout"]
     end, resumed = _converted(runs["dcp"] / STEP_3), _converted(two / STEP_3)
     _assert_same_networks(end, resumed)
     for name, moments in end["optimizer"]["state"].items():
