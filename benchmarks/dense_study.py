@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study_common import (ALL_METHODS_BY_KEY, FLOOR, Method, MethodSummary, Metric, Step,
+from study_common import (ALL_METHODS_BY_KEY, DEMO_OF_THE_STUDIES, FLOOR, Method, MethodSummary,
+                          Metric, Step,
                           add_study_arguments, check_output, check_positive, check_settings,
                           cls_splits, differences_table, estimate_seconds, format_duration,
                           knn_on_features, main_table, paired_differences, plot_final,
@@ -175,7 +176,8 @@ def run_config(plan: DensePlan, method: Method, seed: int) -> Config:
     """The validated configuration of one run: the demo preset plus the run's overrides."""
     folder = run_dir(plan.output, method.key, seed)
     return load_config([resolve_config_path(PRESET)],
-                       [*plan.run_overrides(method, seed), f"train.output_dir={folder}"])
+                       [*DEMO_OF_THE_STUDIES, *plan.run_overrides(method, seed),
+                        f"train.output_dir={folder}"])
 
 
 def pending_runs(plan: DensePlan) -> list[tuple[str, int]]:

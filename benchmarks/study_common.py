@@ -35,6 +35,11 @@ from sere.runtime.files import atomic_write_text
 from sere.train.loop import PeriodicEval, Pretrainer
 from sere.train.metrics import read_metrics
 
+# The demo preset as it was when the studies ran (its model, crops and batch changed on
+# 2026-12-07 to fit small CPUs, docs/demo.md): laid under each study run's own settings, so that
+# a rerun or a resume trains what the results folders record.
+DEMO_OF_THE_STUDIES = ("model.depth=4", "model.hidden_dim=512", "data.global_crop_size=28",
+                       "data.local_crop_size=16", "optim.batch_size=64")
 RESULTS = "results.json"
 SETTINGS = "study_run.json"
 TIMING = "timing.json"

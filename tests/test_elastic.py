@@ -1,7 +1,8 @@
-"""Elastic restarts (issue 25): a rank killed with SIGKILL under `torchrun --max-restarts 1`
-is restarted with its group, the run resumes from its last checkpoint and ends bitwise where an
-uninterrupted run ends; a half-written checkpoint is never read; a checkpoint resumes on another
-number of processes only with the same global batch, and otherwise stops with one line."""
+"""Many processes (issue 25): 2 DDP processes of 4 images train as one process of 8; a rank
+killed with SIGKILL under `torchrun --max-restarts 1` is restarted with its group, the run
+resumes from its last checkpoint and ends bitwise where an uninterrupted run ends; a
+half-written checkpoint is never read; a checkpoint resumes on another number of processes only
+with the same global batch, and otherwise stops with one line."""
 
 from __future__ import annotations
 
@@ -85,27 +86,58 @@ def _assert_identical(a, b, where: str = "checkpoint") -> None:
         assert a == b, where
 
 
+# 3 steps of 8 images a step, once in one process and once on 2 processes of 4
+THREE_STEPS = [*TINY, "train.max_steps=3", "train.save_every=100"]
+
+
 @dataclass(frozen=True)
 class TwoProcessRuns:
-    """What one torchrun launch left: an uninterrupted 2-process run of 8 steps (`straight`)
-    and one that continued a one-process run's step 4 (`continued`), with the launch's output."""
+    """What one torchrun launch left: an uninterrupted 2-process run of 8 steps (`straight`),
+    one that continued a one-process run's step 4 (`continued`), and a 3-step 2-process run
+    (`three`) with its one-process twin (`three_alone`, the run itself), with the launch's
+    output."""
 
     straight: Path
     continued: Path
+    three: Path
+    three_alone: Pretrainer
     stdout: str
 
 
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory) -> TwoProcessRuns:
-    """4 steps of one process of 8 images, then one launch that runs the 2 x 4 run from scratch
-    and continues the one-process run on 2 processes of 4."""
+    """The one-process runs, then one launch that runs the 2 x 4 runs from scratch and
+    continues the one-process 4-step run on 2 processes of 4."""
     root = tmp_path_factory.mktemp("elastic")
     Pretrainer(sere.load_config([], [*TINY, "optim.batch_size=8", "train.max_steps=4",
                                      f"train.output_dir={root / 'continued'}"])).run()
+    alone = Pretrainer(sere.load_config([], [*THREE_STEPS, "optim.batch_size=8",
+                                             f"train.output_dir={root / 'three_alone'}"]))
+    alone.run()
     done = _torchrun(root / "straight", *TWO_BY_FOUR,
-                     then=[(root / "continued", TWO_BY_FOUR)])
+                     then=[(root / "continued", TWO_BY_FOUR),
+                           (root / "three", [*THREE_STEPS, "optim.batch_size=4"])])
     assert done.returncode == 0, done.stderr[-3000:]
-    return TwoProcessRuns(root / "straight", root / "continued", done.stdout)
+    return TwoProcessRuns(root / "straight", root / "continued", root / "three", alone,
+                          done.stdout)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(two_process):
+    """Same global batch (2 x 4 vs 1 x 8): same losses and weights, only rank 0 writes."""
+    single, two = two_process.three_alone, two_process.three
+    records = [[json.loads(line) for line in (d / "metrics.jsonl").open()]
+               for d in (Path(single.cfg.train.output_dir), two)]
+    assert [r["step"] for r in records[1]] == [1, 2, 3]  # one writer, not two
+    for a, b in zip(*records):
+        for key in ("loss", "loss_cls", "loss_patch", "loss_spatial", "loss_channel"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    teacher = load_checkpoint(two / "last.pt")["teacher"]
+    for name, value in single.teacher.state_dict().items():
+        torch.testing.assert_close(teacher[name], value, rtol=1e-3, atol=1e-5, msg=name)
+    center = load_checkpoint(two / "last.pt")["loss"]["distillation.center"]
+    torch.testing.assert_close(center, single.loss_fn.distillation.center, rtol=1e-4, atol=1e-6)
+    assert len(list(Path(two).glob("checkpoint-*.pt"))) == 1
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sere.data.datasets import FashionMNISTSource
     from sere.eval.knn_run import KnnSettings, run_knn
     from sere.eval.probed import checkpoint_backbone
-    from sere.eval.visualize_run import draw_run_pictures
+    from sere.eval.visualize_run import EMBEDDING_IMAGES, draw_run_pictures
     from sere.io.weights import load_network
 
     start = time.perf_counter()
@@ -76,8 +76,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     knn = run_knn(checkpoint_backbone(result.checkpoint), train, test, KnnSettings(
         max_train=args.max_train, max_test=args.max_test, workers=cfg.data.num_workers,
         device=cfg.train.device))
+    embedded = min(EMBEDDING_IMAGES, args.max_test or EMBEDDING_IMAGES)  # no more than k-NN's
     pictures = draw_run_pictures(load_network(result.checkpoint), "teacher", test, 6,
-                                 result.output_dir / "pictures")
+                                 result.output_dir / "pictures", embedding_images=embedded)
     ours, floor = knn.pretrained, knn.floor
     print(f"run folder: {result.output_dir} (losses.png, pictures/, metrics.jsonl, "
           "tensorboard/, last.pt)")
@@ -119,7 +120,8 @@ def register_demo(d: argparse.ArgumentParser) -> None:
     d.add_argument("--max-train", type=int, default=None,
                    help="k-NN training images (a fixed subset) (default: all 60,000)")
     d.add_argument("--max-test", type=int, default=None,
-                   help="k-NN test images (a fixed subset) (default: all 10,000)")
+                   help="k-NN test images (a fixed subset; the t-SNE map draws at most as "
+                        "many) (default: all 10,000)")
     d.add_argument("overrides", nargs="*", metavar="key=value",
                    help="settings on top of the demo preset, anywhere on the line")
     d.set_defaults(func=cmd_demo)
