@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from study_common import (ALL_METHODS_BY_KEY, DEMO_OF_THE_STUDIES, FLOOR, Method, MethodSummary,
                           Metric, Step,
@@ -134,6 +134,7 @@ class DensePlan:
     knn_max_test: int | None = KNN_MAX_TEST
     overrides: tuple[str, ...] = ()  # extra `a.b=c` settings applied to every run
     pretrain_on: str = "scenes"  # or "items": single Fashion-MNIST items, as the demo
+    recipe: tuple[str, ...] = DENSE_RECIPE  # head, precision and thread settings
 
     def recipe_overrides(self, seed: int) -> list[str]:
         """The settings every method shares, on top of the demo preset: the pretraining data
@@ -152,10 +153,35 @@ class DensePlan:
                     f"data.scene_seed={SCENE_SEED_OFFSET + seed}",
                     f"data.global_crop_size={GLOBAL_CROP}", f"data.local_crop_size={LOCAL_CROP}"]
         return [
-            *data, *DENSE_RECIPE, f"optim.epochs={EPOCHS}", f"optim.batch_size={BATCH_SIZE}",
+            *data, *self.recipe, f"optim.epochs={EPOCHS}", f"optim.batch_size={BATCH_SIZE}",
             f"train.max_steps={self.steps}", f"train.seed={seed}",
             f"train.save_every={SAVE_EVERY}", "train.keep_last=1",
         ]
+
+    def segment_settings(self, seed: int, folder: Path) -> SegmentSettings:
+        """The segment runner's settings of one evaluation, `sere segment
+        --fashion-mnist-scenes --cluster` at SEGMENT_SIZE (the seed also sets the probe's
+        held-out split and the k-means initialisation: paired across methods)."""
+        return SegmentSettings(
+            DenseSources(fashion_mnist_scenes=True, max_train=self.segment_train,
+                         max_test=self.segment_test),
+            size=SEGMENT_SIZE, cluster=True,
+            probe=ProbeSettings(seed=seed, max_iterations=self.probe_iterations),
+            cache_dir=folder / SEGMENT_CACHE, output=folder / SEGMENT_OUT)
+
+    def other_segment_settings(self, seed: int, folder: Path) -> dict[str, SegmentSettings]:
+        """More segment runner evaluations of each backbone, by name (none in this study)."""
+        return {}
+
+    def record(self, base: "DenseRecord", ev: "DenseEvaluation") -> "DenseRecord":
+        """The record a run's results.json holds: `base` (a plan of another study adds its own
+        scores from `ev`)."""
+        return base
+
+    def describe(self, record: "DenseRecord") -> str:
+        """A finished run's scores in one line of the progress output."""
+        return (f"probe mIoU {record.probe_miou:.1f} %, k-means mIoU "
+                f"{record.cluster_miou:.1f} %, k-NN {record.knn_top1:.1f} %")
 
     def run_overrides(self, method: Method, seed: int) -> list[str]:
         """Every override of one run except its folder: recipe, loss weights, extra settings."""
@@ -241,28 +267,20 @@ class DenseEvaluation:
     knn_top1: float
     knn_train: int
     knn_test: int
-    segment_seconds: float
+    segment_seconds: float  # all the segment runner's evaluations together
     knn_seconds: float
-
-
-def segment_settings(plan: DensePlan, seed: int, folder: Path) -> SegmentSettings:
-    """The segment runner's settings of one evaluation, `sere segment --fashion-mnist-scenes
-    --cluster` at SEGMENT_SIZE (the seed also sets the probe's held-out split and the k-means
-    initialisation: paired across methods)."""
-    return SegmentSettings(
-        DenseSources(fashion_mnist_scenes=True, max_train=plan.segment_train,
-                     max_test=plan.segment_test),
-        size=SEGMENT_SIZE, cluster=True,
-        probe=ProbeSettings(seed=seed, max_iterations=plan.probe_iterations),
-        cache_dir=folder / SEGMENT_CACHE, output=folder / SEGMENT_OUT)
+    others: dict[str, dict[str, Any]] = field(default_factory=dict)  # more result.json, by name
 
 
 def evaluate(probed: ProbedBackbone, folder: Path, plan: DensePlan,
              seed: int) -> DenseEvaluation:
-    """The segment runner on `probed`'s patch features (results in `folder`), then [CLS] k-NN
-    of the same backbone on single Fashion-MNIST items at `data.global_crop_size`."""
+    """The segment runner on `probed`'s patch features (results in `folder`; the plan's other
+    segment evaluations after it), then [CLS] k-NN of the same backbone on single
+    Fashion-MNIST items at `data.global_crop_size`."""
     start = time.perf_counter()
-    segment = run_segment(probed, segment_settings(plan, seed, folder)).record
+    segment = run_segment(probed, plan.segment_settings(seed, folder)).record
+    others = {name: run_segment(probed, settings).record
+              for name, settings in plan.other_segment_settings(seed, folder).items()}
     segment_seconds = time.perf_counter() - start
     start = time.perf_counter()
     cfg = probed.config
@@ -272,7 +290,7 @@ def evaluate(probed: ProbedBackbone, folder: Path, plan: DensePlan,
     knn = knn_on_features(train, test, cfg.eval.k, cfg.eval.temperature,
                           len(sources[0].classes))
     return DenseEvaluation(segment, knn, len(train.labels), len(test.labels), segment_seconds,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, others)
 
 
 def make_record(method: str, seed: int, steps: int, ev: DenseEvaluation,
@@ -306,9 +324,11 @@ def do_run(plan: DensePlan, method: Method, seed: int) -> DenseRecord | None:
         return None
     probed = checkpoint_backbone(last, "teacher")
     ev = evaluate(probed, folder, plan, seed)
-    record = make_record(method.key, seed, probed.step, ev,
-                         seconds_per_step(folder / "metrics.jsonl", cfg.optim.batch_size),
-                         read_timing(folder).get("pretrain_seconds", 0.0), settings)
+    record = plan.record(make_record(method.key, seed, probed.step, ev,
+                                     seconds_per_step(folder / "metrics.jsonl",
+                                                      cfg.optim.batch_size),
+                                     read_timing(folder).get("pretrain_seconds", 0.0),
+                                     settings), ev)
     save_record(record, folder)
     return record
 
@@ -322,7 +342,7 @@ def do_floor(plan: DensePlan, seed: int) -> DenseRecord:
     cfg = run_config(plan, METHODS_BY_KEY["ibot_sere"], seed)  # every method has this shape
     folder.mkdir(parents=True, exist_ok=True)
     ev = evaluate(random_init_backbone(cfg, seed), folder, plan, seed)
-    record = make_record(FLOOR, seed, 0, ev, None, 0.0, settings)
+    record = plan.record(make_record(FLOOR, seed, 0, ev, None, 0.0, settings), ev)
     save_record(record, folder)
     return record
 
@@ -390,9 +410,10 @@ def finish(plan: DensePlan) -> str:
 # The command.
 
 
-def run_study(plan: DensePlan) -> int:
-    """Do every pending run of `plan` (in `pending_runs` order), then the table and the plot.
-    Returns 0, also when a signal stopped a run (rerun the same command to continue)."""
+def run_study(plan: DensePlan, write_table: Callable[[Any], str] | None = None) -> int:
+    """Do every pending run of `plan` (in `pending_runs` order), then the table and the plot
+    (`write_table`, by default this study's `finish`). Returns 0, also when a signal stopped a
+    run (rerun the same command to continue)."""
     plan.output.mkdir(parents=True, exist_ok=True)
     check_output(plan.output, (FLOOR, *plan.methods), plan.seeds, plan.settings)
     run_seconds = plan.steps * PRIOR_SECONDS_PER_STEP + PRIOR_RUN_OVERHEAD_SECONDS
@@ -401,11 +422,10 @@ def run_study(plan: DensePlan) -> int:
         do_floor=lambda seed: do_floor(plan, seed),
         estimate=lambda key, measured: estimate_seconds(key, measured, run_seconds,
                                                         PRIOR_FLOOR_SECONDS),
-        describe=lambda r: (f"probe mIoU {r.probe_miou:.1f} %, k-means mIoU "
-                            f"{r.cluster_miou:.1f} %, k-NN {r.knn_top1:.1f} %"))
+        describe=plan.describe)
     total = len(plan.seeds) * (len(plan.methods) + 1)
     if run_pending(pending_runs(plan), plan.steps, total, plan.output, step):
-        finish(plan)
+        (write_table or finish)(plan)
     return 0
 
 
@@ -425,24 +445,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def plan_from_args(args: argparse.Namespace) -> DensePlan:
-    """The DensePlan of the command line (--quick fills what was not given)."""
+def plan_settings(args: argparse.Namespace, output: str, quick_output: str,
+                  seeds: tuple[int, ...], methods: tuple[str, ...]) -> dict[str, Any]:
+    """A plan's fields from the common flags (--quick fills what was not given); `output`,
+    `seeds` and `methods` are the defaults of the study at hand."""
     quick = QUICK if args.quick else {}
-    default_output = OUTPUTS[1] if args.quick else (
-        ITEMS_OUTPUT if args.pretrain_on == "items" else OUTPUTS[0])
-    plan = DensePlan(
-        output=args.output or Path(default_output), pretrain_on=args.pretrain_on,
+    return dict(
+        output=args.output or Path(quick_output if args.quick else output),
         steps=args.steps if args.steps is not None else quick.get("steps", DEFAULT_STEPS),
-        seeds=tuple(args.seeds if args.seeds is not None
-                    else quick.get("seeds", DEFAULT_SEEDS)),
-        methods=tuple(args.methods if args.methods is not None
-                      else [m.key for m in METHODS]),
+        seeds=tuple(args.seeds if args.seeds is not None else quick.get("seeds", seeds)),
+        methods=tuple(args.methods if args.methods is not None else methods),
         segment_train=quick.get("segment_train", SEGMENT_TRAIN),
         segment_test=quick.get("segment_test", SEGMENT_TEST),
         probe_iterations=quick.get("probe_iterations", PROBE_ITERATIONS),
         knn_max_train=quick.get("knn_max_train", KNN_MAX_TRAIN),
         knn_max_test=quick.get("knn_max_test", KNN_MAX_TEST),
         overrides=tuple(args.overrides))
+
+
+def plan_from_args(args: argparse.Namespace) -> DensePlan:
+    """The DensePlan of the command line."""
+    output = ITEMS_OUTPUT if args.pretrain_on == "items" else OUTPUTS[0]
+    plan = DensePlan(**plan_settings(args, output, OUTPUTS[1], DEFAULT_SEEDS,
+                                     tuple(m.key for m in METHODS)),
+                     pretrain_on=args.pretrain_on)
     check_positive(plan, ("steps",))
     return plan
 

@@ -94,7 +94,7 @@ def test_quick_flags_and_defaults(tmp_path):
 
 
 def test_segment_is_asked_for_the_study_s_evaluation(tmp_path):
-    settings = ds.segment_settings(ds.DensePlan(output=tmp_path), 2, Path("r"))
+    settings = ds.DensePlan(output=tmp_path).segment_settings(2, Path("r"))
     assert settings.data.fashion_mnist_scenes and not settings.data.train_dir
     assert (settings.data.max_train, settings.data.max_test) == (2000, 1000)
     assert settings.cluster and settings.size == 56 and settings.features == "patch"
