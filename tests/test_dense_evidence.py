@@ -55,7 +55,7 @@ def test_the_second_table_probes_the_other_blocks_and_grids(tmp_path):
                    "block-4": ("block-4", "scene", 56, False, None),
                    "patch4": ("patch4", "scene", 56, False, None),
                    "crop": ("patch", "crop", None, False, None)}
-    assert all(s.probe.seed == 0 and s.probe.seeds == 3 for s in others.values())
+    assert all(s.probe.seed == 0 and s.probe.seeds == 1 for s in others.values())
     assert others["crop"].output == Path("r/segment-crop")
     assert ev.EvidencePlan(output=tmp_path, other_features=False).other_segment_settings(
         1, Path("r")) == {}
