@@ -35,9 +35,9 @@ from typing import Any
 
 import dense_study as ds
 from scipy import stats
-from study_common import (FLOOR, HELPS, HURTS, Metric, add_study_arguments, check_positive,
-                          format_duration, label_of, main_table, paired_differences,
-                          plot_final, result_paths, study_main, summarise)
+from study_common import (FLOOR, HELPS, HURTS, Metric, add_study_arguments, format_duration,
+                          label_of, main_table, paired_differences, plot_final, result_paths,
+                          study_main, summarise)
 
 from sere.eval.dense_extras import ExtraSettings
 from sere.eval.dense_items import ItemSettings
@@ -317,10 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_from_args(args: argparse.Namespace) -> EvidencePlan:
     """The EvidencePlan of the command line (--quick fills what was not given)."""
-    plan = EvidencePlan(**ds.plan_settings(args, OUTPUTS[0], OUTPUTS[1], SEEDS, ds.PRIMARY),
+    return EvidencePlan(**ds.plan_settings(args, OUTPUTS[0], OUTPUTS[1], SEEDS, ds.PRIMARY),
                         other_features=not args.no_other_features)
-    check_positive(plan, ("steps",))
-    return plan
 
 
 def main(argv: list[str] | None = None) -> int:

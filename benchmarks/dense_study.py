@@ -136,6 +136,10 @@ class DensePlan:
     pretrain_on: str = "scenes"  # or "items": single Fashion-MNIST items, as the demo
     recipe: tuple[str, ...] = DENSE_RECIPE  # head, precision and thread settings
 
+    def __post_init__(self) -> None:
+        """Refuse a step budget below 1 (`--steps`)."""
+        check_positive(self, ("steps",))
+
     def recipe_overrides(self, seed: int) -> list[str]:
         """The settings every method shares, on top of the demo preset: the pretraining data
         and crop sizes, and a budget of `steps` over 4 epochs of `64 * ceil(steps / 4)` scenes
@@ -466,11 +470,9 @@ def plan_settings(args: argparse.Namespace, output: str, quick_output: str,
 def plan_from_args(args: argparse.Namespace) -> DensePlan:
     """The DensePlan of the command line."""
     output = ITEMS_OUTPUT if args.pretrain_on == "items" else OUTPUTS[0]
-    plan = DensePlan(**plan_settings(args, output, OUTPUTS[1], DEFAULT_SEEDS,
+    return DensePlan(**plan_settings(args, output, OUTPUTS[1], DEFAULT_SEEDS,
                                      tuple(m.key for m in METHODS)),
                      pretrain_on=args.pretrain_on)
-    check_positive(plan, ("steps",))
-    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
