@@ -2,7 +2,7 @@
 by `--then`, run one after the other in each process, so that a group of runs pays Python's
 imports (several seconds of CPU for torch, torchvision and timm) once per process instead of
 once per run. Between the runs the process group is kept (each run finds it joined, as
-`sere.runtime.distributed.init_distributed` allows) and left after the last one.
+`sere.runtime.distributed.init_distributed` allows) and the last run leaves it as `sere` does.
 
 With SERE_TEST_KILL_STEP set, on the first attempt (TORCHELASTIC_RESTART_COUNT=0) rank 1 kills
 itself with SIGKILL right after optimisation step SERE_TEST_KILL_STEP, as the OOM killer or a
@@ -17,7 +17,6 @@ import sys
 
 import sere.api
 from sere.cli import main
-from sere.runtime.distributed import cleanup
 from sere.train.loop import Pretrainer
 
 THEN = "--then"
@@ -48,13 +47,15 @@ def command_lines(argv: list[str]) -> list[list[str]]:
 
 
 def run_in_turn(lines: list[list[str]]) -> int:
-    """Each command line in turn in the same process group; the first failure's exit code."""
-    sere.api.leave_process_group = lambda: None  # kept for the next run
-    for line in lines:
+    """Each command line in turn in the same process group; the first failure's exit code.
+    Every run but the last keeps the group for the next; the last leaves it as `sere` does
+    (inside `sere.api.pretrain`, before the command returns)."""
+    leave = sere.api.leave_process_group
+    for i, line in enumerate(lines):
+        sere.api.leave_process_group = leave if i == len(lines) - 1 else (lambda: None)
         code = main(line)
         if code:
             return code
-    cleanup()
     return 0
 
 
@@ -63,4 +64,12 @@ if __name__ == "__main__":
     if (kill_step and os.environ.get("RANK") == "1"
             and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"):
         die_after_step(int(kill_step))
-    sys.exit(run_in_turn(command_lines(sys.argv[1:])))
+    code = run_in_turn(command_lines(sys.argv[1:]))
+    # Out without the interpreter's teardown, where gloo's threads once aborted a rank
+    # ("terminate called without an active exception", SIGABRT) after a run had finished and
+    # written everything (1 of about 20 runs of the SIGKILL test, 2026-12-08): these tests
+    # check what the runs wrote. `python -m sere.cli` under torchrun, teardown included, is
+    # tests/test_slow.py's signal test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
