@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from study_common import (ALL_METHODS_BY_KEY, DEMO_OF_THE_STUDIES, FLOOR, Method, MethodSummary,
-                          Metric, Step,
-                          add_study_arguments, check_output, check_positive, check_settings,
-                          cls_splits, differences_table, estimate_seconds, format_duration,
-                          knn_on_features, main_table, paired_differences, plot_final,
-                          pretrain_to_end, read_json, read_timing, result_paths, run_dir,
-                          run_pending, save_record, seconds_per_step, study_main, summarise,
-                          unfinished, verdict_table)
+                          Metric, Step, add_study_arguments, check_output, check_positive,
+                          check_settings, cls_splits, differences_table, estimate_seconds,
+                          format_duration, knn_on_features, main_table, paired_differences,
+                          plot_final, pretrain_to_end, read_json, read_timing, result_paths,
+                          run_dir, run_pending, save_record, seconds_per_step, study_main,
+                          summarise, unfinished, verdict_table)
 
 from sere.config import Config, load_config, resolve_config_path
 from sere.data.labelled import pretraining_eval_sources

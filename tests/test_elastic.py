@@ -26,6 +26,7 @@ from sere.io.checkpoint import load_checkpoint, save_checkpoint
 from sere.train.loop import Pretrainer
 
 from conftest import TINY
+from torchrun_worker import pretrain_lines
 
 # One worker runs the whole module (`make test` runs `pytest -n auto --dist loadgroup`), so
 # that its module fixture of torchrun launches runs once, not once per worker.
@@ -51,10 +52,8 @@ def _torchrun(output_dir: Path, *settings: str, kill_step: int | None = None,
     env.pop("SERE_TEST_KILL_STEP", None)
     if kill_step is not None:
         env["SERE_TEST_KILL_STEP"] = str(kill_step)
-    runs = []
-    for folder, run_settings in [(output_dir, list(settings)), *then]:
-        runs += ["--then"] * bool(runs) + ["pretrain", *run_settings,
-                                           f"train.output_dir={folder}", "--resume", "auto"]
+    runs = pretrain_lines((folder, [*run_settings, "--resume", "auto"])
+                          for folder, run_settings in [(output_dir, settings), *then])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--max-restarts", "1", "--master-addr", "127.0.0.1", "--master-port",
            str(_free_port()), str(WORKER), *runs]

@@ -36,6 +36,7 @@ from conftest import TINY
 from test_elastic import KILL_STEP, TWO_BY_FOUR as ELASTIC_SETTINGS
 from test_elastic import WORKER, _assert_identical as assert_identical
 from test_elastic import _torchrun as elastic_torchrun
+from torchrun_worker import pretrain_lines
 
 # One worker runs the whole module (`make test` runs `pytest -n auto --dist loadgroup`), so
 # that its module fixture of torchrun launches runs once, not once per worker.
@@ -75,11 +76,9 @@ def _torchrun(*runs: tuple[Path, list[str]]) -> subprocess.CompletedProcess:
     one after the other in the same 2 gloo processes under torchrun (tests/torchrun_worker.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("SERE_TEST_KILL_STEP", None)
-    lines = []
-    for folder, settings in runs:
-        lines += ["--then"] * bool(lines) + ["pretrain", *settings, f"train.output_dir={folder}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(WORKER), *lines]
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(WORKER),
+           *pretrain_lines(runs)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -46,6 +46,15 @@ def command_lines(argv: list[str]) -> list[list[str]]:
     return lines
 
 
+def pretrain_lines(runs) -> list[str]:
+    """The worker's arguments for `sere pretrain SETTINGS train.output_dir=FOLDER` of each
+    `(FOLDER, SETTINGS)` of `runs`, in turn (`command_lines` reads them back)."""
+    lines: list[str] = []
+    for folder, settings in runs:
+        lines += [THEN] * bool(lines) + ["pretrain", *settings, f"train.output_dir={folder}"]
+    return lines
+
+
 def run_in_turn(lines: list[list[str]]) -> int:
     """Each command line in turn in the same process group; the first failure's exit code.
     Every run but the last keeps the group for the next; the last leaves it as `sere` does
