@@ -250,6 +250,17 @@ def other_features_lines(records: list[EvidenceRecord]) -> list[str]:
     return lines
 
 
+def precision_lines(records: list[EvidenceRecord]) -> list[str]:
+    """Which precision each pretraining run used: `train.precision=auto` is bf16 on a CPU with
+    native bf16 and fp32 elsewhere, and the study's runs may come from both kinds of machine."""
+    runs: dict[str, list[str]] = {}
+    for r in sorted(records, key=lambda r: (r.seed, r.method)):
+        if r.method != FLOOR:
+            runs.setdefault(r.precision or "not recorded", []).append(
+                f"{label_of(r.method)} seed {r.seed}")
+    return [f"- {precision}: {', '.join(names)}" for precision, names in runs.items()]
+
+
 def format_table(records: list[EvidenceRecord]) -> str:
     """The markdown of table.md: every score, rule 1, rule 2's verdicts, the second table."""
     order = [FLOOR, *ds.PRIMARY, "ibot_sere_spatial", "ibot_sere_channel"]
@@ -271,6 +282,8 @@ def format_table(records: list[EvidenceRecord]) -> str:
     others = other_features_lines(records)
     if others:
         lines += ["## Probe item mIoU of the other features (no verdict)", "", *others, ""]
+    if precisions := precision_lines(records):
+        lines += ["## Pretraining precision of each run", "", *precisions, ""]
     total = sum(r.wall_seconds for r in records)
     lines += [f"Total wall time of the {len(records)} runs and floors (pretraining and "
               f"evaluation, summed): {format_duration(total)}.", ""]

@@ -57,6 +57,8 @@ from sere.eval.dense_pairs import DenseSources
 from sere.eval.probed import ProbedBackbone, checkpoint_backbone, random_init_backbone
 from sere.eval.segment import ProbeSettings
 from sere.eval.segment_run import SegmentSettings, run_segment
+from sere.models.statistics import effective_rank
+from sere.runtime import choose_precision, resolve_device
 
 # ---------------------------------------------------------------------------------------------
 # The recipe (docs/results.md, "Dense study", explains each choice). Every method uses all of it;
@@ -181,6 +183,11 @@ class DensePlan:
         scores from `ev`)."""
         return base
 
+    def knn_config(self, cfg: Config) -> Config:
+        """The configuration of the [CLS] k-NN evaluation of a backbone trained with `cfg`
+        (its `data.global_crop_size` sets the size of the single items): `cfg` itself."""
+        return cfg
+
     def describe(self, record: "DenseRecord") -> str:
         """A finished run's scores in one line of the progress output."""
         return (f"probe mIoU {record.probe_miou:.1f} %, k-means mIoU "
@@ -250,6 +257,8 @@ class DenseRecord:
     per_class_iou: list[float | None] = field(default_factory=list)  # probe, percent
     settings: dict[str, Any] = field(default_factory=dict)
     probe_weight_decay: float | None = None  # the L-BFGS probe's, chosen on 10 % held out
+    precision: str | None = None  # the pretraining's, as resolved with its reason (None for a
+    # floor and for records written before 2026-12-08: `train.precision=auto` depends on the CPU)
 
     @property
     def eval_seconds(self) -> float:
@@ -273,6 +282,7 @@ class DenseEvaluation:
     segment_seconds: float  # all the segment runner's evaluations together
     knn_seconds: float
     others: dict[str, dict[str, Any]] = field(default_factory=dict)  # more result.json, by name
+    cls_effective_rank: float | None = None  # of the single test items' [CLS] features
 
 
 def evaluate(probed: ProbedBackbone, folder: Path, plan: DensePlan,
@@ -286,14 +296,14 @@ def evaluate(probed: ProbedBackbone, folder: Path, plan: DensePlan,
               for name, settings in plan.other_segment_settings(seed, folder).items()}
     segment_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    cfg = probed.config
+    cfg = plan.knn_config(probed.config)
     sources = pretraining_eval_sources(cfg)  # single items for a scenes configuration
     train, test = cls_splits(probed.backbone, probed.model_key, cfg, sources,
                              (plan.knn_max_train, plan.knn_max_test), folder / KNN_CACHE)
     knn = knn_on_features(train, test, cfg.eval.k, cfg.eval.temperature,
                           len(sources[0].classes))
     return DenseEvaluation(segment, knn, len(train.labels), len(test.labels), segment_seconds,
-                           time.perf_counter() - start, others)
+                           time.perf_counter() - start, others, effective_rank(test.features))
 
 
 def make_record(method: str, seed: int, steps: int, ev: DenseEvaluation,
@@ -327,11 +337,11 @@ def do_run(plan: DensePlan, method: Method, seed: int) -> DenseRecord | None:
         return None
     probed = checkpoint_backbone(last, "teacher")
     ev = evaluate(probed, folder, plan, seed)
-    record = plan.record(make_record(method.key, seed, probed.step, ev,
-                                     seconds_per_step(folder / "metrics.jsonl",
-                                                      cfg.optim.batch_size),
-                                     read_timing(folder).get("pretrain_seconds", 0.0),
-                                     settings), ev)
+    base = make_record(method.key, seed, probed.step, ev,
+                       seconds_per_step(folder / "metrics.jsonl", cfg.optim.batch_size),
+                       read_timing(folder).get("pretrain_seconds", 0.0), settings)
+    base.precision = str(choose_precision(cfg.train.precision, resolve_device(cfg.train.device)))
+    record = plan.record(base, ev)
     save_record(record, folder)
     return record
 

@@ -45,6 +45,9 @@ SETTINGS = "study_run.json"
 TIMING = "timing.json"
 FLOOR = "random_init"  # folder and method name of the random-initialisation floor
 FLOOR_LABEL = "random init"
+START = "start"  # folder and method name of a continuation study's starting model, evaluated as is
+START_LABEL = "no continuation"
+NOT_PRETRAINED = (FLOOR, START)  # evaluated without a pretraining run of their own
 CLS_FEATURES = "cls"  # the teacher's [CLS] token after the final LayerNorm (k-NN, probe)
 SUBSET_SEED = 1  # evaluation subsets, drawn as `sere knn` and `sere linear` draw them
 
@@ -89,14 +92,14 @@ ALL_METHODS_BY_KEY = {m.key: m for m in ALL_METHODS}
 
 def label_of(key: str) -> str:
     """The display name of a method key (or of the floor)."""
-    return FLOOR_LABEL if key == FLOOR else ALL_METHODS_BY_KEY[key].label
+    return {FLOOR: FLOOR_LABEL, START: START_LABEL}.get(key) or ALL_METHODS_BY_KEY[key].label
 
 
 def method_color(key: str) -> str:
     """One matplotlib colour per method, the same in every plot of every study (gray for the
-    floor)."""
-    if key == FLOOR:
-        return "darkgray"
+    floor, black for a starting model)."""
+    if key in NOT_PRETRAINED:
+        return "darkgray" if key == FLOOR else "black"
     return f"C{[m.key for m in ALL_METHODS].index(key)}"
 
 
@@ -494,8 +497,8 @@ def estimate_seconds(key: str, measured: list[float], run_seconds: float,
                      floor_seconds: float) -> float:
     """Seconds one more run of `key` is expected to take: the mean of the pretraining runs done
     by this invocation when there are some, else the a priori `run_seconds` (`floor_seconds` for
-    the floor)."""
-    if key == FLOOR:
+    the floor or a starting model)."""
+    if key in NOT_PRETRAINED:
         return floor_seconds
     if measured:
         return statistics.fmean(measured)
@@ -507,7 +510,7 @@ class Step:
     """How a study does one pending (method, seed): its functions, looked up at each call."""
 
     do_run: Callable[[str, int], Any]  # a finished record, or None when a signal stopped it
-    do_floor: Callable[[int], Any]  # the floor's record
+    do_floor: Callable[[int], Any]  # the record of a key in NOT_PRETRAINED (floor, start)
     estimate: Callable[[str, list[float]], float]  # seconds one more run of a key will take
     describe: Callable[[Any], str]  # the record's numbers, for the progress line
 
@@ -526,7 +529,7 @@ def run_pending(todo: list[tuple[str, int]], steps: int, total: int, output: Pat
         print(f"\n[{i + 1}/{len(todo)}] {label_of(key)}, seed {seed} "
               f"(about {format_duration(left)} left, done around {eta})", flush=True)
         start = time.perf_counter()
-        if key == FLOOR:
+        if key in NOT_PRETRAINED:
             record = step.do_floor(seed)
         else:
             record = step.do_run(key, seed)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from scipy import stats
 
 from test_dense_study import TINY
@@ -19,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import dense_evidence as ev  # noqa: E402
 import dense_study as ds  # noqa: E402
 import study_common as common  # noqa: E402
+
+from sere.runtime import choose_precision  # noqa: E402
 
 
 def test_the_plan_is_the_written_recipe(tmp_path):
@@ -138,6 +141,14 @@ def test_table_gives_rule_1_and_rule_2_in_order():
     assert lines[0].endswith(f"| {common.HELPS} |")
     assert "no difference detected" in lines[1]  # retrieval: every difference 0
     assert "| method | block-2 |" in table and "| iBOT | 6.20 ± 0.16 |" in table
+    assert "- not recorded: iBOT seed 0, iBOT+SERE seed 0, iBOT seed 1," in table
+
+
+def test_the_table_names_each_run_s_precision():
+    fp32, bf16 = record("ibot", 0, 7.0), record("ibot_sere", 1, 8.0)
+    fp32.precision, bf16.precision = "fp32 (auto: X)", "bf16 (auto: Y)"
+    lines = ev.precision_lines([bf16, fp32, record(common.FLOOR, 0, 4.5)])
+    assert lines == ["- fp32 (auto: X): iBOT seed 0", "- bf16 (auto: Y): iBOT+SERE seed 1"]
 
 
 @pytest.mark.slow
@@ -152,4 +163,8 @@ def test_tiny_evidence_study_end_to_end(tmp_path):
     for r in records.values():
         for metric in (*ev.DECISION, *ev.REPORTED):
             assert 0 <= getattr(r, metric.attr) <= 100, metric.attr
-    assert (tmp_path / "table.md").read_text().startswith("# Dense evidence study")
+    assert records[common.FLOOR].precision is None  # a floor is not pretrained
+    assert records["ibot"].precision == str(choose_precision("auto", torch.device("cpu")))
+    table = (tmp_path / "table.md").read_text()
+    assert table.startswith("# Dense evidence study")
+    assert f"- {records['ibot'].precision}: iBOT seed 0" in table
