@@ -17,7 +17,8 @@ retrieval, mask-pooled items, k-means; last block at the whole scene), plus [CLS
 items, the stand-in's own domain, and the effective rank of those [CLS] features.
 
 Runs resume, skip what is finished and refuse a folder made with other settings, as the other
-dense studies (`benchmarks/dense_study.py`'s run loop).
+dense studies (`benchmarks/dense_study.py`'s run loop). On two cores, run two invocations side by
+side, one thread each (`--seeds 0` and `--seeds 1 2`): the one with seed 0 evaluates the start.
 """
 
 from __future__ import annotations
@@ -121,8 +122,10 @@ def do_start(plan: ContinuePlan) -> ContinueRecord:
 
 
 def pending_runs(plan: ContinuePlan) -> list[tuple[str, int]]:
-    """The start first, then every method seed by seed."""
-    order = [(START, 0), *((key, seed) for seed in plan.seeds for key in plan.methods)]
+    """The start first (by the invocation that has seed 0, so that two invocations side by
+    side never evaluate it both), then every method seed by seed."""
+    start = [(START, 0)] if 0 in plan.seeds else []
+    order = [*start, *((key, seed) for seed in plan.seeds for key in plan.methods)]
     return unfinished(plan.output, order)
 
 

@@ -4,6 +4,7 @@ records; one slow end-to-end run on tiny sizes from a stand-in the test pretrain
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def test_the_start_is_evaluated_once_before_the_continuations(tmp_path):
     plan = cs.ContinuePlan(output=tmp_path, start=tmp_path / "s.pt", seeds=(0, 1))
     assert cs.pending_runs(plan) == [(common.START, 0), ("ibot", 0), ("ibot_sere", 0),
                                      ("ibot", 1), ("ibot_sere", 1)]
+    assert cs.pending_runs(dataclasses.replace(plan, seeds=(1, 2)))[0] == ("ibot", 1)
     assert common.label_of(common.START) == "no continuation"
 
 
