@@ -185,6 +185,36 @@ def test_kmeans_matches_clusters_to_classes():
     assert "k-means" in format_report(run.result).splitlines()[0]
 
 
+def test_kmeans_holds_its_threads_to_torch_s_and_gives_the_same_clusters(monkeypatch):
+    """A one-thread run's k-means must not take every core (scikit-learn's OpenMP pool follows
+    torch's thread count), and the thread count does not change the clusters."""
+    import threadpoolctl
+    from sklearn.cluster import KMeans
+
+    from sere.eval import segment
+
+    features = torch.randn(6, 8, 8, 16, generator=torch.Generator().manual_seed(0))
+    seen = []
+    real_fit = KMeans.fit
+
+    def fit(self, x, *args, **kwargs):
+        seen.append({p["num_threads"] for p in threadpoolctl.threadpool_info()
+                     if p["user_api"] == "openmp"})
+        return real_fit(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(KMeans, "fit", fit)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = segment.kmeans_clusters(features, 5, seed=0)
+        torch.set_num_threads(2)
+        two = segment.kmeans_clusters(features, 5, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [{1}, {2}]
+    assert torch.equal(one, two)
+
+
 def test_probe_rejects_bad_shapes():
     from sere.errors import SereError
     from sere.eval.segment import kmeans_segmentation

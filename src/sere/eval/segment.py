@@ -40,6 +40,7 @@ from sere.eval.dense_metrics import (IGNORE_INDEX, apply_matching, confusion_mat
                                      hungarian_match, segmentation_scores)
 from sere.eval.segment_probe import (LinearSegmenter, class_shares, fit_probe,
                                      patch_loss, pixel_loss, predict_masks, whitening)
+from sere.runtime import library_threads_like_torch
 
 DEFAULT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # a log grid (docs/dense.md, "Probes")
 
@@ -237,8 +238,10 @@ def kmeans_clusters(features: Tensor, num_clusters: int, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     sample = torch.randperm(len(x), generator=g)[:max_fit_patches]
     kmeans = KMeans(n_clusters=num_clusters, n_init=3, random_state=seed)
-    kmeans.fit(x[sample].numpy())
-    return torch.from_numpy(kmeans.predict(x.numpy())).long().reshape(n, h, w)
+    with library_threads_like_torch():
+        kmeans.fit(x[sample].numpy())
+        labels = kmeans.predict(x.numpy())  # (N h w,)
+    return torch.from_numpy(labels).long().reshape(n, h, w)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from sere.data.datasets import ImageSource, UnreadableImage
 from sere.losses.relation import channel_relation, spatial_relation
 from sere.models.backbone import ViTBackbone
 from sere.models.network import SERENetwork
+from sere.runtime import library_threads_like_torch
 
 
 @torch.no_grad()
@@ -233,8 +234,9 @@ def tsne_embedding(features: Tensor, seed: int = 0) -> Tensor:
     from sklearn.manifold import TSNE
 
     perplexity = min(30.0, max(2.0, (len(features) - 1) / 3))
-    points = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca",
-                  random_state=seed).fit_transform(features.double().numpy())
+    with library_threads_like_torch():
+        points = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca",
+                      random_state=seed).fit_transform(features.double().numpy())
     return torch.from_numpy(points)
 
 

@@ -90,6 +90,17 @@ class Compute:
     precision: Precision  # the precision chosen for it, and why
 
 
+@contextlib.contextmanager
+def library_threads_like_torch():
+    """Hold the thread pools of scikit-learn, numpy and SciPy (OpenMP, BLAS) to torch's thread
+    count for the block, so that a k-means or t-SNE of a one-thread run does not take every core
+    (their results do not depend on the thread count: same labels, same map)."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415 (scikit-learn's own dependency)
+
+    with threadpool_limits(limits=torch.get_num_threads()):
+        yield
+
+
 def start_compute(device: str, precision: str, threads: int | None) -> Compute:
     """The one set-up of a training run's compute (pretraining and fine-tuning alike): the CPU
     threads when `threads` is set, the device (`resolve_device`) and the precision
