@@ -126,6 +126,12 @@ def test_ceiling_trains_and_sere_segment_reads_it(scenes, capsys):  # noqa: F811
     assert main(segment) == 0
     result = json.loads((scenes / "ceiling" / "segment" / "result.json").read_text())
     assert result["settings"]["checkpoint"] == str(ceiling) and result["settings"]["step"] == 40
+    # the ceiling has no projection or relation heads: visualize draws what the backbone shows
+    pictures = scenes / "ceiling" / "pictures"
+    assert main(["visualize", "--checkpoint", str(ceiling), "--images", str(scenes / "train" / "images"),
+                 "--count", "2", "--output", str(pictures)]) == 0
+    assert (pictures / "overview.png").is_file()
+    assert not (pictures / "channel_relation.png").exists()
 
 
 def test_ceiling_refuses_bad_settings(scenes, capsys):  # noqa: F811

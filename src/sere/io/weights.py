@@ -6,6 +6,7 @@ Every command that reads a sere checkpoint (k-NN, linear probe, pictures, export
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,10 +94,22 @@ class LoadedNetwork:
 
 def load_network(path: str | Path, which: str = "teacher") -> LoadedNetwork:
     """The teacher (default) or student network of a `sere pretrain` checkpoint, with its
-    projection and relation heads, in eval mode."""
+    projection and relation heads, in eval mode.
+
+    A checkpoint whose network is a backbone alone (`sere segment-ceiling`'s) gives a network
+    without relation heads or mask token; its [CLS] projection head stays at its random start,
+    so only what the backbone computes is meaningful (attention, patch features)."""
     if which not in ("teacher", "student"):
         raise SereError(f"which = {which!r}: choose 'teacher' or 'student'")
     run = read_run_checkpoint(path, which)
-    network = SERENetwork(run.config, is_student=which == "student")
-    network.load_state_dict(run.state[which])
+    state, cfg = run.state[which], run.config
+    heads = any(not key.startswith("backbone.") for key in state)
+    if not heads:  # the loss weights decide which heads and tokens a SERENetwork builds
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, lambda2=0.0,
+                                                                alpha=0.0, beta=0.0))
+    network = SERENetwork(cfg, is_student=which == "student")
+    loaded = network.load_state_dict(state, strict=heads)
+    if loaded.unexpected_keys or any(k.startswith("backbone.") for k in loaded.missing_keys):
+        raise SereError(f"the {which} backbone in {path} does not match its configuration "
+                        f"(e.g. {[*loaded.unexpected_keys, *loaded.missing_keys][0]})")
     return LoadedNetwork(network.eval(), run.config, run.step)
