@@ -18,6 +18,10 @@ paired t-test of the rule. A second table, without verdicts, gives the probe's i
 fit) of the other features (blocks 2-4 before the last, the last four concatenated, the
 training crop's grid).
 
+After its runs, the invocation with seed 0 evaluates the two range anchors the same way (raw
+pixels, and the runs' ViT trained supervised on the probe's training scenes for as many steps:
+`OUTPUT/anchors/`); table.md gives their scores and the primary score's range.
+
 Runs resume, skip what is finished and refuse a folder made with other settings, as
 `benchmarks/dense_study.py`, whose pretraining, evaluation and run loop this driver reuses.
 """
@@ -34,16 +38,21 @@ from pathlib import Path
 from typing import Any
 
 import dense_study as ds
+import torch
 from scipy import stats
 from study_common import (FLOOR, HELPS, HURTS, Metric, add_study_arguments, format_duration,
-                          label_of, main_table, paired_differences, plot_final, result_paths,
-                          study_main, summarise)
+                          label_of, main_table, paired_differences, plot_final, read_json,
+                          result_paths, run_dir, study_main, summarise)
 
+from sere.errors import SereError
 from sere.eval.dense_extras import ExtraSettings
 from sere.eval.dense_items import ItemSettings
+from sere.eval.dense_pairs import DenseSources
 from sere.eval.dense_retrieval import RetrievalSettings
+from sere.eval.probed import checkpoint_backbone, raw_pixel_backbone
 from sere.eval.segment import ProbeSettings
-from sere.eval.segment_run import SegmentSettings
+from sere.eval.segment_run import SegmentSettings, run_segment
+from sere.finetune.segment_ceiling import CeilingSettings, train_segment_ceiling
 
 # The recipe's own settings (docs/results.md, "Dense evidence (issue 23)"): the dense study's
 # head settings with precision `auto` instead of bf16 (fp32 on a CPU without native bf16).
@@ -57,6 +66,12 @@ OTHER_FEATURES = {  # the second table's features: name -> (`--features`, grid)
     "block-4": ("block-4", "scene"), "patch4": ("patch4", "scene"), "crop": ("patch", "crop")}
 OUTPUTS = ("benchmarks/results/dense_evidence", "runs/dense_evidence_quick")  # tracked; --quick
 T_LEVEL = 0.05  # two-sided
+# The range anchors on the same scenes (docs/results.md): evaluated once, as every run is, after
+# the runs; their result.json files sit in OUTPUT/anchors/<key>/segment/.
+ANCHORS = {"raw_pixels": "raw pixels (16-px windows)",
+           "ceiling": "supervised ceiling (seed 0, as many steps as the runs)"}
+ANCHOR_DIR = "anchors"
+CEILING_SOURCE = ("ibot_sere", 0)  # the run whose configuration (not weights) the ceiling trains
 
 PROBE_ITEMS = Metric("probe_item_miou", "probe item mIoU (%)", "probe item mIoU", "probe")
 RETRIEVAL_ITEMS = Metric("retrieval_item_miou", "retrieval item mIoU (%)",
@@ -117,6 +132,7 @@ class EvidencePlan(ds.DensePlan):
     pretrain_on: str = "items"
     recipe: tuple[str, ...] = EVIDENCE_RECIPE
     other_features: bool = True  # the second table's evaluations
+    anchors: bool = True  # raw pixels and the ceiling, by the invocation with seed 0
 
     def segment_settings(self, seed: int, folder: Path) -> SegmentSettings:
         """The dense study's evaluation with fixed probe seeds, retrieval, overclustering and
@@ -161,6 +177,49 @@ class EvidencePlan(ds.DensePlan):
         others = {name: percent(segment["item_miou"]) for name, segment in ev.others.items()}
         return EvidenceRecord(**asdict(base), **evidence_scores(ev.segment),
                               other_probe_item_miou=others)
+
+
+# ---------------------------------------------------------------------------------------------
+# The range anchors.
+
+
+def anchor_result(output: Path, key: str) -> Path:
+    """The result.json of an anchor's evaluation."""
+    return Path(output) / ANCHOR_DIR / key / ds.SEGMENT_OUT / "result.json"
+
+
+def run_anchor(plan: EvidencePlan, key: str) -> dict[str, Any]:
+    """Evaluate one anchor as the runs are evaluated (seed 0's segment settings), unless its
+    result.json exists: raw pixels at the runs' patch grid, or the ceiling, the runs' ViT
+    trained supervised on the probe's training scenes for as many steps as the runs (its
+    checkpoint is kept, so a stop after training does not train it again)."""
+    folder = Path(plan.output) / ANCHOR_DIR / key
+    if anchor_result(plan.output, key).is_file():
+        return read_json(anchor_result(plan.output, key))
+    cfg = ds.run_config(plan, ds.METHODS_BY_KEY["ibot_sere"], 0)  # the runs' shape and threads
+    torch.set_num_threads(cfg.train.threads)
+    if key == "raw_pixels":
+        probed = raw_pixel_backbone(cfg)
+    else:
+        ceiling = folder / "ceiling.pt"
+        if not ceiling.is_file():
+            source = run_dir(plan.output, *CEILING_SOURCE) / "last.pt"
+            if not source.is_file():
+                raise SereError(f"the ceiling takes its configuration from {source}, which is "
+                                "not there yet: run the iBOT+SERE seed-0 run first")
+            data = DenseSources(fashion_mnist_scenes=True, max_train=plan.segment_train)
+            train_segment_ceiling(source, CeilingSettings(
+                data=data, output=ceiling, steps=plan.steps, size=ds.SEGMENT_SIZE, seed=0))
+        probed = checkpoint_backbone(ceiling, "teacher")
+    return run_segment(probed, plan.segment_settings(0, folder)).record
+
+
+def run_anchors(plan: EvidencePlan) -> None:
+    """Both anchors, when the plan has them and seed 0 (one invocation of two side by side)."""
+    if plan.anchors and 0 in plan.seeds:
+        for key in ANCHORS:
+            print(f"\nanchor: {ANCHORS[key]}", flush=True)
+            run_anchor(plan, key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +320,35 @@ def precision_lines(records: list[EvidenceRecord]) -> list[str]:
     return [f"- {precision}: {', '.join(names)}" for precision, names in runs.items()]
 
 
-def format_table(records: list[EvidenceRecord]) -> str:
+def anchor_lines(records: list[EvidenceRecord], output: Path) -> list[str]:
+    """The anchors' scores, and the primary score's range (ceiling minus the floors' mean)
+    with each method's mean gain over the floor as a share of it."""
+    found = {key: evidence_scores(read_json(anchor_result(output, key)))
+             for key in ANCHORS if anchor_result(output, key).is_file()}
+    if not found:
+        return []
+    lines = ["| anchor | " + " | ".join(m.short for m in DECISION[:-1]) + " |",
+             "|---|" + "---|" * (len(DECISION) - 1)]
+    for key, scores in found.items():
+        lines.append(f"| {ANCHORS[key]} | "
+                     + " | ".join(f"{scores[m.attr]:.2f}" for m in DECISION[:-1]) + " |")
+    floors = [r.probe_item_miou for r in records if r.method == FLOOR]
+    if "ceiling" not in found or not floors:
+        return lines
+    floor = statistics.fmean(floors)
+    span = found["ceiling"]["probe_item_miou"] - floor
+    lines += ["", f"Range of the primary score: ceiling minus the floors' mean = {span:.2f} "
+              "points."]
+    for method in ds.PRIMARY:
+        mine = [r.probe_item_miou for r in records if r.method == method]
+        if mine and span > 0:
+            gain = statistics.fmean(mine) - floor
+            lines.append(f"{label_of(method)}: mean gain over the floor {gain:+.2f} points, "
+                         f"{100 * gain / span:.1f} % of the range.")
+    return lines
+
+
+def format_table(records: list[EvidenceRecord], output: Path | None = None) -> str:
     """The markdown of table.md: every score, rule 1, rule 2's verdicts, the second table."""
     order = [FLOOR, *ds.PRIMARY, "ibot_sere_spatial", "ibot_sere_channel"]
     lines = [
@@ -279,6 +366,10 @@ def format_table(records: list[EvidenceRecord]) -> str:
         "## Rule 2: iBOT+SERE minus iBOT, paired two-sided t-test (p < 0.05)", "",
         *verdict_lines(records), "",
     ]
+    anchors = anchor_lines(records, output) if output is not None else []
+    if anchors:
+        lines += ["## Range anchors (evaluated as the runs are, seed 0's settings)", "",
+                  *anchors, ""]
     others = other_features_lines(records)
     if others:
         lines += ["## Probe item mIoU of the other features (no verdict)", "", *others, ""]
@@ -298,7 +389,7 @@ def load_records(output: Path) -> list[EvidenceRecord]:
 def finish(plan: EvidencePlan) -> str:
     """Write table.md and evidence_metrics.png from the finished runs."""
     records = load_records(plan.output)
-    table = format_table(records)
+    table = format_table(records, plan.output)
     (plan.output / "table.md").write_text(table)
     rows = summarise(records, [FLOOR, *plan.methods], DECISION)
     plot = plot_final(records, rows, DECISION, plan.output / "evidence_metrics.png")
@@ -311,10 +402,17 @@ def finish(plan: EvidencePlan) -> str:
 # The command.
 
 
+def anchors_then_table(plan: EvidencePlan) -> str:
+    """What follows the runs: the anchors (`run_anchors`), then `finish`."""
+    run_anchors(plan)
+    return finish(plan)
+
+
 def run_study(plan: EvidencePlan) -> int:
-    """Every pending run (floors, then the main comparison seed by seed), then the table
-    (`benchmarks/dense_study.py`'s loop). Returns 0, also when a signal stopped a run."""
-    return ds.run_study(plan, finish)
+    """Every pending run (floors, then the main comparison seed by seed), then the anchors and
+    the table (`benchmarks/dense_study.py`'s loop). Returns 0, also when a signal stopped a
+    run (the anchors and the table wait for the next invocation then)."""
+    return ds.run_study(plan, anchors_then_table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,13 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "500 / 200 items for k-NN")
     p.add_argument("--no-other-features", action="store_true",
                    help="skip the second table's evaluations (other blocks and grids)")
+    p.add_argument("--no-anchors", action="store_true",
+                   help="skip the range anchors (raw pixels, the supervised ceiling), which "
+                        "the invocation with seed 0 evaluates after its runs")
     return p
 
 
 def plan_from_args(args: argparse.Namespace) -> EvidencePlan:
     """The EvidencePlan of the command line (--quick fills what was not given)."""
     return EvidencePlan(**ds.plan_settings(args, OUTPUTS[0], OUTPUTS[1], SEEDS, ds.PRIMARY),
-                        other_features=not args.no_other_features)
+                        other_features=not args.no_other_features,
+                        anchors=not args.no_anchors)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,8 @@ naive one and scipy's, the rule's tables; one slow end-to-end run on tiny sizes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -21,6 +23,8 @@ import dense_evidence as ev  # noqa: E402
 import dense_study as ds  # noqa: E402
 import study_common as common  # noqa: E402
 
+from sere.errors import SereError  # noqa: E402
+from sere.io.checkpoint import load_checkpoint  # noqa: E402
 from sere.runtime import choose_precision  # noqa: E402
 
 
@@ -157,9 +161,17 @@ def test_tiny_evidence_study_end_to_end(tmp_path):
                            segment_train=20, segment_test=6, probe_iterations=3,
                            knn_max_train=60, knn_max_test=30, overrides=TINY,
                            other_features=False)
+    with pytest.raises(SereError, match="iBOT\\+SERE seed-0 run first"):
+        ev.run_study(plan)  # the ceiling takes its configuration from that run
+    plan = dataclasses.replace(plan, methods=("ibot", "ibot_sere"))
     assert ev.run_study(plan) == 0
+    ceiling = load_checkpoint(tmp_path / "anchors" / "ceiling" / "ceiling.pt")
+    assert ceiling["ceiling"]["steps"] == 2 and ceiling["ceiling"]["train_images"] == 20
+    for key in ev.ANCHORS:
+        anchor = json.loads(ev.anchor_result(tmp_path, key).read_text())
+        assert anchor["settings"]["test_images"] == 6 and anchor["retrieval"] is not None
     records = {r.method: r for r in ev.load_records(tmp_path)}
-    assert set(records) == {common.FLOOR, "ibot"}
+    assert set(records) == {common.FLOOR, "ibot", "ibot_sere"}
     for r in records.values():
         for metric in (*ev.DECISION, *ev.REPORTED):
             assert 0 <= getattr(r, metric.attr) <= 100, metric.attr
@@ -168,3 +180,5 @@ def test_tiny_evidence_study_end_to_end(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table.startswith("# Dense evidence study")
     assert f"- {records['ibot'].precision}: iBOT seed 0" in table
+    assert "| supervised ceiling (seed 0, as many steps as the runs) |" in table
+    assert "Range of the primary score: ceiling minus the floors' mean" in table
