@@ -35,8 +35,9 @@ import dense_evidence as ev
 import dense_study as ds
 from study_common import (HELPS, HURTS, START, Metric, Step, add_study_arguments, check_output,
                           check_settings, estimate_seconds, format_duration, label_of,
-                          main_table, paired_differences, plot_final, result_paths, run_dir,
-                          run_pending, save_record, study_main, summarise, unfinished)
+                          main_table, paired_differences, read_records, run_dir, run_pending,
+                          save_record, study_main, summarise, unfinished,
+                          write_table_and_plot)
 
 from sere.config import Config
 from sere.errors import SereError
@@ -221,21 +222,12 @@ def format_table(records: list[ContinueRecord], plan: ContinuePlan) -> str:
     return "\n".join(lines)
 
 
-def load_records(output: Path) -> list[ContinueRecord]:
-    """Every results.json under `output`."""
-    return [ContinueRecord.load(path) for path in result_paths(output)]
-
-
 def finish(plan: ContinuePlan) -> str:
     """Write table.md and continue_metrics.png from the finished runs."""
-    records = load_records(plan.output)
-    table = format_table(records, plan)
-    (plan.output / "table.md").write_text(table)
-    rows = summarise(records, [START, *plan.methods], SCORES)
-    plot = plot_final(records, rows, SCORES, plan.output / "continue_metrics.png")
-    print(table)
-    print(f"wrote {plan.output / 'table.md'}" + (f", {plot}" if plot else ""))
-    return table
+    records: list[ContinueRecord] = read_records(ContinueRecord, plan.output)
+    return write_table_and_plot(plan.output, format_table(records, plan), records,
+                                summarise(records, [START, *plan.methods], SCORES), SCORES,
+                                "continue_metrics.png")
 
 
 # ---------------------------------------------------------------------------------------------

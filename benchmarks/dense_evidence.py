@@ -41,8 +41,8 @@ import dense_study as ds
 import torch
 from scipy import stats
 from study_common import (FLOOR, HELPS, HURTS, Metric, add_study_arguments, format_duration,
-                          label_of, main_table, paired_differences, plot_final, read_json,
-                          result_paths, run_dir, study_main, summarise)
+                          label_of, main_table, paired_differences, read_json, read_records,
+                          run_dir, study_main, summarise, write_table_and_plot)
 
 from sere.errors import SereError
 from sere.eval.dense_extras import ExtraSettings
@@ -383,19 +383,15 @@ def format_table(records: list[EvidenceRecord], output: Path | None = None) -> s
 
 def load_records(output: Path) -> list[EvidenceRecord]:
     """Every results.json under `output`."""
-    return [EvidenceRecord.load(path) for path in result_paths(output)]
+    return read_records(EvidenceRecord, output)
 
 
 def finish(plan: EvidencePlan) -> str:
     """Write table.md and evidence_metrics.png from the finished runs."""
     records = load_records(plan.output)
-    table = format_table(records, plan.output)
-    (plan.output / "table.md").write_text(table)
-    rows = summarise(records, [FLOOR, *plan.methods], DECISION)
-    plot = plot_final(records, rows, DECISION, plan.output / "evidence_metrics.png")
-    print(table)
-    print(f"wrote {plan.output / 'table.md'}" + (f", {plot}" if plot else ""))
-    return table
+    return write_table_and_plot(plan.output, format_table(records, plan.output), records,
+                                summarise(records, [FLOOR, *plan.methods], DECISION), DECISION,
+                                "evidence_metrics.png")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,9 +47,9 @@ from study_common import (ALL_METHODS_BY_KEY, DEMO_OF_THE_STUDIES, FLOOR, Method
                           Metric, Step, add_study_arguments, check_output, check_positive,
                           check_settings, cls_splits, differences_table, estimate_seconds,
                           format_duration, knn_on_features, main_table, paired_differences,
-                          plot_final, pretrain_to_end, read_json, read_timing, result_paths,
-                          run_dir, run_pending, save_record, seconds_per_step, study_main,
-                          summarise, unfinished, verdict_table)
+                          pretrain_to_end, read_json, read_records, read_timing, run_dir,
+                          run_pending, save_record, seconds_per_step, study_main, summarise,
+                          unfinished, verdict_table, write_table_and_plot)
 
 from sere.config import Config, load_config, resolve_config_path
 from sere.data.labelled import pretraining_eval_sources
@@ -366,7 +366,7 @@ def do_floor(plan: DensePlan, seed: int) -> DenseRecord:
 
 def load_records(output: Path) -> list[DenseRecord]:
     """Every results.json under `output`."""
-    return [DenseRecord.load(path) for path in result_paths(output)]
+    return read_records(DenseRecord, output)
 
 
 def summarise_dense(records: list[DenseRecord]) -> list[MethodSummary]:
@@ -410,13 +410,8 @@ def format_table(records: list[DenseRecord], plan: DensePlan) -> str:
 def finish(plan: DensePlan) -> str:
     """Write table.md and dense_metrics.png from every results.json under the output folder."""
     records = load_records(plan.output)
-    table = format_table(records, plan)
-    (plan.output / "table.md").write_text(table)
-    plot = plot_final(records, summarise_dense(records), METRICS,
-                      plan.output / "dense_metrics.png")
-    print(table)
-    print(f"wrote {plan.output / 'table.md'}" + (f", {plot}" if plot else ""))
-    return table
+    return write_table_and_plot(plan.output, format_table(records, plan), records,
+                                summarise_dense(records), METRICS, "dense_metrics.png")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,6 +148,11 @@ def result_paths(output: Path) -> list[Path]:
     return sorted(Path(output).glob(f"*/seed*/{RESULTS}"))
 
 
+def read_records(record_type: Any, output: Path) -> list[Any]:
+    """Every results.json under `output`, each read by `record_type.load`."""
+    return [record_type.load(path) for path in result_paths(output)]
+
+
 def check_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Record a run's settings in its folder, or refuse a folder made with other settings."""
     path = Path(folder) / SETTINGS
@@ -491,6 +496,18 @@ def plot_final(records: list[Any], rows: list[MethodSummary], metrics: Sequence[
 
 # ---------------------------------------------------------------------------------------------
 # The resumable loop and the command line.
+
+
+def write_table_and_plot(output: Path, table: str, records: list[Any],
+                         rows: list[MethodSummary], metrics: Sequence[Metric],
+                         plot_name: str) -> str:
+    """Write a study's table.md and its bar chart (`plot_final`) into `output`, print the
+    table and what was written; returns the table."""
+    (Path(output) / "table.md").write_text(table)
+    plot = plot_final(records, rows, metrics, Path(output) / plot_name)
+    print(table)
+    print(f"wrote {Path(output) / 'table.md'}" + (f", {plot}" if plot else ""))
+    return table
 
 
 def estimate_seconds(key: str, measured: list[float], run_seconds: float,

@@ -110,7 +110,7 @@ def test_tiny_continuation_end_to_end(tmp_path):
                            knn_max_train=60, knn_max_test=30,
                            overrides=(*TINY, "optim.freeze_backbone_steps=1"))
     assert cs.run_study(plan) == 0
-    records = {r.method: r for r in cs.load_records(plan.output)}
+    records = {r.method: r for r in common.read_records(cs.ContinueRecord, plan.output)}
     assert set(records) == {common.START, "ibot", "ibot_sere"}
     assert records[common.START].steps == 2 and records["ibot"].steps == 3
     for r in records.values():
