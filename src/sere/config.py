@@ -198,7 +198,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (the schedules still span all epochs)
     compile: bool = False  # torch.compile the backbone
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
-    threads: int | None = None  # torch CPU threads; None leaves PyTorch's default
+    threads: int | None = None  # CPU threads of torch, k-means and t-SNE; None: PyTorch's default
     # A non-finite loss: stop (exit non-zero, last checkpoint untouched) or skip the step
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite: int = 10  # with skip: stop after this many non-finite steps in a row
