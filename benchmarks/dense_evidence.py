@@ -267,7 +267,16 @@ def informative(records: list[EvidenceRecord], method: str) -> str:
     values = diffs[0].by_seed[PROBE_ITEMS.attr]
     ok = all(v > 0 for v in values) and statistics.fmean(values) >= 2
     listed = ", ".join(f"{s}: {v:+.2f}" for s, v in zip(diffs[0].seeds, values))
-    return f"| {label_of(method)} | {listed} | {'yes' if ok else 'no'} |"
+    answer = interim(len(values)) or ("yes" if ok else "no")
+    return f"| {label_of(method)} | {listed} | {answer} |"
+
+
+def interim(seeds: int) -> str | None:
+    """What a rule says before all of the recipe's seeds have run (None once they have): the
+    rules are defined on five seeds, so fewer give no answer yet."""
+    if seeds >= len(SEEDS):
+        return None
+    return f"not yet ({seeds} of {len(SEEDS)} seeds)"
 
 
 def verdict_lines(records: list[EvidenceRecord]) -> list[str]:
@@ -282,10 +291,11 @@ def verdict_lines(records: list[EvidenceRecord]) -> list[str]:
         test = paired_t_test(values)
         listed = ", ".join(f"{s}: {v:+.2f}" for s, v in zip(diffs[0].seeds, values))
         if test is None:
-            lines.append(f"| {metric.short} | {listed} | | | | undecided (one seed) |")
+            lines.append(f"| {metric.short} | {listed} | | | | {interim(1)} |")
             continue
         lines.append(f"| {metric.short} | {listed} | {test.mean:+.2f} | {test.sd:.2f} | "
-                     f"{test.t:+.2f} (critical {test.critical:.3f}) | {test.verdict} |")
+                     f"{test.t:+.2f} (critical {test.critical:.3f}) | "
+                     f"{interim(len(values)) or test.verdict} |")
     return lines
 
 

@@ -148,6 +148,18 @@ def test_table_gives_rule_1_and_rule_2_in_order():
     assert "- not recorded: iBOT seed 0, iBOT+SERE seed 0, iBOT seed 1," in table
 
 
+def test_the_rules_answer_only_on_five_seeds():
+    records = []
+    for seed in range(2):
+        records += [record(common.FLOOR, seed, 4.5), record("ibot", seed, 7.0 + 0.1 * seed),
+                    record("ibot_sere", seed, 8.0 + 0.1 * seed)]
+    table = ev.format_table(records)
+    assert "| iBOT | 0: +2.50, 1: +2.60 | not yet (2 of 5 seeds) |" in table
+    rule_2 = table[table.index("## Rule 2"):]
+    assert rule_2.count("not yet (2 of 5 seeds)") == len(ev.DECISION)
+    assert common.HELPS not in rule_2
+
+
 def test_the_table_names_each_run_s_precision():
     fp32, bf16 = record("ibot", 0, 7.0), record("ibot_sere", 1, 8.0)
     fp32.precision, bf16.precision = "fp32 (auto: X)", "bf16 (auto: Y)"
