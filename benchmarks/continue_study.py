@@ -6,9 +6,9 @@ continuing at all. Recipe and decision rule: docs/results.md, "Continuing a pret
     python benchmarks/continue_study.py --quick       # smoke test on a stand-in it makes itself
     python benchmarks/continue_study.py --table-only  # table.md from the finished runs
 
-The stand-in for a foundation model is the dense evidence study's iBOT+SERE seed-0 teacher
-(`python benchmarks/dense_evidence.py --methods ibot_sere --seeds 0` makes it; `--start` names
-another checkpoint). Each method continues it on Fashion-MNIST scenes for 1,000 steps with the
+The stand-in for a foundation model is the dense evidence study's iBOT+SERE seed-0 teacher,
+kept as `benchmarks/results/continue_study/stand_in.pt` (tracked; copied from that run's last.pt
+when missing; `--start` names another checkpoint). Each method continues it on Fashion-MNIST scenes for 1,000 steps with the
 continue presets' choices at the demo's size: new heads trained alone for the first 200 steps,
 the teacher a copy of the student, 1/25 of the demo's learning rate with layer-wise decay 0.9,
 teacher momentum 0.999; seeds 0, 1, 2 (heads, augmentations, masks, scenes). Every continued
@@ -42,6 +42,7 @@ from study_common import (HELPS, HURTS, START, Metric, Step, add_study_arguments
 from sere.config import Config
 from sere.errors import SereError
 from sere.eval.probed import checkpoint_backbone
+from sere.io.checkpoint import load_checkpoint, save_checkpoint
 
 # The continue presets' choices at the demo's size (docs/results.md, "Continuing a pretrained
 # model"): the evidence study's head temperatures (those the stand-in was trained with), new heads,
@@ -52,8 +53,12 @@ CONTINUE_RECIPE = (*ev.EVIDENCE_RECIPE, "init.which=teacher", "init.head=false",
                    "optim.freeze_backbone_steps=200", "optim.momentum_teacher=0.999")
 STEPS = 1000
 SEEDS = (0, 1, 2)
-STAND_IN = Path("benchmarks/results/dense_evidence/ibot_sere/seed0/last.pt")
 OUTPUTS = ("benchmarks/results/continue_study", "runs/continue_study_quick")  # tracked; --quick
+# The stand-in: the teacher (with its configuration and step) of the evidence study's iBOT+SERE
+# seed-0 run, copied out of that run's last.pt into a small tracked file, so that a later session
+# on a fresh clone continues the same weights (checkpoints of runs are not tracked).
+STAND_IN_SOURCE = Path(ev.OUTPUTS[0]) / "ibot_sere" / "seed0" / "last.pt"
+STAND_IN = Path(OUTPUTS[0]) / "stand_in.pt"
 DRIFT_MARGIN = 0.1  # rule 3: a relative fall of [CLS] k-NN beyond this is drift (the presets')
 RANK = Metric("cls_effective_rank", "[CLS] effective rank", "effective rank", "")
 SCORES = (*ev.DECISION[:-1], ds.KNN)  # the rule's order: probe, retrieval, items, k-means, k-NN
@@ -72,6 +77,7 @@ class ContinuePlan(ev.EvidencePlan):
     """The evidence study's plan, continuing `start` on scenes instead of pretraining."""
 
     start: Path = STAND_IN
+    start_source: Path | None = STAND_IN_SOURCE  # the run `start` is copied from when missing
     steps: int = STEPS
     seeds: tuple[int, ...] = SEEDS
     pretrain_on: str = "scenes"
@@ -103,13 +109,28 @@ class ContinuePlan(ev.EvidencePlan):
                 f"effective rank {record.cls_effective_rank:.1f}")
 
 
+def write_stand_in(source: Path, target: Path) -> None:
+    """Copy the teacher of the run checkpoint `source`, with its configuration and step, into
+    `target`: a checkpoint every command and `init.from` read, without student or optimiser."""
+    state = load_checkpoint(source)
+    save_checkpoint(target, {key: state[key] for key in ("config", "step", "teacher")})
+
+
+def ensure_start(plan: ContinuePlan) -> None:
+    """Make `plan.start` from `plan.start_source` when it is missing, or say how to make it."""
+    if plan.start.is_file():
+        return
+    if plan.start_source is None or not plan.start_source.is_file():
+        raise SereError(f"no starting model at {plan.start}: make the stand-in's run with "
+                        "`python benchmarks/dense_evidence.py --methods ibot_sere --seeds 0` "
+                        "(add --quick for --quick), or name a checkpoint with --start")
+    write_stand_in(plan.start_source, plan.start)
+    print(f"the stand-in: the teacher of {plan.start_source}, copied to {plan.start}")
+
+
 def do_start(plan: ContinuePlan) -> ContinueRecord:
     """Evaluate the starting model's teacher as the continued ones are evaluated (one record,
     seed 0: no evaluation of this study depends on the seed)."""
-    if not plan.start.is_file():
-        raise SereError(f"no starting model at {plan.start}: make the stand-in with `python "
-                        "benchmarks/dense_evidence.py --methods ibot_sere --seeds 0` (add "
-                        "--quick for --quick), or name a checkpoint with --start")
     folder = run_dir(plan.output, START, 0)
     settings = plan.settings(START, 0)
     check_settings(folder, settings)
@@ -239,6 +260,7 @@ def run_study(plan: ContinuePlan) -> int:
     when a signal stopped a run (rerun the same command to continue)."""
     plan.output.mkdir(parents=True, exist_ok=True)
     check_output(plan.output, (START, *plan.methods), plan.seeds, plan.settings)
+    ensure_start(plan)
     run_seconds = plan.steps * ds.PRIOR_SECONDS_PER_STEP + ds.PRIOR_RUN_OVERHEAD_SECONDS
     step = Step(
         do_run=lambda key, seed: ds.do_run(plan, ds.METHODS_BY_KEY[key], seed),
@@ -259,18 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "smoke test: 8 steps, seed 0, tiny evaluations, starting from "
                         "dense_evidence.py --quick's iBOT+SERE run")
     p.add_argument("--start", type=Path, default=None,
-                   help=f"the checkpoint to continue (default {STAND_IN})")
+                   help=f"the checkpoint to continue (default {STAND_IN}, copied from "
+                        f"{STAND_IN_SOURCE} when missing)")
     return p
 
 
 def plan_from_args(args: argparse.Namespace) -> ContinuePlan:
     """The ContinuePlan of the command line (--quick fills what was not given)."""
-    quick_start = Path(ev.OUTPUTS[1]) / "ibot_sere" / "seed0" / "last.pt"
-    start = args.start or (quick_start if args.quick else STAND_IN)
     fields = ds.plan_settings(args, OUTPUTS[0], OUTPUTS[1], SEEDS, ds.PRIMARY)
     if args.steps is None and not args.quick:
         fields["steps"] = STEPS
-    return ContinuePlan(**fields, start=start)
+    if args.start:
+        return ContinuePlan(**fields, start=args.start, start_source=None)
+    if args.quick:
+        return ContinuePlan(**fields, start=Path(OUTPUTS[1]) / "stand_in.pt",
+                            start_source=Path(ev.OUTPUTS[1]) / "ibot_sere" / "seed0" / "last.pt")
+    return ContinuePlan(**fields)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,15 @@ import dense_study as ds  # noqa: E402
 import study_common as common  # noqa: E402
 
 from sere.errors import SereError  # noqa: E402
+from sere.io.checkpoint import load_checkpoint  # noqa: E402
 from sere.models.statistics import effective_rank  # noqa: E402
 
 
 def test_the_plan_is_the_written_recipe(tmp_path):
     plan = cs.plan_from_args(cs.build_parser().parse_args([]))
     assert plan.output == Path("benchmarks/results/continue_study")
-    assert plan.start == Path("benchmarks/results/dense_evidence/ibot_sere/seed0/last.pt")
+    assert plan.start == Path("benchmarks/results/continue_study/stand_in.pt")
+    assert plan.start_source == Path("benchmarks/results/dense_evidence/ibot_sere/seed0/last.pt")
     assert plan.seeds == (0, 1, 2) and plan.methods == ("ibot", "ibot_sere")
     assert plan.steps == 1000 and not plan.other_features
     start = tmp_path / "start.pt"
@@ -54,9 +56,10 @@ def test_the_start_is_evaluated_once_before_the_continuations(tmp_path):
 
 
 def test_a_missing_stand_in_names_the_command_that_makes_it(tmp_path):
-    plan = cs.ContinuePlan(output=tmp_path, start=tmp_path / "missing.pt")
+    plan = cs.ContinuePlan(output=tmp_path, start=tmp_path / "missing.pt",
+                           start_source=tmp_path / "no_run" / "last.pt")
     with pytest.raises(SereError, match="dense_evidence.py --methods ibot_sere --seeds 0"):
-        cs.do_start(plan)
+        cs.run_study(plan)
     assert not (tmp_path / common.START).exists()
 
 
@@ -104,12 +107,18 @@ def test_tiny_continuation_end_to_end(tmp_path):
                                probe_iterations=3, knn_max_train=60, knn_max_test=30,
                                overrides=TINY, other_features=False)
     assert ev.run_study(stand_in) == 0
-    start = tmp_path / "evidence" / "ibot_sere" / "seed0" / "last.pt"
-    plan = cs.ContinuePlan(output=tmp_path / "continue", start=start, steps=3, seeds=(0,),
+    run = load_checkpoint(tmp_path / "evidence" / "ibot_sere" / "seed0" / "last.pt")
+    start = tmp_path / "continue" / "stand_in.pt"
+    plan = cs.ContinuePlan(output=tmp_path / "continue", start=start,
+                           start_source=tmp_path / "evidence" / "ibot_sere" / "seed0" / "last.pt",
+                           steps=3, seeds=(0,),
                            segment_train=12, segment_test=6, probe_iterations=3,
                            knn_max_train=60, knn_max_test=30,
                            overrides=(*TINY, "optim.freeze_backbone_steps=1"))
     assert cs.run_study(plan) == 0
+    stand_in = load_checkpoint(start)  # the run's teacher alone, with its configuration and step
+    assert set(stand_in) == {"config", "step", "teacher"} and stand_in["step"] == run["step"]
+    assert all(torch.equal(v, run["teacher"][k]) for k, v in stand_in["teacher"].items())
     records = {r.method: r for r in common.read_records(cs.ContinueRecord, plan.output)}
     assert set(records) == {common.START, "ibot", "ibot_sere"}
     assert records[common.START].steps == 2 and records["ibot"].steps == 3
