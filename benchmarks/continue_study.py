@@ -55,7 +55,7 @@ STEPS = 1000
 SEEDS = (0, 1, 2)
 OUTPUTS = ("benchmarks/results/continue_study", "runs/continue_study_quick")  # tracked; --quick
 # The stand-in: the teacher (with its configuration and step) of the evidence study's iBOT+SERE
-# seed-0 run, copied out of that run's last.pt into a small tracked file, so that a later session
+# seed-0 run, copied out of that run's last.pt into a small tracked file, so that a later run
 # on a fresh clone continues the same weights (checkpoints of runs are not tracked).
 STAND_IN_SOURCE = Path(ev.OUTPUTS[0]) / "ibot_sere" / "seed0" / "last.pt"
 STAND_IN = Path(OUTPUTS[0]) / "stand_in.pt"
