@@ -209,7 +209,7 @@ def rule_3_lines(records: list[ContinueRecord], start: ContinueRecord,
         mine = sorted((r for r in records if r.method == method), key=lambda r: r.seed)
         change = [r.knn_top1 / start.knn_top1 - 1 for r in mine]
         ranks = ", ".join(f"{r.seed}: {r.cls_effective_rank:.1f}" for r in mine)
-        drifting = "yes" if any(c < -DRIFT_MARGIN for c in change) else "no"
+        drifting = ("yes" if any(c < -DRIFT_MARGIN for c in change) else "no") if mine else ""
         listed = ", ".join(f"{r.seed}: {100 * c:+.1f} %" for r, c in zip(mine, change))
         lines.append(f"| {label_of(method)} | {listed} | {ranks} | {drifting} |")
     return lines

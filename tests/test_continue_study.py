@@ -100,6 +100,13 @@ def test_the_table_applies_rules_1_to_3(tmp_path):
     assert table.count("| yes |") == 1
 
 
+def test_rule_3_says_nothing_of_a_method_without_runs(tmp_path):
+    records = [record(common.START, 0, 10.0), record("ibot", 0, 11.0, knn=60.0)]
+    table = cs.format_table(records, cs.ContinuePlan(output=tmp_path))
+    assert "| iBOT | 0: -25.0 % | 0: 30.0 | yes |" in table
+    assert "| iBOT+SERE |  |  |  |" in table
+
+
 @pytest.mark.slow
 def test_tiny_continuation_end_to_end(tmp_path):
     stand_in = ev.EvidencePlan(output=tmp_path / "evidence", steps=2, seeds=(0,),
