@@ -230,12 +230,12 @@ def format_table(records: list[ContinueRecord], plan: ContinuePlan) -> str:
                     (*SCORES, RANK)), ""]
     if start is not None:
         lines += ["## Rule 1: continued minus not continued, probe item mIoU", "",
-                  *rule_1_lines(continued, start, plan.methods, len(plan.seeds)), "",
+                  *rule_1_lines(continued, start, plan.methods, len(SEEDS)), "",
                   "## Rule 3: does it destroy? [CLS] k-NN on single items", "",
                   *rule_3_lines(continued, start, plan.methods), ""]
     lines += ["## Rule 2: iBOT+SERE minus iBOT (helps or hurts only when every seed agrees; "
               "three seeds agree by chance one time in four)", "",
-              *rule_2_lines(continued, len(plan.seeds)), ""]
+              *rule_2_lines(continued, len(SEEDS)), ""]
     if precisions := ev.precision_lines(continued):
         lines += ["## Continuation precision of each run", "", *precisions, ""]
     lines += [f"Total wall time of the {len(records)} evaluations and continuations: "
